@@ -1,0 +1,30 @@
+# Two commands do all the set-up (README): `make demo` and `make test`. Each creates .venv.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/dynaexq demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/decode_cpu.py
+
+clean:
+	rm -rf $(VENV) runs

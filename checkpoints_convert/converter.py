@@ -1,0 +1,216 @@
+"""Streaming Hugging Face -> converted checkpoint conversion.
+
+Everything that can be checked from config.json and the safetensors headers (architecture, every
+tensor present, known, of the right shape and a float dtype, the tier formats' group sizes) is
+checked before anything is written. Then one group at a time (the dense group, then each layer):
+read its tensors, build its tree, quantize its experts into both tiers, write, drop. Peak memory
+is therefore about one layer (plus quantization temporaries of a bounded chunk of experts), not
+the model.
+
+Output (all trees are orbax checkpoints of numpy arrays):
+  OUT/metadata.json, OUT/config.json, tokenizer files
+  OUT/dense/           {embed, final_norm, lm_head (untied only)}
+  OUT/layers/NNN/      {input_norm, post_norm, attn: {...}, mlp: {router} | {gate, up, down}}
+  OUT/experts/NNN/     {"hi"|"lo": {gate|up|down: {data, scales (integer formats only)}}}
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints_convert import qwen3_moe_map
+from checkpoints_convert.plan import Group, Plan, nest
+from checkpoints_convert.safetensors_reader import FLOAT_DTYPES, SafetensorsCheckpoint
+from checkpoints_convert.writer import TreeWriter, check_output, staging_dir
+from dynaexq_jax.config import ModelConfig, parse_hf_config
+from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, MissingTensorError, QuantFormatError,
+                                TensorShapeError, UnexpectedTensorError, UnsupportedArchitectureError)
+from dynaexq_jax.quant import Format, parse_format, quantize
+
+FORMAT_VERSION = 1
+CONVERTER_VERSION = "1.0"
+ARCHITECTURES = {qwen3_moe_map.MODEL_TYPE: qwen3_moe_map}
+COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "vocab.json", "merges.txt")
+# Source dtype -> the float format "source" means (there is no f64 format: f64 becomes f32).
+_SOURCE_FORMAT = {"F64": "f32", "F32": "f32", "F16": "fp16", "BF16": "bf16"}
+# Quantize at most this many weight elements at once: quantize() makes several f32/int32
+# temporaries of its input, which for a whole layer of a large model would be gigabytes.
+_QUANT_CHUNK_ELEMS = 1 << 24
+
+
+def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str = "source",
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert the HF checkpoint in hf_dir into out_dir (created atomically) and return out_dir.
+
+    hi/lo: expert tier formats (quant.parse_format specs, or "source" for the source float
+    format); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16")."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    check_output(out.absolute(), overwrite)
+    hf_config = _read_config(hf_dir)
+    arch = ARCHITECTURES.get(hf_config.get("model_type"))
+    if arch is None:
+        raise UnsupportedArchitectureError(
+            f"{hf_dir / 'config.json'}: model_type '{hf_config.get('model_type')}' is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})")
+    cfg = parse_hf_config(hf_config)
+    src = SafetensorsCheckpoint(hf_dir)
+    plan = arch.plan(cfg, src.tensors.keys())
+    _check_plan(plan, src)
+    source_fmt = _source_format(plan, src)
+    tiers = {"hi": _tier_format(hi, source_fmt), "lo": _tier_format(lo, source_fmt)}
+    for fmt in tiers.values():  # gate/up reduce over H, down over I
+        if cfg.moe_layers:
+            fmt.check(cfg.hidden_size)
+            fmt.check(cfg.moe_intermediate_size)
+    dense_fmt = _dense_format(dtype, source_fmt)
+
+    files = [hf_dir / "config.json"] + src.files
+    stop = threading.Event()
+    with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+        # Hash the sources on a second thread while converting (hashlib releases the GIL).
+        hashes = pool.submit(_sha256_files, files, stop)
+        try:
+            _write_groups(plan, src, cfg, tiers, dense_fmt, tmp, progress)
+            for name in COPIED_FILES:
+                if (hf_dir / name).is_file():
+                    shutil.copy2(hf_dir / name, tmp / name)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "converter_version": CONVERTER_VERSION,
+                "model_type": cfg.model_type,
+                "config": cfg.to_dict(),
+                "hf_config": hf_config,
+                "tiers": {k: f.name for k, f in tiers.items()},
+                "dtype": dense_fmt.name,
+                "source_dtype": source_fmt.name,
+                "expert_layout": plan.info.get("expert_layout"),
+                "sources": hashes.result(),
+                "skipped": [{"name": n, "reason": r} for n, r in plan.skipped],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        finally:
+            stop.set()
+    return out
+
+
+def _read_config(hf_dir: Path) -> dict:
+    if not hf_dir.is_dir():
+        raise CheckpointNotFoundError(f"{hf_dir}: checkpoint directory not found")
+    f = hf_dir / "config.json"
+    if not f.is_file():
+        raise CheckpointNotFoundError(f"{f}: not found (a Hugging Face checkpoint directory needs a config.json)")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: not a JSON object")
+    return d
+
+
+def _check_plan(plan: Plan, src: SafetensorsCheckpoint) -> None:
+    """Every needed tensor present with the right shape and a float dtype; nothing unaccounted for."""
+    for g in plan.groups:
+        for e in g.all_entries:
+            missing = [s for s in e.sources if s not in src]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise MissingTensorError(f"{src.dir}: tensor '{missing[0]}'{more} not found "
+                                         f"(needed for {g.name}: {e.target})")
+            for s, shape in zip(e.sources, e.shapes):
+                info = src.tensors[s]
+                if info.shape != shape:
+                    raise TensorShapeError(f"{info.file}: tensor '{s}' has shape {list(info.shape)}, "
+                                           f"expected {list(shape)} from config.json")
+                if info.dtype not in FLOAT_DTYPES:
+                    raise TensorShapeError(f"{info.file}: tensor '{s}' has dtype {info.dtype}, expected a "
+                                           f"floating dtype ({', '.join(FLOAT_DTYPES)})")
+    known = plan.used_names() | {n for n, _ in plan.skipped}
+    unknown = sorted(set(src.tensors) - known)
+    if unknown:
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise UnexpectedTensorError(f"{src.tensors[unknown[0]].file}: unexpected tensor '{unknown[0]}'{more} "
+                                    "(not part of this architecture with this config.json)")
+
+
+def _source_format(plan: Plan, src: SafetensorsCheckpoint) -> Format:
+    """The float format holding most of the model's bytes (in practice the experts' dtype)."""
+    by_dtype: dict[str, int] = {}
+    for name in plan.used_names():
+        info = src.tensors[name]
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return parse_format(_SOURCE_FORMAT[max(by_dtype, key=by_dtype.get)])
+
+
+def _tier_format(spec, source_fmt: Format) -> Format:
+    return source_fmt if str(spec).strip().lower() == "source" else parse_format(spec)
+
+
+def _dense_format(spec, source_fmt: Format) -> Format:
+    fmt = source_fmt if str(spec).strip().lower() == "source" else parse_format(spec)
+    if fmt.is_int:
+        raise QuantFormatError(f"dtype '{spec}': dense parameters need a float dtype (source, f32, bf16, fp16)")
+    return fmt
+
+
+def _write_groups(plan: Plan, src: SafetensorsCheckpoint, cfg: ModelConfig, tiers: dict[str, Format],
+                  dense_fmt: Format, root: Path, progress: bool) -> None:
+    total = sum(src.tensors[s].nbytes for s in plan.used_names())
+    with TreeWriter(root) as writer, tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr,
+                                          disable=not progress, desc="convert") as bar:
+        for g in plan.groups:
+            bar.set_description(g.name)
+            flat = {e.target: np.ascontiguousarray(e.build(*_read(src, e.sources, bar)), dense_fmt.storage_dtype)
+                    for e in g.entries}
+            writer.write(g.name, nest(flat))
+            del flat
+            if g.experts is not None:
+                stacks = g.experts.build(*_read(src, g.experts.sources, bar))
+                writer.write(f"experts/{g.layer:03d}", {t: _quantize_stacks(stacks, fmt) for t, fmt in tiers.items()})
+                del stacks
+
+
+def _read(src: SafetensorsCheckpoint, names: tuple[str, ...], bar) -> list[np.ndarray]:
+    arrays = []
+    for n in names:
+        arrays.append(src.read(n))
+        bar.update(arrays[-1].nbytes)
+    return arrays
+
+
+def _quantize_stacks(stacks: dict[str, np.ndarray], fmt: Format) -> dict:
+    """{gate, up, down} float stacks [E, K, N] -> {gate, up, down: {data, scales?}} in fmt,
+    quantized a few experts at a time (experts are independent, so the result is identical to
+    quantizing the whole stack at once)."""
+    out = {}
+    for name, w in stacks.items():
+        step = max(1, _QUANT_CHUNK_ELEMS // (w.shape[1] * w.shape[2]))
+        parts = [quantize(w[i:i + step], fmt) for i in range(0, w.shape[0], step)]
+        out[name] = {"data": np.concatenate([np.asarray(p.data) for p in parts])}
+        if fmt.is_int:
+            out[name]["scales"] = np.concatenate([np.asarray(p.scales) for p in parts])
+    return out
+
+
+def _sha256_files(files: list[Path], stop: threading.Event) -> dict[str, str]:
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 23):
+                if stop.is_set():
+                    return out
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out

@@ -1,0 +1,65 @@
+"""What an architecture map produces: a conversion plan, checked against the checkpoint's headers
+before any tensor data is read.
+
+A plan is a list of groups written one at a time (the dense group, then one group per layer).
+Each Entry says which HF tensors (with their expected shapes) make one parameter of ours and how
+(transpose to input-major, stack experts, split a fused tensor). A group's optional `experts`
+entry builds the float expert stacks that the converter quantizes into both tiers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    target: str                           # dotted path in the group's tree, e.g. "attn.q"
+    sources: tuple[str, ...]              # HF tensor names, passed to build in this order
+    shapes: tuple[tuple[int, ...], ...]   # the expected HF shape of each source
+    build: Callable[..., object]          # source arrays -> our array (or, for experts, a dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str                             # output sub-directory: "dense" or "layers/007"
+    entries: tuple[Entry, ...]
+    layer: int | None = None
+    experts: Entry | None = None          # -> {"gate": [E,H,I], "up": [E,H,I], "down": [E,I,H]}
+
+    @property
+    def all_entries(self) -> tuple[Entry, ...]:
+        return self.entries + ((self.experts,) if self.experts else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    groups: tuple[Group, ...]
+    skipped: tuple[tuple[str, str], ...]  # (HF name, why it is deliberately not converted)
+    info: dict                            # extra facts for the metadata (e.g. the expert layout)
+
+    def used_names(self) -> set[str]:
+        return {s for g in self.groups for e in g.all_entries for s in e.sources}
+
+
+def same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    """HF nn.Linear [out, in] -> input-major [in, out]."""
+    return a.T
+
+
+def nest(flat: dict[str, object]) -> dict:
+    """{"attn.q": x, "input_norm": y} -> {"attn": {"q": x}, "input_norm": y}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree

@@ -1,0 +1,89 @@
+"""Hugging Face `qwen3_moe` tensor names -> our Qwen3-MoE parameter tree.
+
+The trees built here are what dynaexq_jax.checkpoint turns back into models.qwen3_moe.Params:
+  dense:  {embed [V,H], final_norm [H], lm_head [H,V] (untied only)}
+  layer:  {input_norm, post_norm, attn: {q, k, v, o, q_norm, k_norm, (q|k|v|o)_bias},
+           mlp: {router [H,E]} (MoE layers) or {gate, up, down} (dense layers)}
+Experts come in two HF layouts, both accepted per layer: one tensor per expert and projection
+(`mlp.experts.{e}.gate_proj.weight` [I,H], what transformers writes to disk), or fused 3-D tensors
+(`mlp.experts.gate_up_proj` [E,2I,H] with the gate rows first, `mlp.experts.down_proj` [E,H,I],
+the in-memory layout of transformers 5).
+"""
+from __future__ import annotations
+
+import re
+from typing import Collection
+
+import numpy as np
+
+from checkpoints_convert.plan import Entry, Group, Plan, same, transpose
+from dynaexq_jax.config import ModelConfig
+
+MODEL_TYPE = "qwen3_moe"
+
+# Buffers some older exports saved; recomputed from the config, so dropped on purpose.
+_ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
+    names = set(names)
+    V, H = cfg.vocab_size, cfg.hidden_size
+    skipped = [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
+    dense = [Entry("embed", ("model.embed_tokens.weight",), ((V, H),), same),
+             Entry("final_norm", ("model.norm.weight",), ((H,),), same)]
+    if not cfg.tie_word_embeddings:
+        dense.append(Entry("lm_head", ("lm_head.weight",), ((V, H),), transpose))
+    elif "lm_head.weight" in names:
+        skipped.append(("lm_head.weight", "tie_word_embeddings=true: the output head is the embedding"))
+    groups = [Group("dense", tuple(dense))]
+    layouts = {}
+    for i in range(cfg.num_layers):
+        experts = None
+        if cfg.is_moe_layer(i):
+            layouts[i], experts = _experts(cfg, i, names)
+        groups.append(Group(f"layers/{i:03d}", _layer(cfg, i), layer=i, experts=experts))
+    kinds = set(layouts.values())
+    info = {"expert_layout": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")}
+    return Plan(tuple(groups), tuple(skipped), info)
+
+
+def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
+    H, hd = cfg.hidden_size, cfg.head_dim
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    p = f"model.layers.{i}."
+    out = [Entry("input_norm", (p + "input_layernorm.weight",), ((H,),), same),
+           Entry("post_norm", (p + "post_attention_layernorm.weight",), ((H,),), same)]
+    for ours, hf, n_out, n_in in (("q", "q_proj", q_out, H), ("k", "k_proj", kv_out, H),
+                                  ("v", "v_proj", kv_out, H), ("o", "o_proj", H, q_out)):
+        out.append(Entry(f"attn.{ours}", (f"{p}self_attn.{hf}.weight",), ((n_out, n_in),), transpose))
+        if cfg.attention_bias:
+            out.append(Entry(f"attn.{ours}_bias", (f"{p}self_attn.{hf}.bias",), ((n_out,),), same))
+    out += [Entry("attn.q_norm", (p + "self_attn.q_norm.weight",), ((hd,),), same),
+            Entry("attn.k_norm", (p + "self_attn.k_norm.weight",), ((hd,),), same)]
+    if cfg.is_moe_layer(i):
+        out.append(Entry("mlp.router", (p + "mlp.gate.weight",), ((cfg.num_experts, H),), transpose))
+    else:
+        I = cfg.intermediate_size
+        out += [Entry("mlp.gate", (p + "mlp.gate_proj.weight",), ((I, H),), transpose),
+                Entry("mlp.up", (p + "mlp.up_proj.weight",), ((I, H),), transpose),
+                Entry("mlp.down", (p + "mlp.down_proj.weight",), ((H, I),), transpose)]
+    return tuple(out)
+
+
+def _experts(cfg: ModelConfig, i: int, names: set[str]) -> tuple[str, Entry]:
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    p = f"model.layers.{i}.mlp.experts."
+    if p + "gate_up_proj" in names:
+        def fused(gate_up, down):
+            # [E, 2I, H] (gate rows first) and [E, H, I] -> input-major [E, H, I] x2, [E, I, H]
+            return {"gate": gate_up[:, :I].transpose(0, 2, 1), "up": gate_up[:, I:].transpose(0, 2, 1),
+                    "down": down.transpose(0, 2, 1)}
+        return "fused", Entry("experts", (p + "gate_up_proj", p + "down_proj"), ((E, 2 * I, H), (E, H, I)), fused)
+
+    def per_expert(*arrays):
+        # E gates [I, H], E ups [I, H], E downs [H, I] -> stacks, each transposed to input-major.
+        return {k: np.stack(arrays[j * E:(j + 1) * E]).transpose(0, 2, 1)
+                for j, k in enumerate(("gate", "up", "down"))}
+    sources = tuple(f"{p}{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj") for e in range(E))
+    shapes = ((I, H),) * (2 * E) + ((H, I),) * E
+    return "per_expert", Entry("experts", sources, shapes, per_expert)

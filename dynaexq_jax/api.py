@@ -1,0 +1,92 @@
+"""The Python entry point: `dynaexq_jax.load(path)` -> Model with .config, .logits, .generate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.errors import GenerationError
+from dynaexq_jax.generate import GenerationResult, _bucket, generate
+from dynaexq_jax.models import family
+from dynaexq_jax.moe import BACKENDS, single_tier
+from dynaexq_jax.sampling import Sampling
+
+
+class Model:
+    """A converted model with every expert resident in one tier (no budget; see Engine for the
+    budgeted runtime). tier: "hi" or "lo"."""
+
+    def __init__(self, ckpt: Checkpoint, *, tier: str = "hi", backend: str = "xla"):
+        if tier not in ckpt.tiers:
+            raise GenerationError(f"unknown tier '{tier}' (this checkpoint has {', '.join(ckpt.tiers)})")
+        if backend not in BACKENDS:
+            raise GenerationError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
+        self.checkpoint = ckpt
+        self.config: ModelConfig = ckpt.config
+        self.backend = backend
+        self.tier = tier
+        pools = {l: single_tier(jax.tree.map(jnp.asarray, tiers[tier])) for l, tiers in ckpt.experts.items()}
+        self.params = attach_experts(jax.tree.map(jnp.asarray, ckpt.params), pools)
+        self.tokenizer = _load_tokenizer(ckpt.path)
+        self._family = family(self.config.model_type)
+        self._forward = jax.jit(self._family.forward, static_argnames=("cfg", "backend"))
+
+    def logits(self, token_ids) -> np.ndarray:
+        """token_ids int [B, T] (or [T]) -> float32 logits [B, T, vocab] of a full forward."""
+        ids = np.asarray(token_ids, np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise GenerationError(f"token_ids must be [B, T] with T >= 1, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise GenerationError(f"token ids must be in [0, {self.config.vocab_size})")
+        cache = self._family.init_cache(self.config, ids.shape[0], _bucket(ids.shape[1], 64), self._cache_dtype)
+        out, _, _ = self._forward(self.params, self.config, jnp.asarray(ids), cache, backend=self.backend)
+        return np.asarray(out, np.float32)
+
+    @property
+    def _cache_dtype(self):
+        return self.params.embed.dtype
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.checkpoint.path} has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.checkpoint.path} has no tokenizer.json")
+        return self.tokenizer.decode(list(ids))
+
+    def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+                 max_len: int | None = None, segment_len: int = 16, on_tokens=None) -> GenerationResult:
+        """prompts: a string, a list of strings, or a list of token-id lists. The result has
+        .tokens (per prompt), .texts (when a tokenizer is present) and .stats."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        res = generate(self.params, self.config, ids, max_new_tokens=max_new_tokens,
+                       sampling=Sampling(temperature, top_k, top_p), key=jax.random.PRNGKey(seed),
+                       stop_tokens=stop_tokens, max_len=max_len, segment_len=segment_len,
+                       backend=self.backend, cache_dtype=self._cache_dtype, on_tokens=on_tokens)
+        res.texts = [self.decode(t) for t in res.tokens] if self.tokenizer is not None else None
+        return res
+
+
+def _load_tokenizer(path: Path):
+    f = Path(path) / "tokenizer.json"
+    if not f.exists():
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(f))
+
+
+def load(path, *, tier: str = "hi", backend: str = "xla") -> Model:
+    """Load a converted checkpoint (see `dynaexq convert`)."""
+    return Model(load_checkpoint(path), tier=tier, backend=backend)

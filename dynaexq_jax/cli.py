@@ -1,0 +1,118 @@
+"""The `dynaexq` command line. Every DynaexqError becomes one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dynaexq_jax.errors import DynaexqError
+
+
+def _cmd_convert(a):
+    from checkpoints_convert import convert
+    t0 = time.perf_counter()
+    out = convert(a.hf_dir, a.out_dir, hi=a.hi, lo=a.lo, dtype=a.dtype, overwrite=a.overwrite,
+                  progress=not a.quiet)
+    print(f"converted {a.hf_dir} -> {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _cmd_info(a):
+    from dynaexq_jax.checkpoint import load_checkpoint
+    from dynaexq_jax.quant import expert_nbytes
+    ck = load_checkpoint(a.model)
+    c = ck.config
+    print(f"{ck.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
+          f"{c.num_experts} experts top-{c.num_experts_per_tok}, moe_intermediate {c.moe_intermediate_size}, "
+          f"vocab {c.vocab_size}")
+    for name, fmt in ck.tiers.items():
+        b = expert_nbytes(fmt, c.hidden_size, c.moe_intermediate_size)
+        print(f"  tier {name}: {fmt.name:<12} {b / 2**20:8.3f} MiB per expert, "
+              f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
+
+
+def _generate_kwargs(a):
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                seed=a.seed, segment_len=a.segment)
+
+
+def _print_generation(model, prompts, res, stats_path=None):
+    for p, text in zip(prompts, res.texts or [None] * len(prompts)):
+        print(f"--- prompt: {p!r}")
+        print(text)
+    s = res.stats
+    print(f"--- {len(prompts)} prompt(s), {s.prompt_tokens} prompt tokens, {s.generated_tokens} generated; "
+          f"time to first token {s.time_to_first_token_s * 1e3:.0f} ms; decode {s.decode_tokens_per_s:.1f} tok/s")
+    if stats_path:
+        Path(stats_path).write_text(json.dumps({"tokens": res.tokens, "stats": s.to_dict()}, indent=1))
+
+
+def _cmd_generate(a):
+    import dynaexq_jax
+    model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
+    res = model.generate(a.prompt, **_generate_kwargs(a))
+    _print_generation(model, a.prompt, res, a.stats)
+
+
+def _cmd_demo(a):
+    from dynaexq_jax.demo import run_demo
+    run_demo(Path(a.workdir), prompts=a.prompt or None, **_generate_kwargs(a))
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segment", type=int, default=16, help="decode steps per jitted segment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dynaexq", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (both expert tiers)")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--hi", default="source", help="HI tier format (default: the source dtype)")
+    p.add_argument("--lo", default="int4", help="LO tier format, e.g. int4, int4:g64, int2, int8 (default int4:g128)")
+    p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("info", help="describe a converted checkpoint")
+    p.add_argument("model")
+    p.set_defaults(fn=_cmd_info)
+
+    p = sub.add_parser("generate", help="generate text from a converted checkpoint")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--tier", default="hi", help="tier every expert runs in: hi or lo")
+    p.add_argument("--backend", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--stats", help="write tokens and statistics to this JSON file")
+    _add_sampling_args(p)
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the default model")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--prompt", action="append")
+    _add_sampling_args(p)
+    p.set_defaults(fn=_cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DynaexqError as e:
+        print(f"dynaexq {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Model configuration, read from a Hugging Face config.json as a plain dict.
+
+Both transformers-4 and transformers-5 spellings are accepted (rope_theta vs rope_parameters,
+num_experts vs num_local_experts)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dynaexq_jax.errors import ConfigError, UnsupportedArchitectureError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int          # dense MLP layers
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    moe_layers: tuple[int, ...]     # indices of layers with a routed-expert MLP
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.moe_layers)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Our own serialised form (to_dict), as stored in a converted checkpoint's metadata."""
+        d = dict(d)
+        d["moe_layers"] = tuple(d["moe_layers"])
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+
+def _get(d: dict, *names: str, default: Any = ConfigError) -> Any:
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    if default is ConfigError:
+        raise ConfigError(f"config.json has no '{names[0]}'" + (f" (nor {', '.join(names[1:])})" if names[1:] else ""))
+    return default
+
+
+def _rope_theta(d: dict) -> float:
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UnsupportedArchitectureError(f"rope type '{rope_type}' is not supported (only 'default' RoPE)")
+    theta = params.get("rope_theta", d.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config.json has no 'rope_theta' (nor rope_parameters.rope_theta)")
+    return float(theta)
+
+
+def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
+    """Turn a Hugging Face config dict into a ModelConfig, or raise a typed error naming the problem."""
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if d.get("use_sliding_window"):
+        raise UnsupportedArchitectureError("use_sliding_window=true is not supported")
+    hidden = int(_get(d, "hidden_size"))
+    heads = int(_get(d, "num_attention_heads"))
+    num_layers = int(_get(d, "num_hidden_layers"))
+    num_experts = int(_get(d, "num_experts", "num_local_experts", default=0))
+    step = int(_get(d, "decoder_sparse_step", default=1))
+    mlp_only = set(int(i) for i in (d.get("mlp_only_layers") or []))
+    moe_layers = tuple(i for i in range(num_layers)
+                       if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
+    eos = d.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=int(_get(d, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=int(_get(d, "num_key_value_heads", default=heads)),
+        head_dim=int(_get(d, "head_dim", default=hidden // heads)),
+        intermediate_size=int(_get(d, "intermediate_size", default=0)),
+        moe_intermediate_size=int(_get(d, "moe_intermediate_size", default=0)),
+        num_experts=num_experts,
+        num_experts_per_tok=int(_get(d, "num_experts_per_tok", default=0)),
+        norm_topk_prob=bool(_get(d, "norm_topk_prob", default=False)),
+        moe_layers=moe_layers,
+        rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)),
+        rope_theta=_rope_theta(d),
+        attention_bias=bool(_get(d, "attention_bias", default=False)),
+        tie_word_embeddings=bool(_get(d, "tie_word_embeddings", default=False)),
+        max_position_embeddings=int(_get(d, "max_position_embeddings", default=32768)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+    _validate(cfg)
+    return cfg
+
+
+def _validate(c: ModelConfig) -> None:
+    if c.num_heads % c.num_kv_heads:
+        raise ConfigError(f"num_attention_heads={c.num_heads} is not a multiple of num_key_value_heads={c.num_kv_heads}")
+    if c.moe_layers and not (0 < c.num_experts_per_tok <= c.num_experts):
+        raise ConfigError(f"num_experts_per_tok={c.num_experts_per_tok} must be in 1..num_experts={c.num_experts}")
+    if c.moe_layers and c.moe_intermediate_size <= 0:
+        raise ConfigError("moe_intermediate_size must be positive for a model with expert layers")
+    if c.dense_layers and c.intermediate_size <= 0:
+        raise ConfigError("intermediate_size must be positive for a model with dense MLP layers")
+    if c.head_dim % 2:
+        raise ConfigError(f"head_dim={c.head_dim} must be even for rotary embeddings")
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    f = path / "config.json" if path.is_dir() else path
+    if not f.exists():
+        raise ConfigError(f"{f}: no config.json")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    return parse_hf_config(d)

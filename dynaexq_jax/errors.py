@@ -1,0 +1,58 @@
+"""Typed errors. Every failure a user can cause raises a subclass of DynaexqError whose message
+names the file, tensor, option or value that was wrong; the CLI prints that message on one line."""
+
+
+class DynaexqError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class CheckpointError(DynaexqError):
+    """A source or converted checkpoint is missing, truncated or corrupt."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """A checkpoint directory, weights file or shard listed in an index does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file exists but cannot be read: bad header, offsets outside the file, truncated data."""
+
+
+class OutputExistsError(CheckpointError):
+    """The output directory of a conversion already exists (pass overwrite=True to replace it)."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the model needs is not in the checkpoint."""
+
+
+class UnexpectedTensorError(CheckpointError):
+    """A checkpoint holds a tensor the converter does not know what to do with."""
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor has the wrong shape or dtype for the model's config."""
+
+
+class UnsupportedArchitectureError(DynaexqError):
+    """The checkpoint's model_type (or one of its options) is not supported."""
+
+
+class ConfigError(DynaexqError):
+    """A config.json value is missing or inconsistent."""
+
+
+class QuantFormatError(DynaexqError):
+    """An unknown quantization format or a group size that does not divide the input dimension."""
+
+
+class GenerationError(DynaexqError):
+    """Bad generation input: a prompt longer than the cache, bad sampling arguments, ..."""
+
+
+class PromptTooLongError(GenerationError):
+    """A prompt (plus the tokens to generate) does not fit the preallocated cache."""
+
+
+class SamplingError(GenerationError):
+    """A sampling argument is out of range (temperature, top_k, top_p, ...)."""

@@ -1,0 +1,184 @@
+"""Batched generation: prefill of right-padded prompts of different lengths into a preallocated
+KV cache, then jitted decode segments of `segment_len` steps in one lax.scan with the cache
+donated. Between segments the host may run a controller (the DynaExq runtime does)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.errors import GenerationError, PromptTooLongError
+from dynaexq_jax.hotness import selected_mass
+from dynaexq_jax.models import family
+from dynaexq_jax.sampling import Sampling, sample
+
+
+def _bucket(n: int, quantum: int = 16) -> int:
+    """Round lengths up so that prompts of nearby lengths share one compiled prefill."""
+    return max(quantum, -(-n // quantum) * quantum)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend"), donate_argnames=("cache",))
+def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, *,
+            sampling: Sampling, backend: str = "xla"):
+    """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty -> (first sampled token [B],
+    cache with lengths set, router mass f32 [L_moe, E] over the real prompt tokens)."""
+    logits, cache, info = family(cfg.model_type).forward(params, cfg, tokens, cache, backend=backend,
+                                                         logits_at=lengths - 1, valid=lengths)
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    mass = selected_mass(info.ids, info.probs, cfg.num_experts, mask)
+    first = sample(logits, jax.random.fold_in(key, 0), sampling)
+    return first, cache, mass
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "backend"), donate_argnames=("cache",))
+def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop_ids, *,
+                   steps: int, sampling: Sampling, backend: str = "xla"):
+    """Run `steps` decode steps. last: int32 [B] the previous token of each sequence; done: bool [B];
+    step0: int32 index of the first token generated here (the sampling key is fold_in(key, step),
+    so tokens do not depend on how generation is cut into segments); stop_ids: int32 [n_stop].
+    Returns (tokens int32 [steps, B], done-after-token bool [steps, B], cache, mass f32 [steps, L_moe, E])."""
+
+    def step(carry, i):
+        cache, last, done = carry
+        logits, cache, info = family(cfg.model_type).forward(params, cfg, last[:, None], cache, backend=backend)
+        mass = selected_mass(info.ids, info.probs, cfg.num_experts, ~done[:, None])
+        tok = sample(logits[:, -1], jax.random.fold_in(key, step0 + i), sampling)
+        tok = jnp.where(done, last, tok)
+        done = done | jnp.isin(tok, stop_ids)
+        return (cache, tok, done), (tok, done, mass)
+
+    (cache, _, _), (toks, dones, mass) = jax.lax.scan(step, (cache, last, done), jnp.arange(steps))
+    return toks, dones, cache, mass
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    segments: list[dict] = dataclasses.field(default_factory=list)
+
+    decode_tokens: int = 0           # tokens produced by decode segments (the first comes from prefill)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]          # generated tokens per prompt (stop token included if hit)
+    stats: GenerationStats
+    texts: list[str] | None = None   # decoded tokens, when a tokenizer is at hand
+
+
+SegmentHook = Callable[[int, np.ndarray], None]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None,
+                  vocab_size: int) -> None:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in p if not (0 <= int(t) < vocab_size)]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if max_len is not None and len(p) + max_new_tokens > max_len:
+            raise PromptTooLongError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens} cache positions but the cache holds max_len={max_len}")
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), key: jax.Array | None = None,
+             stop_tokens: Sequence[int] | None = None, max_len: int | None = None,
+             segment_len: int = 16, backend: str = "xla", cache_dtype=jnp.float32,
+             on_tokens: Callable[[np.ndarray], None] | None = None,
+             between_segments: Callable[[np.ndarray], object] | None = None) -> GenerationResult:
+    """Generate up to max_new_tokens for every prompt.
+
+    on_tokens(tokens int [n, B]) streams each segment's new tokens. between_segments(mass) is
+    called with each segment's router mass f32 [steps, L_moe, E] (numpy) and may return new
+    params (e.g. with a new expert assignment) for the next segment."""
+    if not isinstance(segment_len, int) or segment_len < 1:
+        raise GenerationError(f"segment_len must be an integer >= 1, got {segment_len!r}")
+    check_prompts(prompts, max_new_tokens, max_len, cfg.vocab_size)
+    stop = np.asarray(cfg.eos_token_ids if stop_tokens is None else list(stop_tokens), np.int32)
+    key = jax.random.PRNGKey(0) if key is None else key
+    B = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    T = _bucket(int(lengths.max()))
+    n_segments = -(-(max_new_tokens - 1) // segment_len)
+    need = int(lengths.max()) + 1 + n_segments * segment_len
+    if max_len is None:
+        max_len = _bucket(max(need, T), 64)
+    elif need > max_len or T > max_len:
+        max_len_needed = max(need, T)
+        raise PromptTooLongError(
+            f"the cache (max_len={max_len}) cannot hold the longest prompt ({int(lengths.max())} tokens, padded "
+            f"to {T}) plus {max_new_tokens} new tokens in segments of {segment_len}: needs {max_len_needed}")
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    stats = GenerationStats(prompt_tokens=int(lengths.sum()))
+    cache = family(cfg.model_type).init_cache(cfg, B, max_len, cache_dtype)
+
+    t0 = time.perf_counter()
+    first, cache, mass = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
+                                 sampling=sampling, backend=backend)
+    first = np.asarray(first)
+    stats.time_to_first_token_s = time.perf_counter() - t0
+    out = [first[:, None]]
+    done = np.isin(first, stop)
+    if on_tokens:
+        on_tokens(first[None, :])
+    if between_segments:
+        params = between_segments(np.asarray(mass)[None]) or params
+
+    produced, last = 1, first
+    t_dec = time.perf_counter()
+    while produced < max_new_tokens and not done.all():
+        t_seg = time.perf_counter()
+        toks, dones, cache, mass = decode_segment(
+            params, cfg, cache, jnp.asarray(last), jnp.asarray(done), jnp.int32(produced), key, jnp.asarray(stop),
+            steps=segment_len, sampling=sampling, backend=backend)
+        toks, dones = np.asarray(toks), np.asarray(dones)
+        t_dev = time.perf_counter() - t_seg
+        take = min(segment_len, max_new_tokens - produced)
+        out.append(toks[:take].T)
+        if on_tokens:
+            on_tokens(toks[:take])
+        produced += take
+        last, done = toks[-1], dones[take - 1]
+        seg = {"steps": take, "device_s": t_dev}
+        if between_segments:
+            t_ctl = time.perf_counter()
+            params = between_segments(np.asarray(mass)[:take]) or params
+            seg["controller_s"] = time.perf_counter() - t_ctl
+        stats.segments.append(seg)
+    stats.decode_s = time.perf_counter() - t_dec
+
+    all_toks = np.concatenate(out, axis=1)
+    result = []
+    for row in all_toks:
+        row = row.tolist()
+        hits = [i for i, t in enumerate(row) if t in set(stop.tolist())]
+        result.append(row[: hits[0] + 1] if hits else row)
+    stats.generated_tokens = sum(len(r) for r in result)
+    stats.decode_tokens = B * (produced - 1)
+    return GenerationResult(result, stats)

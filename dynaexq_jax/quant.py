@@ -1,0 +1,192 @@
+"""Expert weight formats: bf16/fp16/f32 and group-wise symmetric int8/int4/int2.
+
+A weight is stored input-major, [..., K, N] with K the input (reduction) dimension, so that
+y = x @ W. Integer formats quantize round-to-nearest, symmetric, one fp16 scale per group of
+`group` consecutive rows along K and per column: s = max|w| / qmax with qmax = 2**(bits-1) - 1,
+q = clip(round(w / s), -qmax, qmax), stored offset-binary as q + 2**(bits-1).
+
+Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
+byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
+j*bits, j = 0..p-1. Unpacking a block is p shifts-and-masks that each yield an independent
+contiguous sub-tile of g/p rows (no interleave), and each block uses exactly one scale row:
+this is the layout the Pallas kernels read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import struct
+
+from dynaexq_jax.errors import QuantFormatError
+
+_FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+_DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
+SCALE_DTYPE = np.float16
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A named storage format. `group` is the quantization group along K (0 = whole K, 'channel')."""
+    kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int2"
+    group: int = 0
+
+    @property
+    def is_int(self) -> bool:
+        return self.kind.startswith("int")
+
+    @property
+    def bits(self) -> int:
+        return {"f32": 32, "bf16": 16, "fp16": 16}.get(self.kind) or int(self.kind[3:])
+
+    @property
+    def per_byte(self) -> int:
+        """Values packed per uint8 (1 for int8)."""
+        return 8 // self.bits if self.is_int else 1
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def offset(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
+    def name(self) -> str:
+        if not self.is_int:
+            return self.kind
+        return f"{self.kind}:g{self.group}" if self.group else f"{self.kind}:channel"
+
+    @property
+    def storage_dtype(self):
+        return np.uint8 if self.is_int else _FLOAT_DTYPES[self.kind]
+
+    def group_for(self, k: int) -> int:
+        """The group size used for an input dimension k (per-channel formats use all of k)."""
+        return self.group or k
+
+    def check(self, k: int) -> None:
+        if not self.is_int:
+            return
+        g = self.group_for(k)
+        if k % g:
+            raise QuantFormatError(
+                f"format {self.name}: group size {g} does not divide the input dimension {k}; "
+                f"pick a group that does, e.g. '{self.kind}:g{np.gcd(k, g)}'")
+        if g % self.per_byte:
+            raise QuantFormatError(f"format {self.name}: group {g} is not a multiple of {self.per_byte}")
+
+    def nbytes(self, k: int, n: int) -> int:
+        """Exact bytes of one [k, n] weight in this format, scales included."""
+        self.check(k)
+        if not self.is_int:
+            return k * n * np.dtype(self.storage_dtype).itemsize
+        return k * n // self.per_byte + (k // self.group_for(k)) * n * np.dtype(SCALE_DTYPE).itemsize
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_format(spec: str | Format) -> Format:
+    """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int2', 'int4:g64', 'int8:channel'."""
+    if isinstance(spec, Format):
+        return spec
+    m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int2)(?::(?:g(\d+)|(channel)))?",
+                     spec.strip().lower())
+    if not m:
+        raise QuantFormatError(
+            f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int2, optionally ':gN' or ':channel')")
+    kind = {"float32": "f32", "bfloat16": "bf16", "float16": "fp16"}.get(m.group(1), m.group(1))
+    if kind in _FLOAT_DTYPES:
+        if m.group(2) or m.group(3):
+            raise QuantFormatError(f"format '{spec}': float formats take no group size")
+        return Format(kind)
+    if m.group(3):
+        return Format(kind, 0)
+    group = int(m.group(2)) if m.group(2) else _DEFAULT_GROUP[int(kind[3:])]
+    fmt = Format(kind, group)
+    if group <= 0 or group % fmt.per_byte:
+        raise QuantFormatError(f"format '{spec}': group must be a positive multiple of {fmt.per_byte}")
+    return fmt
+
+
+def expert_nbytes(fmt: Format, hidden: int, inter: int) -> int:
+    """Bytes of one SwiGLU expert (gate [H, I], up [H, I], down [I, H]) in `fmt`, scales included."""
+    return 2 * fmt.nbytes(hidden, inter) + fmt.nbytes(inter, hidden)
+
+
+@struct.dataclass
+class QTensor:
+    """A stack of weights [..., K, N] in one Format. data: float [..., K, N] or uint8 [..., K/p, N];
+    scales: fp16 [..., K/group, N] for integer formats, None for float formats."""
+    data: jax.Array
+    scales: jax.Array | None
+    fmt: Format = struct.field(pytree_node=False)
+
+    @property
+    def k(self) -> int:
+        return self.data.shape[-2] * self.fmt.per_byte
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes) + (int(self.scales.nbytes) if self.scales is not None else 0)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize(self, dtype)
+
+
+def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
+    """Quantize (numpy, at conversion time) a float weight [..., K, N] into `fmt`."""
+    fmt = parse_format(fmt)
+    w = np.asarray(w)
+    k = w.shape[-2]
+    fmt.check(k)
+    if not fmt.is_int:
+        return QTensor(w.astype(fmt.storage_dtype), None, fmt)
+    g, p = fmt.group_for(k), fmt.per_byte
+    wg = w.astype(np.float32).reshape(*w.shape[:-2], k // g, g, w.shape[-1])
+    amax = np.abs(wg).max(axis=-2)
+    scales = (amax / fmt.qmax).astype(SCALE_DTYPE)
+    if not np.all(np.isfinite(scales)):
+        raise QuantFormatError(f"format {fmt.name}: a group's max |w| overflows fp16 scales")
+    s = scales.astype(np.float32)
+    safe = np.where(s > 0, s, 1.0)[..., None, :]
+    q = np.clip(np.rint(wg / safe), -fmt.qmax, fmt.qmax).astype(np.int32) + fmt.offset
+    # Pack within each block of g rows: byte row r holds rows r + j*g/p at bit offset j*bits.
+    q = q.reshape(*w.shape[:-2], k // g, p, g // p, w.shape[-1])
+    packed = np.zeros(q.shape[:-3] + q.shape[-2:], np.int32)
+    for j in range(p):
+        packed |= q[..., j, :, :] << (j * fmt.bits)
+    packed = packed.reshape(*w.shape[:-2], k // p, w.shape[-1]).astype(np.uint8)
+    return QTensor(packed, scales, fmt)
+
+
+def unpack_codes(data, fmt: Format, k: int, xp=jnp):
+    """uint8 [..., K/p, N] -> integer codes q (offset removed) [..., K, N], as int32."""
+    g, p = fmt.group_for(k), fmt.per_byte
+    n = data.shape[-1]
+    d = data.astype(xp.int32).reshape(*data.shape[:-2], k // g, g // p, n)
+    mask = (1 << fmt.bits) - 1
+    parts = [(d >> (j * fmt.bits)) & mask for j in range(p)]
+    q = xp.stack(parts, axis=-3)  # [..., K/g, p, g/p, N]
+    return q.reshape(*data.shape[:-2], k, n) - fmt.offset
+
+
+def dequantize(t: QTensor, dtype=jnp.float32, xp=jnp):
+    """QTensor -> float [..., K, N] (jax by default; xp=np for a numpy reference)."""
+    if not t.fmt.is_int:
+        return t.data.astype(dtype)
+    k, n = t.k, t.n
+    g = t.fmt.group_for(k)
+    q = unpack_codes(t.data, t.fmt, k, xp).astype(xp.float32)
+    q = q.reshape(*q.shape[:-2], k // g, g, n) * t.scales.astype(xp.float32)[..., None, :]
+    return q.reshape(*q.shape[:-3], k, n).astype(dtype)

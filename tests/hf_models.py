@@ -1,0 +1,122 @@
+"""Tiny random Hugging Face models saved to disk, for conversion and parity tests.
+
+transformers 5 holds Qwen3-MoE experts fused in memory (gate_up_proj [E, 2I, H], down_proj
+[E, H, I]) but save_pretrained writes them back per expert (mlp.experts.{e}.gate_proj.weight ...).
+`layout` picks what ends up on disk, whatever the installed version writes: the saved shards
+are rewritten when needed, keeping the sharding and the index consistent.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy as stn
+
+TINY_QWEN3_MOE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, intermediate_size=96, max_position_embeddings=512)
+
+_PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+def make_tiny_qwen3_moe(tmp_dir, *, seed: int, norm_topk_prob: bool, mlp_only_layers=(), decoder_sparse_step: int = 1,
+                        tie_word_embeddings: bool = False, max_shard_size=None, layout: str = "per_expert",
+                        noise: bool = True, **config_overrides):
+    """Build, perturb and save a tiny Qwen3MoeForCausalLM (float32, eval mode) in tmp_dir/"hf".
+    Returns (hf_dir, hf_model)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    if layout not in ("per_expert", "fused"):
+        raise ValueError(f"layout must be 'per_expert' or 'fused', not {layout!r}")
+    kwargs = {**TINY_QWEN3_MOE, **config_overrides}
+    cfg = Qwen3MoeConfig(norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers),
+                         decoder_sparse_step=decoder_sparse_step, tie_word_embeddings=tie_word_embeddings,
+                         **kwargs)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).float()
+    if noise:
+        # Random init leaves norms at exactly 1 and biases at 0; perturb everything so that a
+        # swapped or untransposed tensor cannot go unnoticed.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    hf_dir = Path(tmp_dir) / "hf"
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(hf_dir, **save_kwargs)
+    _set_layout(hf_dir, layout, kwargs["num_experts"])
+    _write_tokenizer(hf_dir, kwargs["vocab_size"])
+    return hf_dir, model
+
+
+def _write_tokenizer(hf_dir: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"<unk>": vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf_dir / "tokenizer.json"))
+
+
+def _shards(hf_dir: Path) -> list[Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        return [hf_dir / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    return [hf_dir / "model.safetensors"]
+
+
+def _set_layout(hf_dir: Path, layout: str, num_experts: int) -> None:
+    """Rewrite the saved expert tensors into `layout`; each new tensor goes to the shard that held
+    the first of the tensors it replaces."""
+    shards = _shards(hf_dir)
+    contents = {s.name: stn.load_file(s) for s in shards}
+    wrong = _FUSED if layout == "per_expert" else _PER_EXPERT
+    if not any(wrong.fullmatch(n) for t in contents.values() for n in t):
+        return
+    for shard, tensors in contents.items():
+        for name in list(tensors):
+            m = wrong.fullmatch(name)
+            if m is None:
+                continue
+            if layout == "fused":
+                _fuse(contents, shard, m.group(1), num_experts)
+            else:
+                _split(contents, m.group(1), m.group(2), tensors.pop(name), shard)
+    weight_map = {}
+    for shard, tensors in contents.items():
+        stn.save_file(tensors, hf_dir / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        d = json.loads(index.read_text())
+        d["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(d, indent=2))
+
+
+def _fuse(contents: dict, shard: str, prefix: str, num_experts: int) -> None:
+    """Pop every per-expert tensor of one layer (from any shard) and store the fused pair in shard."""
+    def pop(e, proj):
+        name = f"{prefix}.{e}.{proj}_proj.weight"
+        return next(t.pop(name) for t in contents.values() if name in t)
+    if f"{prefix}.gate_up_proj" in contents[shard] or not any(f"{prefix}.0.gate_proj.weight" in t for t in contents.values()):
+        return  # this layer was already fused via an earlier tensor of it
+    gate = [pop(e, "gate") for e in range(num_experts)]
+    up = [pop(e, "up") for e in range(num_experts)]
+    down = [pop(e, "down") for e in range(num_experts)]
+    contents[shard][f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+    contents[shard][f"{prefix}.down_proj"] = np.stack(down)
+
+
+def _split(contents: dict, prefix: str, kind: str, w: np.ndarray, shard: str) -> None:
+    if kind == "down_proj":
+        parts = {"down": w}
+    else:
+        half = w.shape[1] // 2
+        parts = {"gate": w[:, :half], "up": w[:, half:]}
+    for proj, stack in parts.items():
+        for e in range(stack.shape[0]):
+            contents[shard][f"{prefix}.{e}.{proj}_proj.weight"] = np.ascontiguousarray(stack[e])
