@@ -24,38 +24,46 @@ def _bucket(n: int, quantum: int = 16) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend"), donate_argnames=("cache",))
-def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, *,
-            sampling: Sampling, backend: str = "xla"):
-    """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty -> (first sampled token [B],
-    cache with lengths set, router mass f32 [L_moe, E] over the real prompt tokens)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend", "alpha"), donate_argnames=("cache",))
+def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *,
+            sampling: Sampling, backend: str = "xla", alpha: float | None = None):
+    """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty, scores f32 [L_moe, E]
+    -> (first sampled token [B], cache, router mass f32 [L_moe, E] over the real prompt tokens,
+    scores: the hotness EMA after this step, or unchanged when alpha is None)."""
     logits, cache, info = family(cfg.model_type).forward(params, cfg, tokens, cache, backend=backend,
                                                          logits_at=lengths - 1, valid=lengths)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     mass = selected_mass(info.ids, info.probs, cfg.num_experts, mask)
     first = sample(logits, jax.random.fold_in(key, 0), sampling)
-    return first, cache, mass
+    if alpha is not None:
+        scores = alpha * scores + (1 - alpha) * mass
+    return first, cache, mass, scores
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "backend"), donate_argnames=("cache",))
-def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop_ids, *,
-                   steps: int, sampling: Sampling, backend: str = "xla"):
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "backend", "alpha"),
+                   donate_argnames=("cache",))
+def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop_ids, scores, *,
+                   steps: int, sampling: Sampling, backend: str = "xla", alpha: float = 0.9):
     """Run `steps` decode steps. last: int32 [B] the previous token of each sequence; done: bool [B];
     step0: int32 index of the first token generated here (the sampling key is fold_in(key, step),
-    so tokens do not depend on how generation is cut into segments); stop_ids: int32 [n_stop].
-    Returns (tokens int32 [steps, B], done-after-token bool [steps, B], cache, mass f32 [steps, L_moe, E])."""
+    so tokens do not depend on how generation is cut into segments); stop_ids: int32 [n_stop];
+    scores: f32 [L_moe, E] hotness EMA, updated every step: S = alpha * S + (1 - alpha) * c.
+    Returns (tokens int32 [steps, B], done-after-token bool [steps, B], cache,
+    mass f32 [steps, L_moe, E], scores)."""
 
     def step(carry, i):
-        cache, last, done = carry
+        cache, last, done, scores = carry
         logits, cache, info = family(cfg.model_type).forward(params, cfg, last[:, None], cache, backend=backend)
         mass = selected_mass(info.ids, info.probs, cfg.num_experts, ~done[:, None])
         tok = sample(logits[:, -1], jax.random.fold_in(key, step0 + i), sampling)
         tok = jnp.where(done, last, tok)
         done = done | jnp.isin(tok, stop_ids)
-        return (cache, tok, done), (tok, done, mass)
+        scores = alpha * scores + (1 - alpha) * mass
+        return (cache, tok, done, scores), (tok, done, mass)
 
-    (cache, _, _), (toks, dones, mass) = jax.lax.scan(step, (cache, last, done), jnp.arange(steps))
-    return toks, dones, cache, mass
+    (cache, _, _, scores), (toks, dones, mass) = jax.lax.scan(
+        step, (cache, last, done, scores), jnp.arange(steps))
+    return toks, dones, cache, mass, scores
 
 
 @dataclasses.dataclass
@@ -83,7 +91,20 @@ class GenerationResult:
     texts: list[str] | None = None   # decoded tokens, when a tokenizer is at hand
 
 
-SegmentHook = Callable[[int, np.ndarray], None]
+class Controller:
+    """Runs on the host between jitted segments (the DynaExq runtime is one). Each hook receives
+    host copies of the router statistics and returns new params (e.g. with experts swapped
+    between tiers) for the segments dispatched after it, or None to keep the current ones."""
+    alpha: float = 0.9               # hotness EMA factor used inside the jitted steps
+    hotness_in_prefill: bool = True  # whether the prefill forward counts as a hotness step
+
+    def after_prefill(self, mass: np.ndarray, scores: np.ndarray):
+        """mass, scores: f32 [L_moe, E]."""
+        return None
+
+    def after_segment(self, step: int, mass: np.ndarray, scores: np.ndarray):
+        """step: decode steps done so far; mass f32 [steps, L_moe, E]; scores f32 [L_moe, E]."""
+        return None
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None,
@@ -109,75 +130,85 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              stop_tokens: Sequence[int] | None = None, max_len: int | None = None,
              segment_len: int = 16, backend: str = "xla", cache_dtype=jnp.float32,
              on_tokens: Callable[[np.ndarray], None] | None = None,
-             between_segments: Callable[[np.ndarray], object] | None = None) -> GenerationResult:
+             controller: Controller | None = None) -> GenerationResult:
     """Generate up to max_new_tokens for every prompt.
 
-    on_tokens(tokens int [n, B]) streams each segment's new tokens. between_segments(mass) is
-    called with each segment's router mass f32 [steps, L_moe, E] (numpy) and may return new
-    params (e.g. with a new expert assignment) for the next segment."""
+    Pipelined: segment i+1 is dispatched (from segment i's device outputs) before segment i's
+    results are read on the host, so the device never waits for the host: streaming
+    (on_tokens(tokens int [n, B])), stop checks and the controller's work overlap the next
+    segment, and the controller's new params take effect from the segment after that."""
     if not isinstance(segment_len, int) or segment_len < 1:
         raise GenerationError(f"segment_len must be an integer >= 1, got {segment_len!r}")
     check_prompts(prompts, max_new_tokens, max_len, cfg.vocab_size)
-    stop = np.asarray(cfg.eos_token_ids if stop_tokens is None else list(stop_tokens), np.int32)
+    ctl = controller or Controller()
+    stop = jnp.asarray(np.asarray(cfg.eos_token_ids if stop_tokens is None else list(stop_tokens), np.int32))
+    stop_set = set(np.asarray(stop).tolist())
     key = jax.random.PRNGKey(0) if key is None else key
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     T = _bucket(int(lengths.max()))
     n_segments = -(-(max_new_tokens - 1) // segment_len)
-    need = int(lengths.max()) + 1 + n_segments * segment_len
+    need = max(int(lengths.max()) + 1 + n_segments * segment_len, T)
     if max_len is None:
-        max_len = _bucket(max(need, T), 64)
-    elif need > max_len or T > max_len:
-        max_len_needed = max(need, T)
+        max_len = _bucket(need, 64)
+    elif need > max_len:
         raise PromptTooLongError(
             f"the cache (max_len={max_len}) cannot hold the longest prompt ({int(lengths.max())} tokens, padded "
-            f"to {T}) plus {max_new_tokens} new tokens in segments of {segment_len}: needs {max_len_needed}")
+            f"to {T}) plus {max_new_tokens} new tokens in segments of {segment_len}: needs {need}")
     tokens = np.zeros((B, T), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     stats = GenerationStats(prompt_tokens=int(lengths.sum()))
     cache = family(cfg.model_type).init_cache(cfg, B, max_len, cache_dtype)
+    scores = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
 
     t0 = time.perf_counter()
-    first, cache, mass = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
-                                 sampling=sampling, backend=backend)
-    first = np.asarray(first)
+    first, cache, mass, scores = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
+                                         scores, sampling=sampling, backend=backend,
+                                         alpha=ctl.alpha if ctl.hotness_in_prefill else None)
+    first_h = np.asarray(first)
     stats.time_to_first_token_s = time.perf_counter() - t0
-    out = [first[:, None]]
-    done = np.isin(first, stop)
+    out = [first_h[:, None]]
     if on_tokens:
-        on_tokens(first[None, :])
-    if between_segments:
-        params = between_segments(np.asarray(mass)[None]) or params
+        on_tokens(first_h[None, :])
+    params = ctl.after_prefill(np.asarray(mass), np.asarray(scores)) or params
 
-    produced, last = 1, first
+    def dispatch(params, cache, last, done, step0, scores):
+        return decode_segment(params, cfg, cache, last, done, jnp.int32(step0), key, stop, scores,
+                              steps=segment_len, sampling=sampling, backend=backend, alpha=ctl.alpha)
+
+    done_h = np.isin(first_h, list(stop_set))
+    produced, dispatched = 1, 1
+    pending = None
+    if produced < max_new_tokens and not done_h.all():
+        pending = dispatch(params, cache, first, jnp.asarray(done_h), dispatched, scores)
+        dispatched += segment_len
     t_dec = time.perf_counter()
-    while produced < max_new_tokens and not done.all():
+    while pending is not None:
+        toks, dones, cache, mass, scores = pending
+        pending = None
+        if dispatched < max_new_tokens:   # keep the device busy while the host handles this segment
+            pending = dispatch(params, cache, toks[-1], dones[-1], dispatched, scores)
+            dispatched += segment_len
         t_seg = time.perf_counter()
-        toks, dones, cache, mass = decode_segment(
-            params, cfg, cache, jnp.asarray(last), jnp.asarray(done), jnp.int32(produced), key, jnp.asarray(stop),
-            steps=segment_len, sampling=sampling, backend=backend)
-        toks, dones = np.asarray(toks), np.asarray(dones)
-        t_dev = time.perf_counter() - t_seg
+        toks_h, dones_h = np.asarray(toks), np.asarray(dones)
         take = min(segment_len, max_new_tokens - produced)
-        out.append(toks[:take].T)
+        out.append(toks_h[:take].T)
         if on_tokens:
-            on_tokens(toks[:take])
+            on_tokens(toks_h[:take])
         produced += take
-        last, done = toks[-1], dones[take - 1]
-        seg = {"steps": take, "device_s": t_dev}
-        if between_segments:
-            t_ctl = time.perf_counter()
-            params = between_segments(np.asarray(mass)[:take]) or params
-            seg["controller_s"] = time.perf_counter() - t_ctl
-        stats.segments.append(seg)
+        t_ctl = time.perf_counter()
+        new_params = ctl.after_segment(produced - 1, np.asarray(mass)[:take], np.asarray(scores))
+        params = new_params or params
+        stats.segments.append({"steps": take, "wait_s": t_ctl - t_seg, "controller_s": time.perf_counter() - t_ctl})
+        if dones_h[take - 1].all():
+            pending = None                # every sequence stopped: drop the speculative segment
     stats.decode_s = time.perf_counter() - t_dec
 
     all_toks = np.concatenate(out, axis=1)
     result = []
-    for row in all_toks:
-        row = row.tolist()
-        hits = [i for i, t in enumerate(row) if t in set(stop.tolist())]
+    for row in all_toks.tolist():
+        hits = [i for i, t in enumerate(row) if t in stop_set]
         result.append(row[: hits[0] + 1] if hits else row)
     stats.generated_tokens = sum(len(r) for r in result)
     stats.decode_tokens = B * (produced - 1)
