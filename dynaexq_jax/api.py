@@ -1,7 +1,6 @@
 """The Python entry point: `dynaexq_jax.load(path)` -> Model with .config, .logits, .generate."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -15,6 +14,7 @@ from dynaexq_jax.generate import GenerationResult, _bucket, generate
 from dynaexq_jax.models import family
 from dynaexq_jax.moe import BACKENDS, single_tier
 from dynaexq_jax.sampling import Sampling
+from dynaexq_jax.tokenizer import TextCodec
 
 
 class Model:
@@ -32,7 +32,7 @@ class Model:
         self.tier = tier
         pools = {l: single_tier(jax.tree.map(jnp.asarray, tiers[tier])) for l, tiers in ckpt.experts.items()}
         self.params = attach_experts(jax.tree.map(jnp.asarray, ckpt.params), pools)
-        self.tokenizer = _load_tokenizer(ckpt.path)
+        self.codec = TextCodec(ckpt.path)
         self._family = family(self.config.model_type)
         self._forward = jax.jit(self._family.forward, static_argnames=("cfg", "backend"))
 
@@ -53,38 +53,17 @@ class Model:
     def _cache_dtype(self):
         return self.params.embed.dtype
 
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise GenerationError(f"{self.checkpoint.path} has no tokenizer.json: pass token ids instead of text")
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            raise GenerationError(f"{self.checkpoint.path} has no tokenizer.json")
-        return self.tokenizer.decode(list(ids))
-
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
                  max_len: int | None = None, segment_len: int = 16, on_tokens=None) -> GenerationResult:
         """prompts: a string, a list of strings, or a list of token-id lists. The result has
         .tokens (per prompt), .texts (when a tokenizer is present) and .stats."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
-        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        res = generate(self.params, self.config, ids, max_new_tokens=max_new_tokens,
+        res = generate(self.params, self.config, self.codec.prompts(prompts), max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=jax.random.PRNGKey(seed),
                        stop_tokens=stop_tokens, max_len=max_len, segment_len=segment_len,
                        backend=self.backend, cache_dtype=self._cache_dtype, on_tokens=on_tokens)
-        res.texts = [self.decode(t) for t in res.tokens] if self.tokenizer is not None else None
+        res.texts = self.codec.texts(res.tokens)
         return res
-
-
-def _load_tokenizer(path: Path):
-    f = Path(path) / "tokenizer.json"
-    if not f.exists():
-        return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(f))
 
 
 def load(path, *, tier: str = "hi", backend: str = "xla") -> Model:

@@ -37,27 +37,78 @@ def _generate_kwargs(a):
                 seed=a.seed, segment_len=a.segment)
 
 
-def _print_generation(model, prompts, res, stats_path=None):
+def _print_generation(prompts, res, stats_path=None):
     for p, text in zip(prompts, res.texts or [None] * len(prompts)):
         print(f"--- prompt: {p!r}")
         print(text)
     s = res.stats
     print(f"--- {len(prompts)} prompt(s), {s.prompt_tokens} prompt tokens, {s.generated_tokens} generated; "
           f"time to first token {s.time_to_first_token_s * 1e3:.0f} ms; decode {s.decode_tokens_per_s:.1f} tok/s")
+    if res.runtime:
+        r, c = res.runtime, res.runtime["counters"]
+        print(f"--- policy {r['policy']}, HI slots per layer {r['n_hi']}, HI hit rate {r['hi_hit_rate']:.3f}, "
+              f"promotions {c['promotions']}, demotions {c['demotions']}, moved {c['bytes_moved'] / 2**20:.2f} MiB, "
+              f"publishes deferred {c['publishes_deferred']}, device stalls {c['device_stalls']}, "
+              f"controller {1e3 * r['controller_s']:.1f} ms")
     if stats_path:
-        Path(stats_path).write_text(json.dumps({"tokens": res.tokens, "stats": s.to_dict()}, indent=1))
+        Path(stats_path).write_text(json.dumps({"prompts": prompts, "tokens": res.tokens, "texts": res.texts,
+                                                "stats": s.to_dict(), "runtime": res.runtime}, indent=1))
+        print(f"--- wrote {stats_path}")
+
+
+def _engine(a, batch: int, max_len: int):
+    from dynaexq_jax.runtime.engine import Engine
+    return Engine(a.model, budget_bytes=a.budget, policy=a.policy, segment_len=a.segment, batch=batch,
+                  max_len=max_len, strategy=a.strategy, transfers_in_flight=a.transfers, alpha=a.alpha,
+                  update_period=a.period, delta=a.delta, rate_limit=a.rate_limit, backend=a.backend)
 
 
 def _cmd_generate(a):
-    import dynaexq_jax
-    model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
-    res = model.generate(a.prompt, **_generate_kwargs(a))
-    _print_generation(model, a.prompt, res, a.stats)
+    if a.budget is None:
+        import dynaexq_jax
+        model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
+        res = model.generate(a.prompt, **_generate_kwargs(a))
+    else:
+        from dynaexq_jax.generate import _bucket
+        from dynaexq_jax.sampling import Sampling
+        from dynaexq_jax.tokenizer import TextCodec
+        ids = TextCodec(Path(a.model)).prompts(a.prompt)
+        max_len = a.max_len or _bucket(max(map(len, ids)) + a.max_new_tokens + 2 * a.segment, 64)
+        engine = _engine(a, len(ids), max_len)
+        res = engine.generate(ids, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                              sampling=Sampling(a.temperature, a.top_k, a.top_p))
+    _print_generation(a.prompt, res, a.stats)
+
+
+def _cmd_budget(a):
+    engine = _engine(a, a.batch, a.max_len)
+    print(f"{a.model}: budget breakdown for batch {a.batch}, max_len {a.max_len}, backend {a.backend}, "
+          f"tiers HI {engine.checkpoint.tiers['hi'].name} / LO {engine.checkpoint.tiers['lo'].name}")
+    print(engine.plan.table())
+
+
+def _cmd_plot(a):
+    from dynaexq_jax.runtime.plots import plot_stats
+    for p in plot_stats(a.stats, a.out):
+        print(f"wrote {p}")
 
 
 def _cmd_demo(a):
     from dynaexq_jax.demo import run_demo
     run_demo(Path(a.workdir), prompts=a.prompt or None, **_generate_kwargs(a))
+
+
+def _add_runtime_args(p, budget_required: bool):
+    p.add_argument("--budget", required=budget_required,
+                   help="device-memory budget (e.g. 20GiB, 512MiB); runs the DynaExq runtime")
+    p.add_argument("--policy", default="dynaexq", help="dynaexq (default), static, all-hi, all-lo")
+    p.add_argument("--strategy", default="proportional", help="HI slots per layer: uniform, proportional, greedy")
+    p.add_argument("--period", type=int, default=200, help="decode steps between policy updates (T_u)")
+    p.add_argument("--delta", type=float, default=0.01, help="hysteresis margin")
+    p.add_argument("--rate-limit", type=int, default=None, help="max swaps per layer per update")
+    p.add_argument("--alpha", type=float, default=0.9, help="hotness EMA factor")
+    p.add_argument("--transfers", type=int, default=4, help="K: transitions (copies) in flight")
+    p.add_argument("--backend", default="xla", choices=["xla", "pallas"])
 
 
 def _add_sampling_args(p):
@@ -90,11 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a converted checkpoint")
     p.add_argument("model")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--tier", default="hi", help="tier every expert runs in: hi or lo")
-    p.add_argument("--backend", default="xla", choices=["xla", "pallas"])
-    p.add_argument("--stats", help="write tokens and statistics to this JSON file")
+    p.add_argument("--tier", default="hi", help="without --budget: the tier every expert runs in, hi or lo")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: fits the prompts)")
+    p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
+    _add_runtime_args(p, budget_required=False)
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("budget", help="print how a device-memory budget is spent")
+    p.add_argument("model")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--segment", type=int, default=16)
+    _add_runtime_args(p, budget_required=True)
+    p.set_defaults(fn=_cmd_budget)
+
+    p = sub.add_parser("plot", help="plot expert residency and hotness from a --stats file (PNG)")
+    p.add_argument("stats")
+    p.add_argument("--out", help="output folder (default: beside the stats file)")
+    p.set_defaults(fn=_cmd_plot)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the default model")
     p.add_argument("--workdir", default="runs/demo")

@@ -56,3 +56,15 @@ class PromptTooLongError(GenerationError):
 
 class SamplingError(GenerationError):
     """A sampling argument is out of range (temperature, top_k, top_p, ...)."""
+
+
+class BudgetError(DynaexqError):
+    """A device-memory budget that cannot be parsed or cannot hold the model."""
+
+
+class InfeasibleBudgetError(BudgetError):
+    """The budget is smaller than the smallest feasible configuration (every expert LO)."""
+
+
+class RuntimeConfigError(DynaexqError):
+    """A bad runtime option: unknown policy or strategy, a segment length or period that makes no sense, ..."""

@@ -89,6 +89,7 @@ class GenerationResult:
     tokens: list[list[int]]          # generated tokens per prompt (stop token included if hit)
     stats: GenerationStats
     texts: list[str] | None = None   # decoded tokens, when a tokenizer is at hand
+    runtime: dict | None = None      # the budgeted runtime's counters and timeline (Engine)
 
 
 class Controller:
@@ -97,6 +98,11 @@ class Controller:
     between tiers) for the segments dispatched after it, or None to keep the current ones."""
     alpha: float = 0.9               # hotness EMA factor used inside the jitted steps
     hotness_in_prefill: bool = True  # whether the prefill forward counts as a hotness step
+
+    def initial_scores(self, num_layers: int, num_experts: int) -> np.ndarray:
+        """The hotness EMA a generation starts from, f32 [L_moe, E] (a serving engine carries
+        it over from earlier requests)."""
+        return np.zeros((num_layers, num_experts), np.float32)
 
     def after_prefill(self, mass: np.ndarray, scores: np.ndarray):
         """mass, scores: f32 [L_moe, E]."""
@@ -160,7 +166,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         tokens[i, :len(p)] = p
     stats = GenerationStats(prompt_tokens=int(lengths.sum()))
     cache = family(cfg.model_type).init_cache(cfg, B, max_len, cache_dtype)
-    scores = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
+    scores = jnp.asarray(ctl.initial_scores(len(cfg.moe_layers), cfg.num_experts), jnp.float32)
 
     t0 = time.perf_counter()
     first, cache, mass, scores = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,

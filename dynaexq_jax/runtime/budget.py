@@ -1,0 +1,190 @@
+"""Device-memory budget -> number of HI slots per MoE layer (method.md section 2).
+
+    M_resident = sum_l [ n_hi[l] * m_hi + (E - n_hi[l]) * m_lo ]
+    M_trans    = K * max expert size                  (K transfers in flight)
+    M_resident + M_trans <= budget - M_fixed
+
+M_fixed is computed, not guessed: dense parameter bytes (measured), the KV cache for the
+configured batch and max length, an activation/workspace estimate for the chosen backend, and a
+safety margin. Slot counts are fixed at start-up; at run time only WHICH experts hold them changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError
+from dynaexq_jax.quant import Format, expert_nbytes
+
+STRATEGIES = ("uniform", "proportional", "greedy")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'20GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    if isinstance(text, (int, np.integer)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise BudgetError(f"cannot parse the budget '{text}' (examples: 20GiB, 512MiB, 1.5GB, 1000000)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise BudgetError(f"the budget must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedCosts:
+    dense_params: int
+    kv_cache: int
+    workspace: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        return self.dense_params + self.kv_cache + self.workspace + self.margin
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, itemsize: int) -> int:
+    return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
+                    hi: Format, lo: Format) -> int:
+    """Peak transient device memory of one forward, estimated from the shapes. The XLA backend
+    dequantizes a whole tier pool per layer (f32, all experts at worst); the Pallas kernels
+    dequantize in registers, so only activations count."""
+    tokens = batch * max(prefill_len, 1)
+    act = 4 * tokens * (4 * cfg.hidden_size + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size
+                        + 2 * cfg.num_heads * max_len + cfg.vocab_size)
+    if backend == "xla":
+        act += 4 * 3 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size
+        act += 4 * tokens * cfg.num_experts * cfg.moe_intermediate_size
+    return act
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    budget: int
+    fixed: FixedCosts
+    m_hi: int                       # bytes of one expert in the HI tier
+    m_lo: int
+    transfers_in_flight: int        # K
+    strategy: str
+    n_hi: tuple[int, ...]           # HI slots per MoE layer (cfg.moe_layers order)
+    num_experts: int
+
+    @property
+    def staging(self) -> int:
+        return self.transfers_in_flight * max(self.m_hi, self.m_lo)
+
+    def layer_bytes(self, i: int) -> int:
+        return self.n_hi[i] * self.m_hi + (self.num_experts - self.n_hi[i]) * self.m_lo
+
+    @property
+    def resident(self) -> int:
+        return sum(self.layer_bytes(i) for i in range(len(self.n_hi)))
+
+    @property
+    def total(self) -> int:
+        return self.fixed.total + self.resident + self.staging
+
+    @property
+    def hi_fraction(self) -> float:
+        return sum(self.n_hi) / max(1, self.num_experts * len(self.n_hi))
+
+    def rows(self) -> list[tuple[str, int]]:
+        f = self.fixed
+        return [("dense parameters", f.dense_params), ("KV cache", f.kv_cache),
+                ("activations / workspace", f.workspace), ("safety margin", f.margin),
+                (f"HI experts ({sum(self.n_hi)} x {format_bytes(self.m_hi)})", sum(self.n_hi) * self.m_hi),
+                (f"LO experts ({self.num_experts * len(self.n_hi) - sum(self.n_hi)} x {format_bytes(self.m_lo)})",
+                 (self.num_experts * len(self.n_hi) - sum(self.n_hi)) * self.m_lo),
+                (f"transfer staging (K={self.transfers_in_flight})", self.staging),
+                ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
+
+    def table(self) -> str:
+        lines = [f"{name:<40} {format_bytes(b):>12} {b:>16,d}" for name, b in self.rows()]
+        lines.append(f"{'HI slots per MoE layer':<40} {', '.join(map(str, self.n_hi))}  "
+                     f"({100 * self.hi_fraction:.1f}% of experts, strategy {self.strategy})")
+        return "\n".join(lines)
+
+
+def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, dense_params: int,
+                batch: int, max_len: int, prefill_len: int | None = None, kv_itemsize: int = 4,
+                backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = 0.02,
+                strategy: str = "proportional", max_hi_fraction: float = 1.0,
+                layer_priority: np.ndarray | None = None) -> BudgetPlan:
+    """Fix the number of HI slots per MoE layer for a budget.
+
+    uniform: the same n for every layer; proportional: n_hi[l] = floor(r * E_l) with the largest
+    ratio r that fits (binary search); greedy: add HI slots one at a time to the layer whose next
+    expert has the highest priority (layer_priority [L_moe, E], e.g. a calibration ranking's
+    scores, sorted per layer; equal priorities give round-robin). max_hi_fraction caps r."""
+    budget = parse_bytes(budget)
+    if strategy not in STRATEGIES:
+        raise RuntimeConfigError(f"unknown capacity strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
+    if not isinstance(transfers_in_flight, int) or transfers_in_flight < 2:
+        raise RuntimeConfigError(f"transfers_in_flight must be an integer >= 2 (a swap moves two copies), "
+                                 f"got {transfers_in_flight!r}")
+    if not 0.0 <= max_hi_fraction <= 1.0:
+        raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
+    E, L = cfg.num_experts, len(cfg.moe_layers)
+    fixed = FixedCosts(dense_params, kv_cache_bytes(cfg, batch, max_len, kv_itemsize),
+                       workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
+                       int(margin_fraction * budget))
+    m_hi, m_lo = (expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size) for f in (hi, lo))
+    if m_hi < m_lo:
+        raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")
+
+    def make(n_hi):
+        return BudgetPlan(budget, fixed, m_hi, m_lo, transfers_in_flight, strategy, tuple(int(n) for n in n_hi), E)
+
+    floor_plan = make([0] * L)
+    if floor_plan.total > budget:
+        # The smallest feasible budget keeps the same margin fraction.
+        need = floor_plan.total - fixed.margin
+        smallest = math.ceil(need / (1 - margin_fraction))
+        raise InfeasibleBudgetError(
+            f"budget {format_bytes(budget)} ({budget:,d} B) cannot hold the model even with every expert in "
+            f"the LO tier ({lo.name}): {floor_plan.total - budget:,d} B missing; the smallest feasible budget is "
+            f"{format_bytes(smallest)} ({smallest:,d} B)")
+    cap = int(math.floor(max_hi_fraction * E))
+    if strategy == "uniform":
+        n = max(k for k in range(cap + 1) if make([k] * L).total <= budget)
+        return make([n] * L)
+    if strategy == "proportional":
+        lo_r, hi_r = 0.0, max_hi_fraction
+        for _ in range(50):
+            mid = (lo_r + hi_r) / 2
+            if make([math.floor(mid * E + 1e-9)] * L).total <= budget:
+                lo_r = mid
+            else:
+                hi_r = mid
+        return make([math.floor(lo_r * E + 1e-9)] * L)
+    prio = np.zeros((L, E)) if layer_priority is None else -np.sort(-np.asarray(layer_priority, float), axis=1)
+    n = [0] * L
+    spare = budget - floor_plan.total
+    step = m_hi - m_lo
+    while spare >= step:
+        open_layers = [l for l in range(L) if n[l] < cap]
+        if not open_layers:
+            break
+        # Highest next-expert priority first; among equals the layer with fewest slots, then lowest index.
+        l = max(open_layers, key=lambda l: (prio[l, n[l]], -n[l], -l))
+        n[l] += 1
+        spare -= step
+    return make(n)

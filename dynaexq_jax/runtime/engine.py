@@ -1,0 +1,238 @@
+"""The budgeted serving engine: pools fixed by the budget, a hotness-driven policy, and
+asynchronous promotion/demotion published only between jitted decode segments.
+
+At every segment boundary (generate.Controller hooks) the engine
+  1. publishes the swap pairs whose host-to-device copies have arrived (is_ready), and defers
+     the rest to a later boundary: the forward pass never waits for a copy;
+  2. asks the policy for new swaps when its period has elapsed;
+  3. starts copies for queued swaps, at most K transitions (copies) in flight.
+Copies are plain async device_puts of one expert's packed tier from the host store; the
+publication is a jitted, donated scatter into the pool slots plus a new assignment.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, RuntimeConfigError
+from dynaexq_jax.generate import Controller, GenerationResult, generate
+from dynaexq_jax.moe import BACKENDS, HI, LO
+from dynaexq_jax.runtime.budget import BudgetPlan, kv_cache_bytes, parse_bytes, plan_budget
+from dynaexq_jax.runtime.policies import Policy, make_policy
+from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
+from dynaexq_jax.sampling import Sampling
+from dynaexq_jax.tokenizer import TextCodec
+
+
+@dataclasses.dataclass
+class Transition:
+    """One swap pair in flight: both copies are device arrays that may not have arrived yet."""
+    pos: int
+    promote: int
+    demote: int
+    hi_copy: object
+    lo_copy: object
+    started_at: int
+
+    @property
+    def ready(self) -> bool:
+        return all(x.is_ready() for x in jax.tree.leaves((self.hi_copy, self.lo_copy)))
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self.hi_copy) + tree_nbytes(self.lo_copy)
+
+
+@dataclasses.dataclass
+class RuntimeCounters:
+    promotions: int = 0
+    demotions: int = 0
+    bytes_moved: int = 0
+    publishes_deferred: int = 0     # boundaries at which a pair in flight had not arrived yet
+    device_stalls: int = 0          # publishes of copies that had not arrived (must stay 0)
+    plans: int = 0
+    swaps_planned: int = 0
+    max_owned_bytes: int = 0
+
+
+class Engine(Controller):
+    """Serve a converted checkpoint under a device-memory budget.
+
+    model: a path or a loaded Checkpoint. budget_bytes: int or '20GiB'. policy: a name
+    ('dynaexq', 'static', 'all-hi', 'all-lo') or a Policy. batch/max_len: the largest batch and
+    sequence length served (they size the KV cache inside the budget). calibration: optional
+    ranking scores [L_moe, E] for the initial HI set (and the greedy capacity strategy)."""
+
+    def __init__(self, model, *, budget_bytes, policy: str | Policy = "dynaexq", segment_len: int = 16,
+                 batch: int = 1, max_len: int = 512, strategy: str = "proportional",
+                 transfers_in_flight: int = 4, alpha: float = 0.9, update_period: int = 200,
+                 delta: float = 0.01, rate_limit: int | None = None, calibration: np.ndarray | None = None,
+                 backend: str = "xla", hotness_in_prefill: bool = True, max_hi_fraction: float = 1.0):
+        if not isinstance(segment_len, int) or segment_len < 1:
+            raise RuntimeConfigError(f"segment_len must be an integer >= 1, got {segment_len!r}")
+        if not 0.0 <= alpha < 1.0:
+            raise RuntimeConfigError(f"hotness EMA alpha must be in [0, 1), got {alpha!r}")
+        if backend not in BACKENDS:
+            raise RuntimeConfigError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
+        for name, v in (("batch", batch), ("max_len", max_len)):
+            if not isinstance(v, int) or v < 1:
+                raise RuntimeConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        opts = dict(period=update_period, delta=delta, rate_limit=rate_limit) if policy == "dynaexq" else {}
+        self.policy = make_policy(policy, **opts)
+        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
+        self.checkpoint, self.config = ckpt, ckpt.config
+        self.codec = TextCodec(ckpt.path)
+        self.segment_len, self.batch, self.max_len, self.backend = segment_len, batch, max_len, backend
+        self.alpha, self.hotness_in_prefill = float(alpha), hotness_in_prefill
+        cfg = self.config
+        E, L = cfg.num_experts, len(cfg.moe_layers)
+
+        self.dense = jax.device_put(ckpt.params)
+        dense_bytes = tree_nbytes(self.dense)
+        self.kv_itemsize = np.dtype(ckpt.params.embed.dtype).itemsize
+        fixed_frac = self.policy.fixed_hi_fraction
+        self.plan: BudgetPlan = plan_budget(
+            cfg, budget=parse_bytes(budget_bytes), hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"],
+            dense_params=dense_bytes, batch=batch, max_len=max_len, kv_itemsize=self.kv_itemsize,
+            backend=backend, transfers_in_flight=transfers_in_flight, strategy=strategy,
+            max_hi_fraction=max_hi_fraction if fixed_frac is None else fixed_frac, layer_priority=calibration)
+        if fixed_frac is not None and any(n != round(fixed_frac * E) for n in self.plan.n_hi):
+            raise InfeasibleBudgetError(
+                f"policy '{self.policy.name}' needs every expert {'HI' if fixed_frac else 'LO'}; the budget "
+                f"{self.plan.budget:,d} B fits only {list(self.plan.n_hi)} HI slots per layer")
+        self.n_hi = list(self.plan.n_hi)
+        self.store = HostStore(ckpt.experts, cfg.moe_layers)
+        hi_sets = self.policy.initial_hi(self.n_hi, E, calibration)
+        self.pools = DevicePools(self.store, hi_sets, E)
+        self.pools.warm_up()
+        self.counters = RuntimeCounters()
+        self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
+        self.in_flight: list[Transition] = []
+        self.queue: collections.deque = collections.deque()
+        self._reset_timeline()
+
+    # ---- accounting -------------------------------------------------------------------------
+    def owned_bytes(self, batch: int | None = None) -> int:
+        """Device bytes the runtime owns now: dense params, pools + assignment, copies in flight,
+        the KV cache and the hotness scores. Workspace and margin are reserved in the plan."""
+        kv = kv_cache_bytes(self.config, batch or self.batch, self.max_len, self.kv_itemsize)
+        scores = 4 * len(self.config.moe_layers) * self.config.num_experts
+        return (tree_nbytes(self.dense) + self.pools.nbytes + sum(t.nbytes for t in self.in_flight) + kv + scores)
+
+    @property
+    def budget_for_owned(self) -> int:
+        return self.plan.budget - self.plan.fixed.workspace - self.plan.fixed.margin
+
+    def params(self):
+        return attach_experts(self.dense, dict(zip(self.config.moe_layers, self.pools.expert_pools())))
+
+    # ---- controller hooks -------------------------------------------------------------------
+    def _reset_timeline(self):
+        self.timeline: list[dict] = []
+        self._masks = []            # HI mask after each hook call (call 0 = after prefill)
+        self._step = 0
+        self._last_update: int | None = None
+
+    def initial_scores(self, num_layers, num_experts):
+        return self.scores
+
+    def after_prefill(self, mass, scores):
+        return self._boundary(0, mass[None], scores, prefill=True)
+
+    def after_segment(self, step, mass, scores):
+        return self._boundary(step, mass, scores, prefill=False)
+
+    def _boundary(self, step, mass, scores, prefill):
+        t0 = time.perf_counter()
+        self.scores = scores
+        # Segment k was dispatched with the params returned by hook call max(0, k - 1) (generate
+        # dispatches one segment ahead), so that is the HI set that served its routed mass.
+        seg = len(self._masks) - 1
+        used = self._masks[max(0, seg - 1)] if self._masks else self.pools.hi_mask()
+        total = float(mass.sum())
+        hit = float((mass * used[None]).sum() / total) if total > 0 else float("nan")
+        published = self._publish_ready()
+        if self.policy.wants_update(step, self._last_update):
+            self._last_update = step
+            self._plan(step, scores)
+        self._start_transfers(step)
+        owned = self.owned_bytes()
+        self.counters.max_owned_bytes = max(self.counters.max_owned_bytes, owned)
+        mask = self.pools.hi_mask()
+        self._masks.append(mask)
+        self.timeline.append(dict(step=int(step), prefill=prefill, hit_rate=hit, routed_mass=total,
+                                  published=published, in_flight=len(self.in_flight), owned_bytes=owned,
+                                  served_hi_mask=used.astype(np.int8).tolist(),
+                                  hi_mask=mask.astype(np.int8).tolist(), scores=np.round(scores, 6).tolist(),
+                                  controller_s=time.perf_counter() - t0))
+        return self.params() if published else None
+
+    def _publish_ready(self) -> list:
+        published, waiting = [], []
+        for t in self.in_flight:
+            if t.ready:
+                self.pools.publish(t.pos, t.promote, t.demote, t.hi_copy, t.lo_copy)
+                self.counters.promotions += 1
+                self.counters.demotions += 1
+                self.counters.bytes_moved += t.nbytes
+                published.append((t.pos, t.promote, t.demote))
+            else:
+                waiting.append(t)
+        if waiting:
+            self.counters.publishes_deferred += 1
+        self.in_flight = waiting
+        return published
+
+    def _plan(self, step, scores):
+        busy = {(t.pos, e) for t in self.in_flight for e in (t.promote, t.demote)}
+        swaps = self.policy.plan(step, scores, self.pools.hi_mask(), self.n_hi)
+        self.counters.plans += 1
+        # A new plan replaces what is still queued: its decisions are based on fresher scores.
+        self.queue.clear()
+        for pos, layer_swaps in enumerate(swaps):
+            for p, d in layer_swaps:
+                if (pos, p) not in busy and (pos, d) not in busy:
+                    self.queue.append((pos, p, d))
+        self.counters.swaps_planned += len(self.queue)
+
+    def _start_transfers(self, step):
+        K = self.plan.transfers_in_flight
+        while self.queue and 2 * (len(self.in_flight) + 1) <= K:     # a swap pair is two transitions
+            pos, p, d = self.queue.popleft()
+            r = self.pools.residency[pos]
+            if r.tier[p] != LO or r.tier[d] != HI:
+                continue   # stale: an earlier swap already moved one of them
+            hi_copy = jax.device_put(self.store.expert(pos, HI, p))   # async host -> device
+            lo_copy = jax.device_put(self.store.expert(pos, LO, d))
+            self.in_flight.append(Transition(pos, p, d, hi_copy, lo_copy, step))
+
+    # ---- serving ----------------------------------------------------------------------------
+    def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
+                 stop_tokens=None, on_tokens=None) -> GenerationResult:
+        """prompts: text(s) or token-id lists. Returns GenerationResult with .texts and .runtime
+        (counters, per-boundary timeline, budget plan)."""
+        prompts = self.codec.prompts(prompts)
+        if len(prompts) > self.batch:
+            raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={self.batch}")
+        self._reset_timeline()
+        before = dataclasses.replace(self.counters)
+        res = generate(self.params(), self.config, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                       key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=self.max_len,
+                       segment_len=self.segment_len, backend=self.backend,
+                       cache_dtype=self.checkpoint.params.embed.dtype, on_tokens=on_tokens, controller=self)
+        counters = {k: getattr(self.counters, k) - (getattr(before, k) if k != "max_owned_bytes" else 0)
+                    for k in dataclasses.asdict(self.counters)}
+        hits = [t["hit_rate"] for t in self.timeline[1:] if t["routed_mass"] > 0]
+        res.texts = self.codec.texts(res.tokens)
+        res.runtime = dict(policy=self.policy.name, budget=self.plan.budget, n_hi=self.n_hi,
+                           counters=counters, hi_hit_rate=float(np.mean(hits)) if hits else float("nan"),
+                           controller_s=sum(t["controller_s"] for t in self.timeline),
+                           budget_rows=self.plan.rows(), timeline=self.timeline)
+        return res

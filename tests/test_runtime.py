@@ -1,0 +1,309 @@
+"""The DynaExq runtime: budget, pools, policies, transitions, and the invariants of
+architecture.md (budget never exceeded, only fully written experts read, determinism, no
+recompilation after warm-up)."""
+import gc
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from checkpoints_convert import convert
+from dynaexq_jax.checkpoint import attach_experts, load_checkpoint
+from dynaexq_jax.errors import (BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError)
+from dynaexq_jax.models import qwen3_moe
+from dynaexq_jax.runtime.budget import parse_bytes, plan_budget
+from dynaexq_jax.runtime.engine import Engine
+from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, rank
+from dynaexq_jax.runtime.pools import DevicePools
+from dynaexq_jax.synthetic import write_random_qwen3_moe
+
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
+BATCH, MAX_LEN, SEG = 2, 128, 4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rt")
+    hf = write_random_qwen3_moe(tmp / "hf", seed=1, tokenizer=False, **TINY)
+    return load_checkpoint(convert(hf, tmp / "conv", lo="int4:g32", progress=False))
+
+
+def engine_budget(ckpt, hi_fraction, batch=BATCH):
+    """A budget that gives about hi_fraction of the experts HI slots."""
+    lo = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=batch, max_len=MAX_LEN, segment_len=SEG).plan
+    need = lo.total - lo.fixed.margin + hi_fraction * TINY["num_experts"] * 3 * (lo.m_hi - lo.m_lo)
+    return int(need / 0.98) + 1     # the plan keeps a 2% safety margin
+
+
+def prompts(seed, n=BATCH, length=9):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, TINY["vocab_size"], length).tolist() for _ in range(n)]
+
+
+# ---- budget ------------------------------------------------------------------------------------
+def test_parse_bytes():
+    assert parse_bytes("20GiB") == 20 * 2**30
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes(1000) == 1000
+    for bad in ("lots", "12 parsecs", "-5MiB", "0"):
+        with pytest.raises(BudgetError, match="budget"):
+            parse_bytes(bad)
+
+
+def test_infeasible_budget_says_what_is_missing(ckpt):
+    with pytest.raises(InfeasibleBudgetError, match=r"B missing; the smallest feasible budget is") as e:
+        Engine(ckpt, budget_bytes="1MiB", batch=BATCH, max_len=MAX_LEN)
+    smallest = int(str(e.value).split("(")[-1].split(" B)")[0].replace(",", ""))
+    eng = Engine(ckpt, budget_bytes=smallest, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
+    assert eng.plan.total <= smallest
+    with pytest.raises(InfeasibleBudgetError, match="needs every expert HI"):
+        Engine(ckpt, budget_bytes=smallest, policy="all-hi", batch=BATCH, max_len=MAX_LEN)
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget_mib=st.floats(1, 400), strategy=st.sampled_from(["uniform", "proportional", "greedy"]),
+       batch=st.integers(1, 8), prio_seed=st.integers(0, 10**6))
+def test_budget_plan_never_exceeds_the_budget(budget_mib, strategy, batch, prio_seed):
+    from dynaexq_jax.config import parse_hf_config
+    from dynaexq_jax.quant import parse_format
+    from dynaexq_jax.synthetic import BENCH_CONFIG, qwen3_moe_config
+    cfg = parse_hf_config(qwen3_moe_config(**BENCH_CONFIG))
+    prio = np.random.default_rng(prio_seed).random((len(cfg.moe_layers), cfg.num_experts))
+    kw = dict(hi=parse_format("bf16"), lo=parse_format("int4"), dense_params=20 * 2**20, batch=batch,
+              max_len=512, strategy=strategy, layer_priority=prio)
+    try:
+        plan = plan_budget(cfg, budget=int(budget_mib * 2**20), **kw)
+    except InfeasibleBudgetError:
+        floor = plan_budget(cfg, budget=10**12, **kw)
+        assert floor.fixed.total - floor.fixed.margin + floor.resident - sum(floor.n_hi) * (floor.m_hi - floor.m_lo) \
+            + floor.staging > budget_mib * 2**20 * 0.98 - 1
+        return
+    assert plan.total <= plan.budget
+    assert all(0 <= n <= cfg.num_experts for n in plan.n_hi)
+    # Maximal: one more HI slot anywhere would not fit (or every layer is full).
+    if strategy != "greedy" and min(plan.n_hi) < cfg.num_experts:
+        assert plan.total + len(plan.n_hi) * (plan.m_hi - plan.m_lo) > plan.budget or strategy == "proportional"
+    if strategy == "greedy":
+        assert plan.total + (plan.m_hi - plan.m_lo) > plan.budget or min(plan.n_hi) == cfg.num_experts
+
+
+def test_greedy_gives_slots_to_the_layers_that_need_them():
+    from dynaexq_jax.config import parse_hf_config
+    from dynaexq_jax.quant import parse_format
+    from dynaexq_jax.synthetic import qwen3_moe_config
+    cfg = parse_hf_config(qwen3_moe_config(**TINY))
+    prio = np.zeros((3, 8))
+    prio[1] = np.linspace(1, 0.5, 8)          # layer 1's experts matter most
+    kw = dict(hi=parse_format("f32"), lo=parse_format("int4:g32"), dense_params=0, batch=1, max_len=16)
+    base = plan_budget(cfg, budget=10**9, strategy="uniform", max_hi_fraction=0.0, **kw)
+    budget = int((base.total - base.fixed.margin + 4 * (base.m_hi - base.m_lo) + 10) / 0.98)
+    plan = plan_budget(cfg, budget=budget, strategy="greedy", layer_priority=prio, **kw)
+    assert plan.n_hi == (0, 4, 0)
+    assert plan_budget(cfg, budget=budget, strategy="uniform", **kw).n_hi == (1, 1, 1)
+
+
+# ---- policies ----------------------------------------------------------------------------------
+def test_rank_breaks_ties_by_expert_id():
+    assert rank(np.array([0.2, 0.5, 0.5, 0.1, 0.5])).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_dynaexq_policy_hysteresis_and_rate_limit():
+    scores = np.array([[0.30, 0.29, 0.10, 0.05, 0.50, 0.295]])
+    hi = np.array([[True, True, True, False, False, False]])
+    # Outsiders by score: 4 (0.50), 5 (0.295), 3; incumbents worst first: 2 (0.10), 1 (0.29), 0.
+    assert DynaExqPolicy(delta=0.01).plan(0, scores, hi, [3]) == [[(4, 2)]]        # 0.295 - 0.29 <= delta
+    assert DynaExqPolicy(delta=0.0).plan(0, scores, hi, [3]) == [[(4, 2), (5, 1)]]
+    assert DynaExqPolicy(delta=0.0, rate_limit=1).plan(0, scores, hi, [3]) == [[(4, 2)]]
+    p = DynaExqPolicy(period=16, update_after_prefill=False)
+    assert not p.wants_update(8, None) and p.wants_update(16, None)
+    assert not p.wants_update(20, 16) and p.wants_update(32, 16)
+
+
+def test_hi_set_follows_a_shift_of_the_hot_set():
+    """Synthetic traffic whose hot set changes at step 400: the HI set equals the new hot set
+    within a few update periods (EMA alpha 0.9, period 16)."""
+    rng = np.random.default_rng(0)
+    E, n, period = 16, 4, 16
+    pol = DynaExqPolicy(period=period, delta=0.01)
+    hot_a, hot_b = [0, 1, 2, 3], [9, 10, 11, 12]
+    hi = np.zeros((1, E), bool)
+    hi[0, hot_a] = True
+    S = np.zeros((1, E))
+    followed_at = None
+    for step in range(1, 800):
+        hot = hot_a if step < 400 else hot_b
+        c = rng.random(E) * 0.02
+        c[hot] += 0.2
+        S = 0.9 * S + 0.1 * c[None]
+        if step % period == 0:
+            for p, d in pol.plan(step, S, hi, [n])[0]:
+                hi[0, p], hi[0, d] = True, False
+        if step >= 400 and followed_at is None and set(np.flatnonzero(hi[0])) == set(hot_b):
+            followed_at = step
+    assert followed_at is not None and followed_at - 400 <= 2 * period
+
+
+# ---- engine and invariants -----------------------------------------------------------------------
+class RandomSwaps(Policy):
+    """Random decisions at every boundary: the adversary for the budget and purity invariants."""
+    name = "random-swaps"
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def wants_update(self, step, last_update):
+        return True
+
+    def plan(self, step, scores, hi_mask, n_hi):
+        out = []
+        for l, n in enumerate(n_hi):
+            his, los = np.flatnonzero(hi_mask[l]), np.flatnonzero(~hi_mask[l])
+            k = min(len(his), len(los), int(self.rng.integers(0, 3)))
+            out.append(list(zip(self.rng.choice(los, k, replace=False).tolist(),
+                                self.rng.choice(his, k, replace=False).tolist())))
+        return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10**6), hi_fraction=st.floats(0.3, 0.8), transfers=st.integers(2, 6))
+def test_owned_device_bytes_never_exceed_the_budget(ckpt, seed, hi_fraction, transfers):
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    budget = engine_budget(ckpt, hi_fraction)
+    eng = Engine(ckpt, budget_bytes=budget, policy=RandomSwaps(seed), batch=BATCH, max_len=MAX_LEN,
+                 segment_len=SEG, transfers_in_flight=transfers)
+    live_peak = []
+    original = eng._boundary
+
+    def checked(*args, **kw):
+        out = original(*args, **kw)
+        live = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+        live_peak.append(live)
+        return out
+    eng._boundary = checked
+    res = eng.generate(prompts(seed), max_new_tokens=24, stop_tokens=())
+    assert res.runtime["counters"]["promotions"] > 0
+    owned = [t["owned_bytes"] for t in eng.timeline]
+    assert max(owned) <= eng.budget_for_owned
+    # Cross-check against what JAX actually holds: every array created since the engine started
+    # (pools, copies in flight, cache, params, small per-step arrays) fits in the whole budget.
+    assert max(live_peak) <= budget
+    assert res.runtime["counters"]["device_stalls"] == 0
+
+
+_forward = jax.jit(qwen3_moe.forward, static_argnames=("cfg", "backend"))
+
+
+def frozen_logits(ckpt, eng, hi_mask, ids):
+    """Full-forward logits [T, V] of a model whose experts are frozen at the HI set hi_mask [L, E]."""
+    pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in hi_mask], TINY["num_experts"])
+    params = attach_experts(eng.dense, dict(zip(ckpt.config.moe_layers, pools.expert_pools())))
+    cache = qwen3_moe.init_cache(ckpt.config, 1, MAX_LEN)
+    logits, _, _ = _forward(params, ckpt.config, np.asarray([ids], np.int32), cache)
+    return np.asarray(logits[0])
+
+
+def test_each_step_equals_a_model_frozen_at_its_assignment(ckpt):
+    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.4, batch=1), policy=RandomSwaps(7), batch=1,
+                 max_len=MAX_LEN, segment_len=SEG)
+    p = prompts(3, n=1)[0]
+    res = eng.generate([p], max_new_tokens=20, stop_tokens=())
+    toks = res.tokens[0]
+    seq = p + toks
+    masks = [np.array(t["served_hi_mask"], bool) for t in eng.timeline]
+    assert len({m.tobytes() for m in masks}) > 2, "the test needs assignments that change"
+    # Token 0 comes from prefill (boundary 0); segment k's tokens 1+k*SEG .. from boundary k+1.
+    # By causality, one full forward per distinct assignment gives every position's logits.
+    served = [masks[0] if j == 0 else masks[1 + (j - 1) // SEG] for j in range(len(toks))]
+    for mask in {m.tobytes(): m for m in served}.values():
+        logits = frozen_logits(ckpt, eng, mask, seq)
+        for j, tok in enumerate(toks):
+            if served[j].tobytes() == mask.tobytes():
+                assert int(np.argmax(logits[len(p) + j - 1])) == tok, f"token {j} differs from the frozen model's"
+
+
+def test_unarrived_copies_are_never_published(ckpt, monkeypatch):
+    from dynaexq_jax.runtime import engine as engine_mod
+    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.5), policy=RandomSwaps(1), batch=BATCH, max_len=MAX_LEN,
+                 segment_len=SEG)
+    monkeypatch.setattr(engine_mod.Transition, "ready", property(lambda self: False))
+    res = eng.generate(prompts(1), max_new_tokens=16, stop_tokens=())
+    c = res.runtime["counters"]
+    assert c["promotions"] == 0 and c["publishes_deferred"] > 0
+    assert all(t["published"] == [] for t in eng.timeline)
+    assert len({np.array(t["hi_mask"]).tobytes() for t in eng.timeline}) == 1
+
+
+def test_same_trace_same_seed_same_decisions_and_tokens(ckpt):
+    def run():
+        eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy="dynaexq", update_period=4, delta=0.0,
+                     batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+        from dynaexq_jax.sampling import Sampling
+        res = eng.generate(prompts(5), max_new_tokens=32, sampling=Sampling(0.9, 20, 0.95), seed=11, stop_tokens=())
+        return res.tokens, [(t["step"], t["published"], t["hi_mask"]) for t in eng.timeline]
+    a, b = run(), run()
+    assert a == b
+    assert any(pub for _, pub, _ in a[1]), "the test needs decisions to compare"
+
+
+def test_no_recompilation_after_warm_up(ckpt):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy=RandomSwaps(2), batch=BATCH, max_len=MAX_LEN,
+                 segment_len=SEG)
+    eng.generate(prompts(1), max_new_tokens=12, stop_tokens=())          # warm-up
+    n = len(compiles)
+    res = eng.generate(prompts(2), max_new_tokens=40, stop_tokens=())
+    assert res.runtime["counters"]["promotions"] > 0
+    assert len(compiles) == n, f"{len(compiles) - n} compilations while serving"
+
+
+def test_hot_set_follows_the_workload(ckpt):
+    """Prompts drawn from two disjoint token ranges route differently: after serving the second
+    kind, the HI set overlaps the second kind's hottest experts more than the first kind's."""
+    kw = dict(budget_bytes=engine_budget(ckpt, 0.25), batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    kind = lambda lo, hi, seed: [np.random.default_rng(seed + i).integers(lo, hi, 40).tolist() for i in range(BATCH)]
+    a, b = kind(1, 60, 0), kind(150, 255, 100)
+
+    def hottest(p):
+        ref = Engine(ckpt, policy="static", **kw)
+        ref.generate(p, max_new_tokens=48, stop_tokens=())
+        return [set(rank(s)[:n].tolist()) for s, n in zip(ref.scores, ref.n_hi)]
+    top_a, top_b = hottest(a), hottest(b)
+    assert top_a != top_b, "the two kinds must have different hot sets"
+    eng = Engine(ckpt, policy="dynaexq", update_period=8, delta=0.0, **kw)
+    eng.generate(a, max_new_tokens=48, stop_tokens=())
+    hi_after_a = eng.pools.hi_mask()
+    eng.generate(b, max_new_tokens=48, stop_tokens=())
+    hi_after_b = eng.pools.hi_mask()
+    overlap = lambda mask, tops: np.mean([len(set(np.flatnonzero(m)) & t) / len(t) for m, t in zip(mask, tops)])
+    assert overlap(hi_after_a, top_a) > overlap(hi_after_a, top_b)
+    assert overlap(hi_after_b, top_b) > overlap(hi_after_b, top_a)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(policy="lru-magic"), RuntimeConfigError, "unknown policy 'lru-magic'"),
+    (dict(segment_len=0), RuntimeConfigError, "segment_len"),
+    (dict(update_period=0), RuntimeConfigError, "update period"),
+    (dict(delta=-1.0), RuntimeConfigError, "delta"),
+    (dict(alpha=1.5), RuntimeConfigError, "alpha"),
+    (dict(strategy="fancy"), RuntimeConfigError, "strategy 'fancy'"),
+    (dict(transfers_in_flight=0), RuntimeConfigError, "transfers_in_flight"),
+    (dict(budget_bytes="much"), BudgetError, "cannot parse the budget 'much'"),
+    (dict(backend="cuda-magic"), RuntimeConfigError, "backend"),
+])
+def test_bad_runtime_options(ckpt, kwargs, err, match):
+    kw = dict(budget_bytes=10**9, batch=BATCH, max_len=MAX_LEN) | kwargs
+    with pytest.raises(err, match=match):
+        Engine(ckpt, **kw)
+
+
+def test_batch_larger_than_the_engine_was_sized_for(ckpt):
+    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=1, max_len=MAX_LEN)
+    with pytest.raises(GenerationError, match="sized for batch=1"):
+        eng.generate(prompts(0, n=2), max_new_tokens=4)
