@@ -46,7 +46,8 @@ def bench_hf(hf, prompts, repeats):
     ids = torch.tensor(prompts)
     def run(n):
         with torch.no_grad():
-            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
     run(2)
     return best_of(lambda: run(NEW), repeats) - best_of(lambda: run(1), repeats)
 

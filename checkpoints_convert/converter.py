@@ -27,25 +27,26 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert import qwen3_moe_map
-from checkpoints_convert.plan import Group, Plan, nest
+from checkpoints_convert import qwen3_moe_map, qwen3_next_map
+from checkpoints_convert.plan import Plan, nest
 from checkpoints_convert.safetensors_reader import FLOAT_DTYPES, SafetensorsCheckpoint
 from checkpoints_convert.writer import TreeWriter, check_output, staging_dir
-from dynaexq_jax.config import ModelConfig, parse_hf_config
-from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, MissingTensorError, QuantFormatError,
-                                TensorShapeError, UnexpectedTensorError, UnsupportedArchitectureError)
-from dynaexq_jax.quant import Format, parse_format, quantize
+from dynaexq_jax.config import parse_hf_config
+from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, MissingTensorError, OutputExistsError,
+                                QuantFormatError, TensorShapeError, UnexpectedTensorError, UnsupportedArchitectureError)
+from dynaexq_jax.quant import SCALE_DTYPE, Format, parse_format, quantize
 
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.0"
-ARCHITECTURES = {qwen3_moe_map.MODEL_TYPE: qwen3_moe_map}
+ARCHITECTURES = {m.MODEL_TYPE: m for m in (qwen3_moe_map, qwen3_next_map)}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json", "vocab.json", "merges.txt")
 # Source dtype -> the float format "source" means (there is no f64 format: f64 becomes f32).
 _SOURCE_FORMAT = {"F64": "f32", "F32": "f32", "F16": "fp16", "BF16": "bf16"}
-# Quantize at most this many weight elements at once: quantize() makes several f32/int32
-# temporaries of its input, which for a whole layer of a large model would be gigabytes.
-_QUANT_CHUNK_ELEMS = 1 << 24
+# Quantize at most this many weight elements at once (4 MiB per f32 temporary): quantize()
+# makes several f32/int32 temporaries of its input, which for a whole layer of a large model
+# would be gigabytes.
+_QUANT_CHUNK_ELEMS = 1 << 20
 
 
 def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str = "source",
@@ -55,6 +56,8 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     hi/lo: expert tier formats (quant.parse_format specs, or "source" for the source float
     format); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16")."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
+    if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
+        raise OutputExistsError(f"{out}: the output would replace the source checkpoint {hf_dir}")
     check_output(out.absolute(), overwrite)
     hf_config = _read_config(hf_dir)
     arch = ARCHITECTURES.get(hf_config.get("model_type"))
@@ -80,7 +83,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
         # Hash the sources on a second thread while converting (hashlib releases the GIL).
         hashes = pool.submit(_sha256_files, files, stop)
         try:
-            _write_groups(plan, src, cfg, tiers, dense_fmt, tmp, progress)
+            _write_groups(plan, src, tiers, dense_fmt, tmp, progress)
             for name in COPIED_FILES:
                 if (hf_dir / name).is_file():
                     shutil.copy2(hf_dir / name, tmp / name)
@@ -164,42 +167,48 @@ def _dense_format(spec, source_fmt: Format) -> Format:
     return fmt
 
 
-def _write_groups(plan: Plan, src: SafetensorsCheckpoint, cfg: ModelConfig, tiers: dict[str, Format],
-                  dense_fmt: Format, root: Path, progress: bool) -> None:
+def _write_groups(plan: Plan, src: SafetensorsCheckpoint, tiers: dict[str, Format], dense_fmt: Format,
+                  root: Path, progress: bool) -> None:
     total = sum(src.tensors[s].nbytes for s in plan.used_names())
     with TreeWriter(root) as writer, tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr,
                                           disable=not progress, desc="convert") as bar:
+        def reader(entry):
+            def read(name: str) -> np.ndarray:
+                if name not in entry.sources:  # only what _check_plan validated may be read
+                    raise AssertionError(f"map bug: {entry.target} reads undeclared tensor '{name}'")
+                a = src.read(name)
+                bar.update(a.nbytes)
+                return a
+            return read
+
         for g in plan.groups:
             bar.set_description(g.name)
-            flat = {e.target: np.ascontiguousarray(e.build(*_read(src, e.sources, bar)), dense_fmt.storage_dtype)
-                    for e in g.entries}
+            flat = {e.target: np.ascontiguousarray(e.build(reader(e)), dense_fmt.storage_dtype) for e in g.entries}
             writer.write(g.name, nest(flat))
             del flat
             if g.experts is not None:
-                stacks = g.experts.build(*_read(src, g.experts.sources, bar))
+                stacks = g.experts.build(reader(g.experts))
                 writer.write(f"experts/{g.layer:03d}", {t: _quantize_stacks(stacks, fmt) for t, fmt in tiers.items()})
                 del stacks
 
 
-def _read(src: SafetensorsCheckpoint, names: tuple[str, ...], bar) -> list[np.ndarray]:
-    arrays = []
-    for n in names:
-        arrays.append(src.read(n))
-        bar.update(arrays[-1].nbytes)
-    return arrays
-
-
 def _quantize_stacks(stacks: dict[str, np.ndarray], fmt: Format) -> dict:
     """{gate, up, down} float stacks [E, K, N] -> {gate, up, down: {data, scales?}} in fmt,
-    quantized a few experts at a time (experts are independent, so the result is identical to
-    quantizing the whole stack at once)."""
+    quantized a few experts at a time into preallocated outputs (experts are independent, so the
+    result is identical to quantizing the whole stack at once)."""
     out = {}
     for name, w in stacks.items():
-        step = max(1, _QUANT_CHUNK_ELEMS // (w.shape[1] * w.shape[2]))
-        parts = [quantize(w[i:i + step], fmt) for i in range(0, w.shape[0], step)]
-        out[name] = {"data": np.concatenate([np.asarray(p.data) for p in parts])}
+        E, K, N = w.shape
+        t = {"data": np.empty((E, K // fmt.per_byte, N), fmt.storage_dtype)}
         if fmt.is_int:
-            out[name]["scales"] = np.concatenate([np.asarray(p.scales) for p in parts])
+            t["scales"] = np.empty((E, K // fmt.group_for(K), N), SCALE_DTYPE)
+        step = max(1, _QUANT_CHUNK_ELEMS // (K * N))
+        for i in range(0, E, step):
+            q = quantize(w[i:i + step], fmt)
+            t["data"][i:i + step] = q.data
+            if fmt.is_int:
+                t["scales"][i:i + step] = q.scales
+        out[name] = t
     return out
 
 

@@ -3,8 +3,10 @@ before any tensor data is read.
 
 A plan is a list of groups written one at a time (the dense group, then one group per layer).
 Each Entry says which HF tensors (with their expected shapes) make one parameter of ours and how
-(transpose to input-major, stack experts, split a fused tensor). A group's optional `experts`
-entry builds the float expert stacks that the converter quantizes into both tiers.
+(transpose to input-major, stack experts, split a fused tensor). Its build function pulls the
+tensors itself through a reader, so that it can drop each one as soon as it is used (stacking
+128 experts need not hold 128 separate arrays and the stack at once). A group's optional
+`experts` entry builds the float expert stacks that the converter quantizes into both tiers.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from typing import Callable
 
 import numpy as np
 
+Reader = Callable[[str], np.ndarray]     # HF tensor name -> its data (read on demand)
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
     target: str                           # dotted path in the group's tree, e.g. "attn.q"
-    sources: tuple[str, ...]              # HF tensor names, passed to build in this order
+    sources: tuple[str, ...]              # the HF tensors build may read (and must all be present)
     shapes: tuple[tuple[int, ...], ...]   # the expected HF shape of each source
-    build: Callable[..., object]          # source arrays -> our array (or, for experts, a dict)
+    build: Callable[[Reader], object]     # read -> our array (or, for experts, a dict of stacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +48,24 @@ class Plan:
         return {s for g in self.groups for e in g.all_entries for s in e.sources}
 
 
-def same(a: np.ndarray) -> np.ndarray:
-    return a
+def copy(target: str, name: str, shape: tuple[int, ...]) -> Entry:
+    """A tensor taken as it is (norms, biases, embeddings)."""
+    return Entry(target, (name,), (shape,), lambda read: read(name))
 
 
-def transpose(a: np.ndarray) -> np.ndarray:
-    """HF nn.Linear [out, in] -> input-major [in, out]."""
-    return a.T
+def linear(target: str, name: str, shape: tuple[int, ...]) -> Entry:
+    """An HF nn.Linear weight [out, in], transposed to input-major [in, out]."""
+    return Entry(target, (name,), (shape,), lambda read: read(name).T)
+
+
+def stack(read: Reader, names) -> np.ndarray:
+    """Read tensors of one shape into one [len(names), ...] array, one tensor at a time."""
+    first = read(names[0])
+    out = np.empty((len(names),) + first.shape, first.dtype)
+    out[0] = first
+    for j, name in enumerate(names[1:], 1):
+        out[j] = read(name)
+    return out
 
 
 def nest(flat: dict[str, object]) -> dict:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import re
 from typing import Collection
 
-import numpy as np
-
-from checkpoints_convert.plan import Entry, Group, Plan, same, transpose
+from checkpoints_convert.plan import Entry, Group, Plan, Reader, copy, linear, stack
 from dynaexq_jax.config import ModelConfig
 
 MODEL_TYPE = "qwen3_moe"
@@ -29,10 +27,9 @@ def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
     names = set(names)
     V, H = cfg.vocab_size, cfg.hidden_size
     skipped = [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
-    dense = [Entry("embed", ("model.embed_tokens.weight",), ((V, H),), same),
-             Entry("final_norm", ("model.norm.weight",), ((H,),), same)]
+    dense = [copy("embed", "model.embed_tokens.weight", (V, H)), copy("final_norm", "model.norm.weight", (H,))]
     if not cfg.tie_word_embeddings:
-        dense.append(Entry("lm_head", ("lm_head.weight",), ((V, H),), transpose))
+        dense.append(linear("lm_head", "lm_head.weight", (V, H)))
     elif "lm_head.weight" in names:
         skipped.append(("lm_head.weight", "tie_word_embeddings=true: the output head is the embedding"))
     groups = [Group("dense", tuple(dense))]
@@ -51,22 +48,22 @@ def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
     H, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
     p = f"model.layers.{i}."
-    out = [Entry("input_norm", (p + "input_layernorm.weight",), ((H,),), same),
-           Entry("post_norm", (p + "post_attention_layernorm.weight",), ((H,),), same)]
+    out = [copy("input_norm", p + "input_layernorm.weight", (H,)),
+           copy("post_norm", p + "post_attention_layernorm.weight", (H,))]
     for ours, hf, n_out, n_in in (("q", "q_proj", q_out, H), ("k", "k_proj", kv_out, H),
                                   ("v", "v_proj", kv_out, H), ("o", "o_proj", H, q_out)):
-        out.append(Entry(f"attn.{ours}", (f"{p}self_attn.{hf}.weight",), ((n_out, n_in),), transpose))
+        out.append(linear(f"attn.{ours}", f"{p}self_attn.{hf}.weight", (n_out, n_in)))
         if cfg.attention_bias:
-            out.append(Entry(f"attn.{ours}_bias", (f"{p}self_attn.{hf}.bias",), ((n_out,),), same))
-    out += [Entry("attn.q_norm", (p + "self_attn.q_norm.weight",), ((hd,),), same),
-            Entry("attn.k_norm", (p + "self_attn.k_norm.weight",), ((hd,),), same)]
+            out.append(copy(f"attn.{ours}_bias", f"{p}self_attn.{hf}.bias", (n_out,)))
+    out += [copy("attn.q_norm", p + "self_attn.q_norm.weight", (hd,)),
+            copy("attn.k_norm", p + "self_attn.k_norm.weight", (hd,))]
     if cfg.is_moe_layer(i):
-        out.append(Entry("mlp.router", (p + "mlp.gate.weight",), ((cfg.num_experts, H),), transpose))
+        out.append(linear("mlp.router", p + "mlp.gate.weight", (cfg.num_experts, H)))
     else:
         I = cfg.intermediate_size
-        out += [Entry("mlp.gate", (p + "mlp.gate_proj.weight",), ((I, H),), transpose),
-                Entry("mlp.up", (p + "mlp.up_proj.weight",), ((I, H),), transpose),
-                Entry("mlp.down", (p + "mlp.down_proj.weight",), ((H, I),), transpose)]
+        out += [linear("mlp.gate", p + "mlp.gate_proj.weight", (I, H)),
+                linear("mlp.up", p + "mlp.up_proj.weight", (I, H)),
+                linear("mlp.down", p + "mlp.down_proj.weight", (H, I))]
     return tuple(out)
 
 
@@ -74,16 +71,17 @@ def _experts(cfg: ModelConfig, i: int, names: set[str]) -> tuple[str, Entry]:
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     p = f"model.layers.{i}.mlp.experts."
     if p + "gate_up_proj" in names:
-        def fused(gate_up, down):
-            # [E, 2I, H] (gate rows first) and [E, H, I] -> input-major [E, H, I] x2, [E, I, H]
+        def fused(read: Reader):
+            # [E, 2I, H] (gate rows first) and [E, H, I] -> input-major [E, H, I] x2, [E, I, H] (views)
+            gate_up = read(p + "gate_up_proj")
             return {"gate": gate_up[:, :I].transpose(0, 2, 1), "up": gate_up[:, I:].transpose(0, 2, 1),
-                    "down": down.transpose(0, 2, 1)}
+                    "down": read(p + "down_proj").transpose(0, 2, 1)}
         return "fused", Entry("experts", (p + "gate_up_proj", p + "down_proj"), ((E, 2 * I, H), (E, H, I)), fused)
 
-    def per_expert(*arrays):
-        # E gates [I, H], E ups [I, H], E downs [H, I] -> stacks, each transposed to input-major.
-        return {k: np.stack(arrays[j * E:(j + 1) * E]).transpose(0, 2, 1)
-                for j, k in enumerate(("gate", "up", "down"))}
-    sources = tuple(f"{p}{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj") for e in range(E))
-    shapes = ((I, H),) * (2 * E) + ((H, I),) * E
-    return "per_expert", Entry("experts", sources, shapes, per_expert)
+    names_of = {proj: [f"{p}{e}.{proj}_proj.weight" for e in range(E)] for proj in ("gate", "up", "down")}
+
+    def per_expert(read: Reader):
+        # E tensors [I, H] (down: [H, I]) per projection -> one stack each, transposed to input-major.
+        return {proj: stack(read, names).transpose(0, 2, 1) for proj, names in names_of.items()}
+    sources = tuple(n for names in names_of.values() for n in names)
+    return "per_expert", Entry("experts", sources, ((I, H),) * (2 * E) + ((H, I),) * E, per_expert)

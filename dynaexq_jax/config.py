@@ -1,7 +1,8 @@
 """Model configuration, read from a Hugging Face config.json as a plain dict.
 
 Both transformers-4 and transformers-5 spellings are accepted (rope_theta vs rope_parameters,
-num_experts vs num_local_experts)."""
+num_experts vs num_local_experts). One ModelConfig serves every family; the hybrid-architecture
+fields (layer_types, linear_*, shared expert, partial rotary) keep neutral defaults elsewhere."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,18 @@ from typing import Any
 
 from dynaexq_jax.errors import ConfigError, UnsupportedArchitectureError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
+SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3_next")
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
+
+# Where a config.json omits a key, transformers falls back to the config class's default, and
+# Qwen3NextConfig's defaults differ from the generic ones below (e.g. head_dim, norm_topk_prob).
+_TYPE_DEFAULTS = {
+    "qwen3_next": dict(head_dim=256, num_key_value_heads=2, intermediate_size=5632, moe_intermediate_size=512,
+                       shared_expert_intermediate_size=512, num_experts=512, num_experts_per_tok=10,
+                       norm_topk_prob=True, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                       full_attention_interval=4, partial_rotary_factor=0.25),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +48,28 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Hybrid models (qwen3_next): each layer's token mixer; () means full attention everywhere.
+    layer_types: tuple[str, ...] = ()
+    partial_rotary_factor: float = 1.0       # RoPE on the first int(head_dim * factor) features
+    shared_expert_intermediate_size: int = 0  # > 0: every MoE layer also has a gated shared expert
+    linear_conv_kernel_dim: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Indices of the Gated DeltaNet (linear attention) layers."""
+        return tuple(i for i, t in enumerate(self.layer_types) if t == LINEAR_ATTENTION)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -53,6 +87,7 @@ class ModelConfig:
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         return cls(**d)
 
 
@@ -63,6 +98,29 @@ def _get(d: dict, *names: str, default: Any = ConfigError) -> Any:
     if default is ConfigError:
         raise ConfigError(f"config.json has no '{names[0]}'" + (f" (nor {', '.join(names[1:])})" if names[1:] else ""))
     return default
+
+
+def _rope_params(d: dict) -> dict:
+    return {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+
+
+def _layer_types(d: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
+    """qwen3_next: explicit layer_types, else every full_attention_interval-th layer is full attention."""
+    if model_type != "qwen3_next":
+        return ()
+    types = d.get("layer_types")
+    if types is None:
+        interval = int(_get(d, "full_attention_interval"))
+        if interval < 1:
+            raise ConfigError(f"full_attention_interval={interval} must be >= 1")
+        types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
+    types = tuple(types)
+    if len(types) != num_layers:
+        raise ConfigError(f"layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
+    bad = sorted(set(types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+    if bad:
+        raise UnsupportedArchitectureError(f"layer type(s) {bad} are not supported (only {FULL_ATTENTION}, {LINEAR_ATTENTION})")
+    return types
 
 
 def _rope_theta(d: dict) -> float:
@@ -83,6 +141,7 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    d = {**_TYPE_DEFAULTS.get(model_type, {}), **{k: v for k, v in d.items() if v is not None}}
     if d.get("use_sliding_window"):
         raise UnsupportedArchitectureError("use_sliding_window=true is not supported")
     hidden = int(_get(d, "hidden_size"))
@@ -116,6 +175,15 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(_get(d, "max_position_embeddings", default=32768)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        layer_types=_layer_types(d, model_type, num_layers),
+        partial_rotary_factor=float(_get(_rope_params(d), "partial_rotary_factor",
+                                         default=_get(d, "partial_rotary_factor", default=1.0))),
+        shared_expert_intermediate_size=int(_get(d, "shared_expert_intermediate_size", default=0)),
+        linear_conv_kernel_dim=int(_get(d, "linear_conv_kernel_dim", default=0)),
+        linear_key_head_dim=int(_get(d, "linear_key_head_dim", default=0)),
+        linear_value_head_dim=int(_get(d, "linear_value_head_dim", default=0)),
+        linear_num_key_heads=int(_get(d, "linear_num_key_heads", default=0)),
+        linear_num_value_heads=int(_get(d, "linear_num_value_heads", default=0)),
     )
     _validate(cfg)
     return cfg
@@ -132,6 +200,19 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError("intermediate_size must be positive for a model with dense MLP layers")
     if c.head_dim % 2:
         raise ConfigError(f"head_dim={c.head_dim} must be even for rotary embeddings")
+    if not (0 < c.rotary_dim <= c.head_dim) or c.rotary_dim % 2:
+        raise ConfigError(f"partial_rotary_factor={c.partial_rotary_factor} gives rotary dimension {c.rotary_dim}: "
+                          f"it must be even and in 2..head_dim={c.head_dim}")
+    if c.linear_layers:
+        dims = dict(linear_conv_kernel_dim=c.linear_conv_kernel_dim, linear_key_head_dim=c.linear_key_head_dim,
+                    linear_value_head_dim=c.linear_value_head_dim, linear_num_key_heads=c.linear_num_key_heads,
+                    linear_num_value_heads=c.linear_num_value_heads)
+        for name, v in dims.items():
+            if v <= 0:
+                raise ConfigError(f"{name}={v} must be positive for a model with linear-attention layers")
+        if c.linear_num_value_heads % c.linear_num_key_heads:
+            raise ConfigError(f"linear_num_value_heads={c.linear_num_value_heads} is not a multiple of "
+                              f"linear_num_key_heads={c.linear_num_key_heads}")
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:

@@ -3,7 +3,8 @@
 transformers 5 holds Qwen3-MoE experts fused in memory (gate_up_proj [E, 2I, H], down_proj
 [E, H, I]) but save_pretrained writes them back per expert (mlp.experts.{e}.gate_proj.weight ...).
 `layout` picks what ends up on disk, whatever the installed version writes: the saved shards
-are rewritten when needed, keeping the sharding and the index consistent.
+are rewritten when needed, keeping the sharding and the index consistent. Qwen3-Next stores its
+experts the same way (checked with transformers 5.24: per expert on disk, fused in memory).
 """
 from __future__ import annotations
 
@@ -53,6 +54,67 @@ def make_tiny_qwen3_moe(tmp_dir, *, seed: int, norm_topk_prob: bool, mlp_only_la
     return hf_dir, model
 
 
+TINY_QWEN3_NEXT = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, intermediate_size=96,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=8, max_position_embeddings=512)
+
+
+def make_tiny_qwen3_next(tmp_dir, *, seed: int, layout: str = "per_expert", mtp: bool = False,
+                         max_shard_size=None, noise: bool = True, **config_overrides):
+    """Build, perturb and save a tiny Qwen3NextForCausalLM (float32, eval mode) in tmp_dir/"hf".
+
+    full_attention_interval=n is written to config.json as such (as the released checkpoints do),
+    without layer_types; mtp=True adds multi-token-prediction tensors (`mtp.*`) like the released
+    checkpoints carry. Returns (hf_dir, hf_model)."""
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    if layout not in ("per_expert", "fused"):
+        raise ValueError(f"layout must be 'per_expert' or 'fused', not {layout!r}")
+    kwargs = {**TINY_QWEN3_NEXT, **config_overrides}
+    cfg = Qwen3NextConfig(**kwargs)
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(cfg).float()
+    if noise:
+        # Zero-centred norms start at 0, dt_bias at 1, A_log at log U(0.01, 16): perturb every
+        # parameter so that a swapped, untransposed or mis-split tensor cannot go unnoticed.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    hf_dir = Path(tmp_dir) / "hf"
+    model.save_pretrained(hf_dir, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
+    _set_layout(hf_dir, layout, kwargs["num_experts"])
+    if "full_attention_interval" in config_overrides:
+        d = json.loads((hf_dir / "config.json").read_text())
+        del d["layer_types"]
+        d["full_attention_interval"] = config_overrides["full_attention_interval"]
+        (hf_dir / "config.json").write_text(json.dumps(d, indent=2))
+    if mtp:
+        H = kwargs["hidden_size"]
+        rng = np.random.default_rng(seed)
+        _add_tensors(hf_dir, {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+                              [("mtp.fc.weight", (H, 2 * H)), ("mtp.norm.weight", (H,)),
+                               ("mtp.pre_fc_norm_embedding.weight", (H,)), ("mtp.pre_fc_norm_hidden.weight", (H,)),
+                               ("mtp.layers.0.input_layernorm.weight", (H,)),
+                               ("mtp.layers.0.mlp.experts.0.gate_proj.weight", (kwargs["moe_intermediate_size"], H))]})
+    _write_tokenizer(hf_dir, kwargs["vocab_size"])
+    return hf_dir, model
+
+
+def _add_tensors(hf_dir: Path, extra: dict[str, np.ndarray]) -> None:
+    """Append tensors to the last shard, keeping the index consistent."""
+    shard = _shards(hf_dir)[-1]
+    stn.save_file({**stn.load_file(shard), **extra}, shard, metadata={"format": "pt"})
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        d = json.loads(index.read_text())
+        d["weight_map"] = dict(sorted({**d["weight_map"], **dict.fromkeys(extra, shard.name)}.items()))
+        index.write_text(json.dumps(d, indent=2))
+
+
 def _write_tokenizer(hf_dir: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -88,6 +150,9 @@ def _set_layout(hf_dir: Path, layout: str, num_experts: int) -> None:
                 _split(contents, m.group(1), m.group(2), tensors.pop(name), shard)
     weight_map = {}
     for shard, tensors in contents.items():
+        if not tensors:  # every tensor of this shard moved into a fused one elsewhere
+            (hf_dir / shard).unlink()
+            continue
         stn.save_file(tensors, hf_dir / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
     index = hf_dir / "model.safetensors.index.json"
@@ -102,7 +167,7 @@ def _fuse(contents: dict, shard: str, prefix: str, num_experts: int) -> None:
     def pop(e, proj):
         name = f"{prefix}.{e}.{proj}_proj.weight"
         return next(t.pop(name) for t in contents.values() if name in t)
-    if f"{prefix}.gate_up_proj" in contents[shard] or not any(f"{prefix}.0.gate_proj.weight" in t for t in contents.values()):
+    if not any(f"{prefix}.0.gate_proj.weight" in t for t in contents.values()):
         return  # this layer was already fused via an earlier tensor of it
     gate = [pop(e, "gate") for e in range(num_experts)]
     up = [pop(e, "up") for e in range(num_experts)]

@@ -66,7 +66,9 @@ def test_greedy_generation_matches_hf(pair):
     res = ours.generate(prompts, max_new_tokens=32, stop_tokens=(), segment_len=8)
     for p, got in zip(prompts, res.tokens):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist()
+            # An explicit attention mask: without one HF masks every prompt token equal to pad_token_id.
+            ids = torch.tensor([p])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert got == ref
-    assert len(set(res.tokens[0])) > 1
+    assert len(set(sum(res.tokens, []))) > 3, "degenerate generations would make this comparison weak"

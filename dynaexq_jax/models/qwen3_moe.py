@@ -95,15 +95,18 @@ def rms_norm(x, w, eps):
     return w * xf.astype(x.dtype)
 
 
-def rope(x, positions, theta):
-    """HF rotate-half RoPE. x: [B, T, n, hd], positions: int32 [B, T]."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, hd/2]
+def rope(x, positions, theta, rotary_dim: int | None = None):
+    """HF rotate-half RoPE on the first rotary_dim features of each head (default: all of them;
+    partial rotary leaves the rest unchanged). x: [B, T, n, hd], positions: int32 [B, T]."""
+    rd = x.shape[-1] if rotary_dim is None else rotary_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, rd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    xr, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+    out = xr * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
 def _linear(x, w, b=None):
@@ -127,6 +130,15 @@ def attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cache, st
     v = _linear(x, p.v, p.v_bias).reshape(B, T, nKV, hd)
     q = rope(rms_norm(q, p.q_norm, cfg.rms_norm_eps), positions, cfg.rope_theta)
     k = rope(rms_norm(k, p.k_norm, cfg.rms_norm_eps), positions, cfg.rope_theta)
+    out, k_cache, v_cache = attend(q, k, v, positions, k_cache, v_cache, start)
+    return _linear(out, p.o, p.o_bias), k_cache, v_cache
+
+
+def attend(q, k, v, positions, k_cache, v_cache, start):
+    """Write k, v [B, T, nKV, hd] into the caches [B, S, nKV, hd] at start [B], then causal
+    grouped-query attention of q [B, T, nH, hd] over them. Returns (out [B, T, nH*hd], caches)."""
+    B, T, nH, hd = q.shape
+    nKV = k.shape[2]
     k_cache = _write_cache(k_cache, k, start)
     v_cache = _write_cache(v_cache, v, start)
     S = k_cache.shape[1]
@@ -139,7 +151,7 @@ def attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cache, st
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache.astype(q.dtype)).reshape(B, T, nH * hd)
-    return _linear(out, p.o, p.o_bias), k_cache, v_cache
+    return out, k_cache, v_cache
 
 
 def dense_mlp(p: DenseMLP, x):

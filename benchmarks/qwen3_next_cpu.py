@@ -1,0 +1,103 @@
+"""Prefill and decode tokens/s of a small Qwen3-Next (hybrid Gated DeltaNet / gated attention, routed
++ shared experts) on CPU: dynaexq-jax vs transformers eager (its torch fallbacks for the linear
+layers) on the same random checkpoint.
+
+Config: hidden 256, 8 layers (every 4th full attention), 8 heads / 2 kv heads of 64, linear
+attention 4 key / 8 value heads of 32, conv 4, 32 experts top-4 of 128 + a shared expert of 256,
+vocab 4096. A 256-token prompt (ours: 4 chunks of 64), then 64 new tokens, batch 1 and 4.
+Prefill: ours is generate's time to first token, the reference one forward with a cache. Decode
+(both): time(64 new tokens) - time(1 new token), so prefill and compilation are excluded.
+Writes benchmarks/results/qwen3_next_cpu.json."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+import dynaexq_jax
+from checkpoints_convert import convert
+
+CONFIG = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=8, full_attention_interval=4,
+              num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=4,
+              linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
+              num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+              intermediate_size=512, max_position_embeddings=4096, eos_token_id=None)
+PROMPT, NEW = 256, 64
+
+
+def best_of(fn, repeats):
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_ours(model, prompts, repeats):
+    # stop_tokens=() so every run makes exactly the requested number of tokens.
+    run = lambda n: model.generate(prompts, max_new_tokens=n, stop_tokens=(), segment_len=16, max_len=512)
+    run(1), run(NEW)  # compile
+    prefill = min(run(1).stats.time_to_first_token_s for _ in range(repeats))
+    return prefill, best_of(lambda: run(NEW), repeats) - best_of(lambda: run(1), repeats)
+
+
+def bench_hf(hf, prompts, repeats):
+    ids = torch.tensor(prompts)
+    def run(n):
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        run(2)
+        prefill = best_of(lambda: hf(ids, use_cache=True), repeats)
+        return prefill, best_of(lambda: run(NEW), repeats) - best_of(lambda: run(1), repeats)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "qwen3_next_cpu.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        hf = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**CONFIG)).float().eval()
+        hf.save_pretrained(Path(tmp) / "hf")
+        ours = dynaexq_jax.load(convert(Path(tmp) / "hf", Path(tmp) / "conv", progress=False))
+        rng = np.random.default_rng(0)
+        print(f"{'batch':>5} | {'prefill tok/s ours':>18} {'transformers':>12} | {'decode tok/s ours':>17} "
+              f"{'transformers':>12}", flush=True)
+        for b in [int(x) for x in a.batches.split(",")]:
+            prompts = rng.integers(1, CONFIG["vocab_size"], (b, PROMPT)).tolist()
+            p_ours, d_ours = bench_ours(ours, prompts, a.repeats)
+            p_hf, d_hf = bench_hf(hf, prompts, a.repeats)
+            n = b * (NEW - 1)
+            rows.append(dict(batch=b, prefill_tok_s_ours=b * PROMPT / p_ours, prefill_tok_s_hf=b * PROMPT / p_hf,
+                             decode_tok_s_ours=n / d_ours, decode_tok_s_hf=n / d_hf))
+            r = rows[-1]
+            print(f"{b:5d} | {r['prefill_tok_s_ours']:18.1f} {r['prefill_tok_s_hf']:12.1f} | "
+                  f"{r['decode_tok_s_ours']:17.1f} {r['decode_tok_s_hf']:12.1f}", flush=True)
+    result = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
+                  cpus=len(os.sched_getaffinity(0)), load_avg_1m=os.getloadavg()[0], jax=jax.__version__,
+                  torch=torch.__version__, transformers=transformers.__version__, config=CONFIG, prompt=PROMPT,
+                  new_tokens=NEW, rows=rows)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

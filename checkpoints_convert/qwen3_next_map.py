@@ -1,0 +1,99 @@
+"""Hugging Face `qwen3_next` tensor names -> our Qwen3-Next parameter tree.
+
+The trees built here are what dynaexq_jax.checkpoint turns back into models.qwen3_next params:
+  dense:  {embed [V,H], final_norm [H], lm_head [H,V] (untied only)}
+  layer:  {input_norm, post_norm,
+           attn: {q [H, 2*nH*hd] (query and gate per head), k, v, o, q_norm, k_norm, (q|k|v|o)_bias}
+             (full-attention layers) or
+           linear_attn: {in_qkvz, in_ba, conv [K, conv_dim], dt_bias, A_log, norm, out} (linear layers),
+           mlp: {router [H,E], shared: {gate, up, down}, shared_gate [H,1]} (MoE layers)
+             or {gate, up, down} (dense layers)}
+Projections are only transposed to input-major: the fused in_proj_qkvz / in_proj_ba keep the
+reference's per-key-head grouping, which the forward pass splits. Experts: both HF layouts, as
+for Qwen3-MoE (the same names under `model.layers.{i}.mlp.experts.`).
+
+The multi-token-prediction head (`mtp.*`, present in the released checkpoints) is not used for
+ordinary decoding and is skipped on purpose; the skipped names land in the metadata.
+"""
+from __future__ import annotations
+
+import re
+from typing import Collection
+
+from checkpoints_convert.plan import Entry, Group, Plan, copy, linear
+from checkpoints_convert.qwen3_moe_map import _experts
+from dynaexq_jax.config import ModelConfig
+
+MODEL_TYPE = "qwen3_next"
+
+_MTP = re.compile(r"mtp\..+")
+_ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
+    names = set(names)
+    V, H = cfg.vocab_size, cfg.hidden_size
+    skipped = [(n, "multi-token-prediction (MTP) head: not used for decoding") for n in sorted(names) if _MTP.fullmatch(n)]
+    skipped += [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
+    dense = [copy("embed", "model.embed_tokens.weight", (V, H)), copy("final_norm", "model.norm.weight", (H,))]
+    if not cfg.tie_word_embeddings:
+        dense.append(linear("lm_head", "lm_head.weight", (V, H)))
+    elif "lm_head.weight" in names:
+        skipped.append(("lm_head.weight", "tie_word_embeddings=true: the output head is the embedding"))
+    groups = [Group("dense", tuple(dense))]
+    layouts = {}
+    for i in range(cfg.num_layers):
+        experts = None
+        if cfg.is_moe_layer(i):
+            layouts[i], experts = _experts(cfg, i, names)
+        groups.append(Group(f"layers/{i:03d}", _layer(cfg, i), layer=i, experts=experts))
+    kinds = set(layouts.values())
+    info = {"expert_layout": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")}
+    return Plan(tuple(groups), tuple(skipped), info)
+
+
+def _conv(target: str, name: str, shape: tuple[int, int, int]) -> Entry:
+    """HF depthwise Conv1d weight [C, 1, K] -> taps-major [K, C]."""
+    return Entry(target, (name,), (shape,), lambda read: read(name)[:, 0, :].T)
+
+
+def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
+    H = cfg.hidden_size
+    p = f"model.layers.{i}."
+    out = [copy("input_norm", p + "input_layernorm.weight", (H,)),
+           copy("post_norm", p + "post_attention_layernorm.weight", (H,))]
+    if i in cfg.linear_layers:
+        nK, nV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+        a = p + "linear_attn."
+        out += [linear("linear_attn.in_qkvz", a + "in_proj_qkvz.weight", (2 * nK * dk + 2 * nV * dv, H)),
+                linear("linear_attn.in_ba", a + "in_proj_ba.weight", (2 * nV, H)),
+                _conv("linear_attn.conv", a + "conv1d.weight", (2 * nK * dk + nV * dv, 1, K)),
+                copy("linear_attn.dt_bias", a + "dt_bias", (nV,)),
+                copy("linear_attn.A_log", a + "A_log", (nV,)),
+                copy("linear_attn.norm", a + "norm.weight", (dv,)),
+                linear("linear_attn.out", a + "out_proj.weight", (H, nV * dv))]
+    else:
+        hd = cfg.head_dim
+        q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        for ours, hf, n_out, n_in in (("q", "q_proj", 2 * q_out, H), ("k", "k_proj", kv_out, H),
+                                      ("v", "v_proj", kv_out, H), ("o", "o_proj", H, q_out)):
+            out.append(linear(f"attn.{ours}", f"{p}self_attn.{hf}.weight", (n_out, n_in)))
+            if cfg.attention_bias:
+                out.append(copy(f"attn.{ours}_bias", f"{p}self_attn.{hf}.bias", (n_out,)))
+        out += [copy("attn.q_norm", p + "self_attn.q_norm.weight", (hd,)),
+                copy("attn.k_norm", p + "self_attn.k_norm.weight", (hd,))]
+    if cfg.is_moe_layer(i):
+        Is = cfg.shared_expert_intermediate_size
+        s = p + "mlp.shared_expert."
+        out += [linear("mlp.router", p + "mlp.gate.weight", (cfg.num_experts, H)),
+                linear("mlp.shared.gate", s + "gate_proj.weight", (Is, H)),
+                linear("mlp.shared.up", s + "up_proj.weight", (Is, H)),
+                linear("mlp.shared.down", s + "down_proj.weight", (H, Is)),
+                linear("mlp.shared_gate", p + "mlp.shared_expert_gate.weight", (1, H))]
+    else:
+        I = cfg.intermediate_size
+        out += [linear("mlp.gate", p + "mlp.gate_proj.weight", (I, H)),
+                linear("mlp.up", p + "mlp.up_proj.weight", (I, H)),
+                linear("mlp.down", p + "mlp.down_proj.weight", (H, I))]
+    return tuple(out)

@@ -1,0 +1,249 @@
+"""Grouped mixed-bit matmuls in Pallas with the Triton lowering.
+
+Grid: (row tile t, column tile j). Tile t covers rows [lo, hi) of one group (see tiling.py); the
+group is a pool slot, so every program streams the weights of one expert, K step by K step:
+
+  packed formats (uint8 [S, K/p, N], p values per byte, fp16 scales [S, K/g, N]): a step reads
+  `bkb` byte rows of one quantization block; shift-and-mask j of those bytes is an independent
+  sub-tile holding weight rows  block*g + j*g/p + [off, off + bkb)  (quant.py's layout), so it is
+  multiplied with exactly that column slice of x. The step's partial sum is scaled once by the
+  block's scale row (per column), since one step never leaves one block: no interleave, no join.
+  float formats (bf16/fp16/f32 [S, K, N]): a step is a plain [bk, bn] tile.
+
+Accumulation is f32. Integer codes are exact in bf16/fp16, so dots run in x's dtype.
+A row tile starts at the group's first row, not at a multiple of block_m; near the end of the
+array it is shifted back (row0 = min(lo, M - block_m)) so that every load and store stays in
+bounds, and the store is masked to [lo, hi). Rows of x outside the group are read but their
+results are never stored. The output buffer is aliased in and out: rows of other groups (other
+tiers) pass through untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dynaexq_jax.errors import QuantFormatError
+from dynaexq_jax.quant import Format, QTensor
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul.tiling import TileConfig
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+# Shared memory a kernel may use for its pipeline: ~99 KiB per block on sm_86 / sm_89 / sm_120
+# (the A6000 and RTX 5090 of the paper), more on A100 / H100; one budget keeps every target valid.
+SMEM_BUDGET = 96 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static shape of one kernel specialization."""
+    m: int              # rows of x and of the output (>= bm)
+    k: int              # logical reduction dim
+    n: int              # output columns
+    bm: int
+    bn: int
+    bkb: int            # stored rows per K step
+    fmt: Format
+    group: int          # logical rows per scale row (k for float formats)
+    compute_dtype: np.dtype
+
+    @property
+    def p(self) -> int:
+        return self.fmt.per_byte
+
+    @property
+    def block_rows(self) -> int:
+        """Stored rows per quantization block (g / p); k for float formats."""
+        return self.group // self.p
+
+    @property
+    def steps(self) -> int:
+        return self.k // self.p // self.bkb
+
+    def num_stages(self, config: TileConfig, n_weights: int) -> int:
+        """Pipeline depth that fits SMEM_BUDGET: Triton keeps one copy of each K step's x and
+        weight tiles in shared memory per stage."""
+        x_bytes = self.bm * self.bkb * self.p * self.compute_dtype.itemsize
+        w_bytes = n_weights * self.bkb * self.bn * np.dtype(self.fmt.storage_dtype).itemsize
+        return max(1, min(config.num_stages, SMEM_BUDGET // (x_bytes + w_bytes)))
+
+
+def make_plan(x_shape, x_dtype, w: QTensor, config: TileConfig) -> _Plan:
+    """Validate shapes against the Triton constraints and pick the block sizes."""
+    m, k = x_shape
+    if w.k != k:
+        raise ValueError(f"grouped matmul: x has K={k} but the weights have K={w.k}")
+    fmt, n = w.fmt, w.n
+    bn = _largest_pow2_divisor(n, config.block_n)
+    if bn < 16:
+        raise ValueError(f"grouped matmul: N={n} needs a power-of-two divisor >= 16 for the Triton kernel")
+    if fmt.is_int:
+        fmt.check(k)
+        group = fmt.group_for(k)
+        bkb = _largest_pow2_divisor(group // fmt.per_byte, config.block_k)
+        if bkb < 16:
+            raise QuantFormatError(
+                f"format {fmt.name}: a quantization block holds {group // fmt.per_byte} byte rows; the "
+                f"Triton kernel needs a power-of-two divisor >= 16 of it (use a larger group)")
+        cd = np.dtype(x_dtype)
+    else:
+        group = k
+        bkb = _largest_pow2_divisor(k, config.block_k)
+        if bkb < 16:
+            raise ValueError(f"grouped matmul: K={k} needs a power-of-two divisor >= 16 for the Triton kernel")
+        cd = np.dtype(jnp.promote_types(x_dtype, w.data.dtype))
+    if max(w.data.size, m * max(k, n)) >= 2**31:
+        raise ValueError(f"grouped matmul: operands of 2**31 elements or more overflow the kernel's int32 "
+                         f"offsets (weights {w.data.shape}, x [{m}, {k}]); split the pool")
+    if m < config.block_m:
+        raise ValueError(f"grouped matmul: {m} rows < block_m={config.block_m}; pad the rows first")
+    return _Plan(m=m, k=k, n=n, bm=config.block_m, bn=bn, bkb=bkb, fmt=fmt, group=group,
+                 compute_dtype=cd)
+
+
+def _x_subtiles(x_ref, row0, s, plan: _Plan):
+    """The p column slices of x [bm, bkb] that multiply the p unpacked sub-tiles of K step s."""
+    rows = pl.ds(row0, plan.bm)
+    if not plan.fmt.is_int:
+        return [plgpu.load(x_ref.at[rows, pl.ds(s * plan.bkb, plan.bkb)]).astype(plan.compute_dtype)]
+    block = _quant_block(s, plan)
+    off = s * plan.bkb - block * plan.block_rows      # byte-row offset inside the block
+    return [plgpu.load(x_ref.at[rows, pl.ds(block * plan.group + j * plan.block_rows + off, plan.bkb)])
+            .astype(plan.compute_dtype) for j in range(plan.p)]
+
+
+def _quant_block(s, plan: _Plan):
+    """Quantization block (= scale row) of K step s. lax.div, not //: jnp's floor division emits
+    sign fix-ups the Triton lowering rejects, and s >= 0 anyway."""
+    per_block = plan.block_rows // plan.bkb
+    return s if per_block == 1 else jax.lax.div(s, jnp.int32(per_block))
+
+
+def _step_product(w_refs, slot, s, n0, xs, plan: _Plan):
+    """sum_j xs[j] @ W_j for K step s of slot `slot`, columns [n0, n0+bn) -> f32 [bm, bn]."""
+    data_ref, scale_ref = w_refs
+    cols = pl.ds(n0, plan.bn)
+    w = plgpu.load(data_ref.at[slot, pl.ds(s * plan.bkb, plan.bkb), cols])     # [bkb, bn]
+    dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32)
+    if not plan.fmt.is_int:
+        return dot(xs[0], w.astype(plan.compute_dtype))
+    codes = w.astype(jnp.int32)
+    mask = (1 << plan.fmt.bits) - 1
+    acc = None
+    for j in range(plan.p):
+        q = ((codes >> (j * plan.fmt.bits)) & mask) - plan.fmt.offset            # [bkb, bn]
+        part = dot(xs[j], q.astype(plan.compute_dtype))
+        acc = part if acc is None else acc + part
+    scale = plgpu.load(scale_ref.at[slot, _quant_block(s, plan), cols]).astype(jnp.float32)    # [bn]
+    return acc * scale[None, :]
+
+
+def _tile(meta_ref, plan: _Plan):
+    """-> (slot, lo, hi, row0, n0) of this program."""
+    t, j = pl.program_id(0), pl.program_id(1)
+    slot, lo, hi = meta_ref[0, t], meta_ref[1, t], meta_ref[2, t]
+    row0 = jnp.minimum(lo, plan.m - plan.bm)
+    n0 = pl.multiple_of(j * plan.bn, plan.bn)
+    return slot, lo, hi, row0, n0
+
+
+def _store_rows(o_ref, value, row0, lo, hi, n0, plan: _Plan):
+    rows = row0 + jnp.arange(plan.bm, dtype=jnp.int32)
+    mask = jnp.broadcast_to(((rows >= lo) & (rows < hi))[:, None], (plan.bm, plan.bn))
+    plgpu.store(o_ref.at[pl.ds(row0, plan.bm), pl.ds(n0, plan.bn)], value.astype(o_ref.dtype), mask=mask)
+
+
+def _split_weights(refs, is_int: bool, count: int):
+    """refs -> [(data_ref, scale_ref or None)] * count, rest."""
+    out = []
+    for _ in range(count):
+        if is_int:
+            (d, s), refs = refs[:2], refs[2:]
+        else:
+            (d, s), refs = (refs[0], None), refs[1:]
+        out.append((d, s))
+    return out, refs
+
+
+def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan):
+    # meta [3, T] int32; x [M, K]; gate/up data [S, K/p, N] (+ scales [S, K/g, N]);
+    # h_in (aliased) and h_out [M, N]
+    (gate, up), (_, h_ref) = _split_weights(refs, plan.fmt.is_int, 2)
+    slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
+
+    @pl.when(lo < hi)
+    def _():
+        def body(s, acc):
+            xs = _x_subtiles(x_ref, row0, s, plan)
+            return (acc[0] + _step_product(gate, slot, s, n0, xs, plan),
+                    acc[1] + _step_product(up, slot, s, n0, xs, plan))
+
+        zero = jnp.zeros((plan.bm, plan.bn), jnp.float32)
+        g, u = jax.lax.fori_loop(0, plan.steps, body, (zero, zero))
+        _store_rows(h_ref, g * jax.nn.sigmoid(g) * u, row0, lo, hi, n0, plan)
+
+
+def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan):
+    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales); row weights [M] f32;
+    # y_in (aliased) and y_out [M, N] f32
+    (down,), (rw_ref, _, y_ref) = _split_weights(refs, plan.fmt.is_int, 1)
+    slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
+
+    @pl.when(lo < hi)
+    def _():
+        def body(s, acc):
+            return acc + _step_product(down, slot, s, n0, _x_subtiles(h_ref, row0, s, plan), plan)
+
+        acc = jax.lax.fori_loop(0, plan.steps, body, jnp.zeros((plan.bm, plan.bn), jnp.float32))
+        rw = plgpu.load(rw_ref.at[pl.ds(row0, plan.bm)])                       # [bm] f32
+        _store_rows(y_ref, acc * rw[:, None], row0, lo, hi, n0, plan)
+
+
+def _weight_args(w: QTensor):
+    return [w.data, w.scales] if w.fmt.is_int else [w.data]
+
+
+def gate_up(x, gate: QTensor, up: QTensor, tiles, out, *, config: TileConfig, interpret: bool):
+    """x [M, K] (M >= block_m), gate/up [S, K, N] packed, tiles int32 [3, T] (tiling.group_tiles),
+    out [M, N] x.dtype (aliased) -> out with rows of every tile set to SiLU(x@Wg) * (x@Wu)."""
+    if gate.fmt != up.fmt or gate.data.shape != up.data.shape:
+        raise ValueError("gate and up weights must share one format and shape")
+    plan = make_plan(x.shape, x.dtype, gate, config)
+    args = [tiles, x, *_weight_args(gate), *_weight_args(up), out]
+    return pl.pallas_call(
+        functools.partial(_gate_up_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
+        grid=(tiles.shape[1], plan.n // plan.bn),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=2)),
+        interpret=interpret,
+        name=f"moe_gate_up_{plan.fmt.kind}",
+    )(*args)
+
+
+def down(h, w: QTensor, tiles, row_weights, out, *, config: TileConfig, interpret: bool):
+    """h [M, K] (M >= block_m), w [S, K, N] packed, tiles int32 [3, T], row_weights f32 [M],
+    out [M, N] f32 (aliased) -> out with rows of every tile set to row_weight * (h@Wd)."""
+    plan = make_plan(h.shape, h.dtype, w, config)
+    args = [tiles, h, *_weight_args(w), row_weights.astype(jnp.float32), out]
+    return pl.pallas_call(
+        functools.partial(_down_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
+        grid=(tiles.shape[1], plan.n // plan.bn),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=1)),
+        interpret=interpret,
+        name=f"moe_down_{plan.fmt.kind}",
+    )(*args)

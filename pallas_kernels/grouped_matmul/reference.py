@@ -1,0 +1,49 @@
+"""Pure-JAX references of the grouped mixed-bit matmuls (dense, f32, HIGHEST precision).
+
+Semantics shared with every backend: rows of x are sorted by group; group g (= pool slot g) owns
+rows [offsets[g], offsets[g+1]). Rows outside [offsets[0], offsets[G]) are not written: they keep
+the value they have in `out` (zeros when out is None).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dynaexq_jax.quant import QTensor
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def row_groups(group_offsets: jax.Array, rows: int):
+    """-> (group of each row int32 [rows] (clipped into range), row is in some group bool [rows])."""
+    r = jnp.arange(rows, dtype=jnp.int32)
+    g = jnp.searchsorted(group_offsets[1:], r, side="right").astype(jnp.int32)
+    inside = (r >= group_offsets[0]) & (r < group_offsets[-1])
+    return jnp.minimum(g, group_offsets.shape[0] - 2), inside
+
+
+def _grouped_dot(x, w: QTensor, group_offsets):
+    """x [M, K] @ w[group(row)] -> f32 [M, N] (the dequantized slot of each row's group)."""
+    g, inside = row_groups(group_offsets, x.shape[0])
+    w_rows = w.dequantize(jnp.float32)[g]                                  # [M, K, N]
+    y = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), w_rows, precision=_HIGHEST)
+    return y, inside
+
+
+def gate_up_reference(x, gate: QTensor, up: QTensor, group_offsets, out=None):
+    """x [M, K], gate/up [S, K, N] (any format), offsets int32 [S+1] -> SiLU(x@Wg) * (x@Wu) [M, N],
+    x.dtype."""
+    g, inside = _grouped_dot(x, gate, group_offsets)
+    u, _ = _grouped_dot(x, up, group_offsets)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    out = jnp.zeros(h.shape, x.dtype) if out is None else out
+    return jnp.where(inside[:, None], h, out)
+
+
+def down_reference(h, down: QTensor, group_offsets, row_weights, out=None):
+    """h [M, K], down [S, K, N], offsets int32 [S+1], row_weights [M] -> row_weights * (h@Wd)
+    [M, N], f32."""
+    y, inside = _grouped_dot(h, down, group_offsets)
+    y = y * row_weights.astype(jnp.float32)[:, None]
+    out = jnp.zeros(y.shape, jnp.float32) if out is None else out
+    return jnp.where(inside[:, None], y, out)
