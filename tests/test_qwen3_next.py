@@ -16,6 +16,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
 
 import dynaexq_jax
 from checkpoints_convert import convert
+from dynaexq_jax.api import Model
 from dynaexq_jax.checkpoint import load_checkpoint
 from dynaexq_jax.config import parse_hf_config
 from dynaexq_jax.errors import MissingTensorError, TensorShapeError
@@ -208,6 +209,17 @@ def test_chunked_delta_rule_equals_recurrent():
         np.testing.assert_allclose(np.asarray(s_c), np.asarray(s_r), rtol=0, atol=2e-5)
 
 
+def test_unit_lower_solvers_agree():
+    """The CPU's forward substitution and the library solve that other platforms run."""
+    rng = np.random.default_rng(10)
+    a = np.tril(rng.standard_normal((2, 3, 64, 64)) * 0.2, -1) + np.eye(64)
+    b = rng.standard_normal((2, 3, 64, 8))
+    exact = np.linalg.solve(a, b)
+    for solve in (qwen3_next._forward_substitution, qwen3_next._triangular_solve):
+        got = np.asarray(jax.jit(solve)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+        assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
 def test_masked_tokens_leave_delta_state_unchanged():
     """g = 0, beta = 0 (how padding is masked): the final state is the state after the real tokens."""
     q, k, v, g, beta, s0 = _random_delta_inputs(np.random.default_rng(6), 1, 100, 2, 8, 8)
@@ -235,7 +247,7 @@ def test_int4_int2_tiers_match_reference_with_dequantized_experts(tmp_path):
                 experts = ref_model.model.layers[i].mlp.experts
                 experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], axis=1)))
                 experts.down_proj.copy_(torch.from_numpy(down))
-        got = dynaexq_jax.api.Model(ckpt, tier=tier).logits(ids)
+        got = Model(ckpt, tier=tier).logits(ids)
         assert rel_err(got, hf_logits(ref_model, ids)) <= 1e-4, tier
         errs[tier] = rel_err(got, float_ref)
     assert 0 < errs["hi"] < errs["lo"]   # INT2 loses more than INT4

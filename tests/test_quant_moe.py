@@ -1,0 +1,106 @@
+"""Quantized formats (layout, error, exact byte accounting) and the XLA mixed-tier MoE op."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaexq_jax.errors import QuantFormatError
+from dynaexq_jax.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route
+from dynaexq_jax.quant import dequantize, expert_nbytes, parse_format, quantize, unpack_codes
+
+SEED = int.from_bytes(os.urandom(4), "little")
+MiB = 2**20
+
+
+def rng(extra=0):
+    return np.random.default_rng(SEED + extra)
+
+
+@pytest.mark.parametrize("spec, bits, group", [("int8", 8, 128), ("int4", 4, 128), ("int2", 2, 64),
+                                                ("int4:g32", 4, 32), ("int8:channel", 8, 0)])
+def test_quantize_dequantize_error_is_bounded_by_half_a_step(spec, bits, group):
+    fmt = parse_format(spec)
+    assert (fmt.bits, fmt.group) == (bits, group)
+    w = rng().standard_normal((3, 256, 48)).astype(np.float32)
+    t = quantize(w, fmt)
+    assert t.data.dtype == np.uint8 and t.data.shape == (3, 256 * bits // 8, 48)
+    g = fmt.group_for(256)
+    assert t.scales.dtype == np.float16 and t.scales.shape == (3, 256 // g, 48)
+    back = np.asarray(dequantize(t))
+    assert np.array_equal(back, dequantize(t, np.float32, np))          # jax == numpy reference
+    step = np.repeat(t.scales.astype(np.float32), g, axis=1)
+    # Half a quantization step, plus the fp16 rounding of the scale itself.
+    assert np.all(np.abs(back - w) <= 0.5 * step + np.abs(w) * 2e-3 + 1e-6), f"seed {SEED}"
+
+
+def test_sub_byte_values_are_packed_within_each_k_block():
+    """int4, group 8: byte row r of a block holds rows r (low nibble) and r + 4 (high nibble)."""
+    fmt = parse_format("int4:g8")
+    q = rng(1).integers(-7, 8, (16, 3))
+    t = quantize(q.astype(np.float32), fmt)       # per-group max |q| sets the scale; codes follow
+    codes = np.asarray(unpack_codes(jnp.asarray(t.data), fmt, 16))
+    s = t.scales.astype(np.float32).repeat(8, axis=0)
+    assert np.allclose(codes * s, q, atol=0.5 * s.max())
+    d = t.data.astype(np.int32)
+    blk0 = codes[:8] + 8
+    assert np.array_equal(d[0:4] & 15, blk0[0:4]) and np.array_equal(d[0:4] >> 4, blk0[4:8])
+
+
+def test_byte_accounting_reproduces_published_expert_sizes():
+    fp16, int4, int2 = parse_format("fp16"), parse_format("int4"), parse_format("int2")
+    assert round(expert_nbytes(fp16, 2048, 768) / MiB, 2) == 9.00          # Qwen3-30B-A3B
+    assert round(expert_nbytes(int4, 2048, 768) / MiB, 2) == 2.32
+    assert round(expert_nbytes(int4, 2048, 512) / MiB, 2) == 1.55          # Qwen3-Next
+    assert round(expert_nbytes(int2, 2048, 512) / MiB, 2) == 0.84
+    w = rng(2).standard_normal((2048, 768)).astype(np.float32)
+    assert quantize(w, int4).nbytes == int4.nbytes(2048, 768)              # accounting == storage
+
+
+@pytest.mark.parametrize("spec, match", [("int5", "unknown format"), ("bf16:g64", "no group"),
+                                         ("int4:g3", "multiple of 2")])
+def test_bad_formats(spec, match):
+    with pytest.raises(QuantFormatError, match=match):
+        parse_format(spec)
+
+
+def test_group_that_does_not_divide_k_names_a_fix():
+    with pytest.raises(QuantFormatError, match=r"does not divide the input dimension 96.*int4:g32"):
+        quantize(np.zeros((96, 8), np.float32), "int4:g128")
+
+
+def random_pools(r, E, H, I, specs, n_hi):
+    raw = [r.standard_normal(s).astype(np.float32) * 0.1 for s in [(E, H, I), (E, H, I), (E, I, H)]]
+    perm = r.permutation(E)
+    sets = [np.sort(perm[:n_hi]), np.sort(perm[n_hi:])]
+    pools = tuple(quantize_experts(*[w[s] for w in raw], spec) for s, spec in zip(sets, specs))
+    tier, slot = np.zeros(E, np.int32), np.zeros(E, np.int32)
+    for t, s in enumerate(sets):
+        tier[s], slot[s] = t, np.arange(len(s))
+    return raw, ExpertPools(jax.device_put(pools), jnp.asarray(tier), jnp.asarray(slot)), specs
+
+
+@pytest.mark.parametrize("specs", [("f32", "int4:g32"), ("bf16", "int2:g32"), ("int8:g32", "int4:g16")])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T):
+    r = rng(3)
+    E, H, I, k = 8, 64, 32, 2
+    raw, experts, _ = random_pools(r, E, H, I, specs, n_hi=int(r.integers(1, E)))
+    x = jnp.asarray(r.standard_normal((T, H)), jnp.float32)
+    ids, w, _ = route(x, jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, True)
+    got = np.asarray(moe_experts_xla(x, ids, w, experts))
+    # Independent dense reference: dequantize each expert at its assigned tier, loop over pairs.
+    want = np.zeros((T, H), np.float32)
+    tier, slot = np.asarray(experts.tier), np.asarray(experts.slot)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            pool = experts.pools[tier[e]]
+            g, u, d = (np.asarray(q.dequantize())[slot[e]] for q in (pool.gate, pool.up, pool.down))
+            a = np.asarray(x[t]) @ g
+            want[t] += float(w[t, j]) * ((a / (1 + np.exp(-a)) * (np.asarray(x[t]) @ u)) @ d)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
+    np.testing.assert_allclose(np.asarray(moe_experts_reference(x, ids, w, experts)), want, rtol=2e-4,
+                               atol=2e-4 * np.abs(want).max())
