@@ -5,9 +5,9 @@ config.json and tokenizer files, and orbax checkpoints of numpy trees: dense/, l
 experts/NNN/ ({"hi"|"lo": {gate|up|down: {data, scales}}}, scales only for integer formats).
 
 Everything is returned as host numpy arrays: dense params as models.qwen3_moe.Params (for
-qwen3_next: with models.qwen3_next layers) with every MoE layer's experts=None, experts as TierPools per layer and tier. The runtime decides what goes
-to the device (jax.device_put) and builds the ExpertPools it serves from; attach_experts puts
-them into the params.
+qwen3_next: with models.qwen3_next layers) with every MoE layer's experts=None, experts as
+TierPools per layer and tier. The runtime decides what goes to the device (jax.device_put) and
+builds the ExpertPools it serves from; attach_experts puts them into the params.
 """
 from __future__ import annotations
 

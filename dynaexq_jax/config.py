@@ -119,7 +119,8 @@ def _layer_types(d: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
         raise ConfigError(f"layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
     bad = sorted(set(types) - {FULL_ATTENTION, LINEAR_ATTENTION})
     if bad:
-        raise UnsupportedArchitectureError(f"layer type(s) {bad} are not supported (only {FULL_ATTENTION}, {LINEAR_ATTENTION})")
+        raise UnsupportedArchitectureError(
+            f"layer type(s) {bad} are not supported (only {FULL_ATTENTION}, {LINEAR_ATTENTION})")
     return types
 
 

@@ -99,16 +99,53 @@ def _batched_dot(x, w):
     return jax.lax.dot_general(x, w, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
 
+# A gathered slot is copied (read + write) before the matmul reads it: about three passes over
+# its bytes, against one pass per slot for the dense product.
+GATHER_COST = 3
+
+
 def _take(pool: TierPool, slots) -> TierPool:
     return jax.tree.map(lambda a: a[slots], pool)
 
 
+def _expert_ffn(xs, pool: TierPool, dtype):
+    """SwiGLU of every slot of `pool` over xs [S, T, H] -> f32 [S, T, H] (slot s on xs[s])."""
+    h = jax.nn.silu(_batched_dot(xs, pool.gate.dequantize(dtype))) * _batched_dot(xs, pool.up.dequantize(dtype))
+    return h, pool.down.dequantize(dtype)
+
+
+def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k):
+    """Only the (token, expert) pairs routed to this tier, gathered slot by slot. The number of
+    such pairs n is data; a lax.switch over power-of-two buckets runs the branch sized for n, so
+    the work (and bytes read) follows the pairs this tier actually serves, not all T*k."""
+    T, H = x.shape
+    P = T * k
+    order = jnp.argsort(~on_tier.reshape(-1), stable=True)       # this tier's pairs first
+    n = on_tier.sum()
+    sizes = sorted({min(P, 2 ** i) for i in range(P.bit_length() + 1)})
+
+    def run(size):
+        def branch(_):
+            pick = order[:size]                                   # [size] pair indices
+            tok = pick // k
+            sel = _take(pool, slots.reshape(-1)[pick])
+            h, down = _expert_ffn(x[tok][:, None, :], sel, x.dtype)
+            wts = w.reshape(-1)[pick]                             # 0 for padding pairs of other tiers
+            y = _batched_dot((h * wts[:, None, None]).astype(x.dtype), down)[:, 0]   # [size, H]
+            return jnp.zeros((T, H), jnp.float32).at[tok].add(y)
+        return branch
+
+    branches = [lambda _: jnp.zeros((T, H), jnp.float32)] + [run(size) for size in sizes]
+    index = jnp.where(n == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), n))
+    return jax.lax.switch(index, branches, None)
+
+
 def moe_experts_xla(x, ids, weights, experts: ExpertPools):
     """The XLA backend (the CPU default). Per tier, chosen statically by shape: when the tokens
-    route to at most as many (token, expert) pairs as the pool has slots (decode), gather just
-    those slots' packed weights, dequantize them and run one small matmul per pair; otherwise
-    (prefill) dequantize every slot once and run it over all tokens with the routing weights as a
-    dense combine. Both use batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x slower."""
+    route to few (token, expert) pairs compared with the pool's slots (decode), gather just the
+    slots of the pairs this tier serves (_routed_pairs); otherwise (prefill) dequantize every slot
+    once and run it over all tokens with the routing weights as a dense combine. Both use
+    batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x slower."""
     T, H = x.shape
     k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
@@ -118,17 +155,12 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         on_tier = experts.tier[ids] == t                                       # [T, k]
         slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)                  # [T, k]
         w = jnp.where(on_tier, weights.astype(jnp.float32), 0.0)
-        if T * k <= pool.size:
-            sel = _take(pool, slots.reshape(-1))                               # P = T*k slots
-            xs = jnp.repeat(x, k, axis=0)[:, None, :]                           # [P, 1, H]
-            combine = w.reshape(-1, 1, 1)                                      # [P, 1, 1]
+        if GATHER_COST * T * k <= pool.size:
+            out = out + _routed_pairs(x, pool, slots, w, on_tier, k)
         else:
-            sel = pool
-            xs = jnp.broadcast_to(x, (pool.size, T, H))                         # [S, T, H]
-            combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w).T[..., None]
-        h = jax.nn.silu(_batched_dot(xs, sel.gate.dequantize(x.dtype))) * _batched_dot(xs, sel.up.dequantize(x.dtype))
-        y = _batched_dot((h * combine).astype(x.dtype), sel.down.dequantize(x.dtype))   # [P, 1, H] or [S, T, H]
-        out = out + (y[:, 0].reshape(T, k, H).sum(1) if sel is not pool else y.sum(0))
+            combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
+            h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
+            out = out + _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
     return out.astype(x.dtype)
 
 

@@ -82,10 +82,12 @@ def random_pools(r, E, H, I, specs, n_hi):
 
 
 @pytest.mark.parametrize("specs", [("f32", "int4:g32"), ("bf16", "int2:g32"), ("int8:g32", "int4:g16")])
-@pytest.mark.parametrize("T", [1, 3, 40])
-def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T):
+@pytest.mark.parametrize("T, E, k", [(1, 8, 2), (3, 8, 2), (40, 8, 2), (1, 32, 4), (2, 32, 4)])
+def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T, E, k):
+    """Covers both XLA strategies: routed-pair gathers (small T*k, every bucket size) and the
+    dense product over all slots."""
     r = rng(3)
-    E, H, I, k = 8, 64, 32, 2
+    H, I = 64, 32
     raw, experts, _ = random_pools(r, E, H, I, specs, n_hi=int(r.integers(1, E)))
     x = jnp.asarray(r.standard_normal((T, H)), jnp.float32)
     ids, w, _ = route(x, jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, True)

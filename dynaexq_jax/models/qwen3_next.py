@@ -68,7 +68,9 @@ class HybridCache:
 
 
 def conv_dim(cfg: ModelConfig) -> int:
-    return 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    """Channels of the conv (and of its state): q and k of every key head, v of every value head."""
+    return (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            + cfg.linear_num_value_heads * cfg.linear_value_head_dim)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> HybridCache:

@@ -12,6 +12,7 @@ publication is a jitted, donated scatter into the pool slots plus a new assignme
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import time
 from pathlib import Path
@@ -31,23 +32,25 @@ from dynaexq_jax.sampling import Sampling
 from dynaexq_jax.tokenizer import TextCodec
 
 
+# Host-to-device copies are issued from one background thread: on a GPU device_put is already an
+# asynchronous DMA, but on the CPU backend it is a synchronous memcpy that would otherwise run on
+# the controller's critical path.
+_COPIER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynaexq-copy")
+
+
 @dataclasses.dataclass
 class Transition:
-    """One swap pair in flight: both copies are device arrays that may not have arrived yet."""
+    """One swap pair in flight: both copies are futures of device arrays that may not have arrived."""
     pos: int
     promote: int
     demote: int
-    hi_copy: object
-    lo_copy: object
+    copies: concurrent.futures.Future   # -> (hi_copy, lo_copy) one-slot TierPools on the device
+    nbytes: int
     started_at: int
 
     @property
     def ready(self) -> bool:
-        return all(x.is_ready() for x in jax.tree.leaves((self.hi_copy, self.lo_copy)))
-
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self.hi_copy) + tree_nbytes(self.lo_copy)
+        return self.copies.done() and all(x.is_ready() for x in jax.tree.leaves(self.copies.result()))
 
 
 @dataclasses.dataclass
@@ -112,6 +115,8 @@ class Engine(Controller):
         hi_sets = self.policy.initial_hi(self.n_hi, E, calibration)
         self.pools = DevicePools(self.store, hi_sets, E)
         self.pools.warm_up()
+        # Dense params and pools never change size (swaps rewrite slots in place).
+        self._resident_bytes = dense_bytes + self.pools.nbytes
         self.counters = RuntimeCounters()
         self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
         self.in_flight: list[Transition] = []
@@ -124,7 +129,7 @@ class Engine(Controller):
         the KV cache and the hotness scores. Workspace and margin are reserved in the plan."""
         kv = kv_cache_bytes(self.config, batch or self.batch, self.max_len, self.kv_itemsize)
         scores = 4 * len(self.config.moe_layers) * self.config.num_experts
-        return (tree_nbytes(self.dense) + self.pools.nbytes + sum(t.nbytes for t in self.in_flight) + kv + scores)
+        return self._resident_bytes + sum(t.nbytes for t in self.in_flight) + kv + scores
 
     @property
     def budget_for_owned(self) -> int:
@@ -178,7 +183,7 @@ class Engine(Controller):
         published, waiting = [], []
         for t in self.in_flight:
             if t.ready:
-                self.pools.publish(t.pos, t.promote, t.demote, t.hi_copy, t.lo_copy)
+                self.pools.publish(t.pos, t.promote, t.demote, *t.copies.result())
                 self.counters.promotions += 1
                 self.counters.demotions += 1
                 self.counters.bytes_moved += t.nbytes
@@ -209,9 +214,9 @@ class Engine(Controller):
             r = self.pools.residency[pos]
             if r.tier[p] != LO or r.tier[d] != HI:
                 continue   # stale: an earlier swap already moved one of them
-            hi_copy = jax.device_put(self.store.expert(pos, HI, p))   # async host -> device
-            lo_copy = jax.device_put(self.store.expert(pos, LO, d))
-            self.in_flight.append(Transition(pos, p, d, hi_copy, lo_copy, step))
+            copies = (self.store.expert(pos, HI, p), self.store.expert(pos, LO, d))
+            future = _COPIER.submit(jax.device_put, copies)
+            self.in_flight.append(Transition(pos, p, d, future, tree_nbytes(copies), step))
 
     # ---- serving ----------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,

@@ -124,8 +124,8 @@ class DevicePools:
         Device work runs in dispatch order, so a segment dispatched before this reads the old
         slots and one dispatched after reads only complete new ones."""
         s_hi, s_lo = self.residency[pos].swap(promote, demote)
-        self.pools[pos][HI] = write_slot(self.pools[pos][HI], jnp.int32(s_hi), hi_copy)
-        self.pools[pos][LO] = write_slot(self.pools[pos][LO], jnp.int32(s_lo), lo_copy)
+        self.pools[pos][HI] = write_slot(self.pools[pos][HI], np.int32(s_hi), hi_copy)
+        self.pools[pos][LO] = write_slot(self.pools[pos][LO], np.int32(s_lo), lo_copy)
         self._assignments[pos] = self._assignment(pos)
 
     def warm_up(self) -> None:
