@@ -35,3 +35,35 @@ def run_demo(workdir: Path, prompts=None, **generate_kwargs) -> None:
         s = res.stats
         print(f"  time to first token {s.time_to_first_token_s * 1e3:.0f} ms (includes compilation), "
               f"decode {s.decode_tokens_per_s:.1f} tok/s over {s.decode_tokens} tokens")
+    run_budgeted(conv_dir, workdir, prompts, **generate_kwargs)
+
+
+def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, segment_len=16, **sampling_kwargs):
+    """The DynaExq runtime under a budget that leaves about a quarter of the experts HI."""
+    import json
+
+    from dynaexq_jax.runtime.engine import Engine
+    from dynaexq_jax.runtime.plots import plot_stats
+    from dynaexq_jax.sampling import Sampling
+
+    max_len = 256
+    probe = Engine(conv_dir, budget_bytes=10**12, policy="all-lo", batch=len(prompts), max_len=max_len).plan
+    extra = int(0.25 * probe.num_experts) * len(probe.n_hi) * (probe.m_hi - probe.m_lo)
+    budget = int((probe.total - probe.fixed.margin + extra) / 0.98) + 1
+    engine = Engine(conv_dir, budget_bytes=budget, policy="dynaexq", batch=len(prompts), max_len=max_len,
+                    segment_len=segment_len, update_period=2 * segment_len)
+    print(f"\n[demo] DynaExq runtime, budget {budget / 2**20:.2f} MiB:")
+    print("\n".join("  " + line for line in engine.plan.table().splitlines()))
+    seed = sampling_kwargs.pop("seed", 0)
+    res = engine.generate(prompts, max_new_tokens=max(max_new_tokens, 4 * segment_len), seed=seed,
+                          sampling=Sampling(sampling_kwargs.get("temperature", 0.0), sampling_kwargs.get("top_k", 0),
+                                            sampling_kwargs.get("top_p", 1.0)))
+    r, c = res.runtime, res.runtime["counters"]
+    print(f"  decode {res.stats.decode_tokens_per_s:.1f} tok/s; HI hit rate {r['hi_hit_rate']:.2f}; "
+          f"{c['promotions']} promotions / {c['demotions']} demotions ({c['bytes_moved'] / 2**20:.2f} MiB moved), "
+          f"{c['publishes_deferred']} deferred publishes, {c['device_stalls']} device stalls")
+    stats = workdir / "stats.json"
+    stats.write_text(json.dumps({"prompts": prompts, "tokens": res.tokens, "texts": res.texts,
+                                 "stats": res.stats.to_dict(), "runtime": r}, indent=1))
+    for png in plot_stats(stats):
+        print(f"  wrote {png}")
