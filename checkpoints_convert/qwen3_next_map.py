@@ -33,7 +33,8 @@ _ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
     names = set(names)
     V, H = cfg.vocab_size, cfg.hidden_size
-    skipped = [(n, "multi-token-prediction (MTP) head: not used for decoding") for n in sorted(names) if _MTP.fullmatch(n)]
+    skipped = [(n, "multi-token-prediction (MTP) head: not used for decoding")
+               for n in sorted(names) if _MTP.fullmatch(n)]
     skipped += [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
     dense = [copy("embed", "model.embed_tokens.weight", (V, H)), copy("final_norm", "model.norm.weight", (H,))]
     if not cfg.tie_word_embeddings:

@@ -142,7 +142,7 @@ def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k):
 
 def moe_experts_xla(x, ids, weights, experts: ExpertPools):
     """The XLA backend (the CPU default). Per tier, chosen statically by shape: when the tokens
-    route to few (token, expert) pairs compared with the pool's slots (decode), gather just the
+    route to few (token, expert) pairs compared with the experts (decode), gather just the
     slots of the pairs this tier serves (_routed_pairs); otherwise (prefill) dequantize every slot
     once and run it over all tokens with the routing weights as a dense combine. Both use
     batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x slower."""
@@ -155,7 +155,9 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         on_tier = experts.tier[ids] == t                                       # [T, k]
         slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)                  # [T, k]
         w = jnp.where(on_tier, weights.astype(jnp.float32), 0.0)
-        if GATHER_COST * T * k <= pool.size:
+        # A tier serves about T*k*S/E pairs (its share of slots): gather them when that is
+        # cheaper than one dense pass over its S slots.
+        if GATHER_COST * T * k <= experts.num_experts:
             out = out + _routed_pairs(x, pool, slots, w, on_tier, k)
         else:
             combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)

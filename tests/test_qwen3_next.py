@@ -143,7 +143,7 @@ def test_padded_prefill_leaves_state_of_real_tokens(pair):
     _, _, hf, ours = pair
     cfg = ours.config
     rng = np.random.default_rng(3)
-    lengths = [2, 9, 16]   # 2: shorter than the conv window, whose state reaches into the zero prefix
+    lengths = [2, 9, 16]   # 2 < K - 1: the carried conv state still holds part of the initial zeros
     tokens = rng.integers(0, cfg.vocab_size, (3, 16))   # the padding is random tokens, not zeros
     nxt = rng.integers(0, cfg.vocab_size, (3, 2))
     valid = jnp.asarray(lengths, jnp.int32)
@@ -158,20 +158,19 @@ def test_padded_prefill_leaves_state_of_real_tokens(pair):
     for i, n in enumerate(lengths):
         with torch.no_grad():
             out = hf(torch.tensor(tokens[i:i + 1, :n]), use_cache=True)
+            # The reference's states after exactly the n real tokens (copied: the steps update them in place).
+            conv = [out.cache.get_conv_state(l)[0, :, -(K - 1):].T.numpy().copy() for l in cfg.linear_layers]
+            rec = [out.cache.get_recurrent_state(l)[0].numpy().copy() for l in cfg.linear_layers]
             ref_logits = [out.logits[0, -1].numpy()]
             for t in range(2):
                 ref_logits.append(hf(torch.tensor(nxt[i:i + 1, t:t + 1]), cache=out.cache, use_cache=True)
                                   .logits[0, -1].numpy())
+        for j in range(len(cfg.linear_layers)):
+            np.testing.assert_allclose(np.asarray(cache.conv[j])[i], conv[j], rtol=0, atol=1e-5)   # [K-1, C]
+            np.testing.assert_allclose(np.asarray(cache.state[j])[i], rec[j], rtol=0, atol=1e-5)   # [nV, dk, dv]
         scale = np.abs(ref_logits[0]).max()
         for got, want in zip([np.asarray(lg)[i]] + [s[i] for s in step_logits], ref_logits):
             assert np.abs(got - want).max() <= 1e-4 * scale
-        # The reference's state after the n real tokens (read before the two steps advanced it).
-        hf_state = hf(torch.tensor(tokens[i:i + 1, :n]), use_cache=True).cache
-        for j, layer in enumerate(cfg.linear_layers):
-            conv = hf_state.get_conv_state(layer)[0, :, -(K - 1):].T.detach().numpy()   # [K-1, C]
-            rec = hf_state.get_recurrent_state(layer)[0].detach().numpy()               # [nV, dk, dv]
-            np.testing.assert_allclose(np.asarray(cache.conv[j])[i], conv, rtol=0, atol=1e-5)
-            np.testing.assert_allclose(np.asarray(cache.state[j])[i], rec, rtol=0, atol=1e-5)
 
 
 def test_greedy_generation_matches_hf(pair):
@@ -273,3 +272,23 @@ def test_bad_checkpoint_fails_typed_and_writes_nothing(tmp_path, damage):
         convert(hf_dir, out, lo="int4:g32", progress=False)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]   # no staging directory left behind
+
+
+def test_engine_serves_qwen3_next_with_int4_int2_tiers_under_budget(tmp_path):
+    """The runtime serves Qwen3-Next with the paper's tier pair; its budget counts the hybrid
+    cache (conv + recurrent state, not only KV) exactly, and swaps happen under it."""
+    from dynaexq_jax.runtime.engine import Engine
+    hf_dir, _ = make_tiny_qwen3_next(tmp_path, seed=9, initializer_range=0.08, full_attention_interval=2)
+    ckpt = load_checkpoint(convert(hf_dir, tmp_path / "conv", hi="int4:g32", lo="int2:g16", progress=False))
+    probe = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=2, max_len=64, segment_len=4).plan
+    budget = int((probe.total - probe.fixed.margin + 3 * len(probe.n_hi) * (probe.m_hi - probe.m_lo)) / 0.98) + 1
+    eng = Engine(ckpt, budget_bytes=budget, policy="dynaexq", update_period=4, delta=0.0, batch=2, max_len=64,
+                 segment_len=4)
+    cache = qwen3_next.init_cache(ckpt.config, 2, 64, np.float32)
+    assert eng.plan.fixed.kv_cache == sum(x.nbytes for x in jax.tree.leaves(cache))
+    assert any(x.ndim == 4 and x.shape[-1] == ckpt.config.linear_value_head_dim for x in cache.state)
+    res = eng.generate([[3, 5, 7, 9, 11], [200, 100]], max_new_tokens=24, stop_tokens=())
+    assert all(len(t) == 24 for t in res.tokens)
+    c = res.runtime["counters"]
+    assert c["promotions"] > 0 and c["device_stalls"] == 0
+    assert max(t["owned_bytes"] for t in eng.timeline) <= eng.budget_for_owned

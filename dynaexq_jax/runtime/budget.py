@@ -58,8 +58,14 @@ class FixedCosts:
         return self.dense_params + self.kv_cache + self.workspace + self.margin
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, itemsize: int) -> int:
-    return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
+    """Bytes of the family's decode cache (KV, and conv + recurrent state for hybrid models),
+    read off its abstract shapes so that every family is counted exactly."""
+    import jax
+
+    from dynaexq_jax.models import family
+    shapes = jax.eval_shape(lambda: family(cfg.model_type).init_cache(cfg, batch, max_len, dtype))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
@@ -108,7 +114,7 @@ class BudgetPlan:
 
     def rows(self) -> list[tuple[str, int]]:
         f = self.fixed
-        return [("dense parameters", f.dense_params), ("KV cache", f.kv_cache),
+        return [("dense parameters", f.dense_params), ("KV cache / recurrent state", f.kv_cache),
                 ("activations / workspace", f.workspace), ("safety margin", f.margin),
                 (f"HI experts ({sum(self.n_hi)} x {format_bytes(self.m_hi)})", sum(self.n_hi) * self.m_hi),
                 (f"LO experts ({self.num_experts * len(self.n_hi) - sum(self.n_hi)} x {format_bytes(self.m_lo)})",
@@ -124,7 +130,7 @@ class BudgetPlan:
 
 
 def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, dense_params: int,
-                batch: int, max_len: int, prefill_len: int | None = None, kv_itemsize: int = 4,
+                batch: int, max_len: int, prefill_len: int | None = None, cache_dtype=np.float32,
                 backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = 0.02,
                 strategy: str = "proportional", max_hi_fraction: float = 1.0,
                 layer_priority: np.ndarray | None = None) -> BudgetPlan:
@@ -143,7 +149,7 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     if not 0.0 <= max_hi_fraction <= 1.0:
         raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
     E, L = cfg.num_experts, len(cfg.moe_layers)
-    fixed = FixedCosts(dense_params, kv_cache_bytes(cfg, batch, max_len, kv_itemsize),
+    fixed = FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
                        workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
                        int(margin_fraction * budget))
     m_hi, m_lo = (expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size) for f in (hi, lo))

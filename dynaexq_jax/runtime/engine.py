@@ -2,8 +2,10 @@
 asynchronous promotion/demotion published only between jitted decode segments.
 
 At every segment boundary (generate.Controller hooks) the engine
-  1. publishes the swap pairs whose host-to-device copies have arrived (is_ready), and defers
-     the rest to a later boundary: the forward pass never waits for a copy;
+  1. publishes the swap pairs whose host-to-device copies have arrived (is_ready): in the default
+     deterministic mode every pair started at the previous boundary (waiting on the host, while
+     the already-dispatched next segment runs), otherwise only those that arrived, deferring
+     the rest. The forward pass never waits for a copy;
   2. asks the policy for new swaps when its period has elapsed;
   3. starts copies for queued swaps, at most K transitions (copies) in flight.
 Copies are plain async device_puts of one expert's packed tier from the host store; the
@@ -25,7 +27,7 @@ from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
 from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, RuntimeConfigError
 from dynaexq_jax.generate import Controller, GenerationResult, generate
 from dynaexq_jax.moe import BACKENDS, HI, LO
-from dynaexq_jax.runtime.budget import BudgetPlan, kv_cache_bytes, parse_bytes, plan_budget
+from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_budget
 from dynaexq_jax.runtime.policies import Policy, make_policy
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
 from dynaexq_jax.sampling import Sampling
@@ -44,13 +46,18 @@ class Transition:
     pos: int
     promote: int
     demote: int
-    copies: concurrent.futures.Future   # -> (hi_copy, lo_copy) one-slot TierPools on the device
+    job: concurrent.futures.Future   # -> a list of (hi_copy, lo_copy) one-slot TierPools on the device
+    index: int                       # this pair's entry in the job's list
     nbytes: int
     started_at: int
 
     @property
+    def copies(self):
+        return self.job.result()[self.index]
+
+    @property
     def ready(self) -> bool:
-        return self.copies.done() and all(x.is_ready() for x in jax.tree.leaves(self.copies.result()))
+        return self.job.done() and all(x.is_ready() for x in jax.tree.leaves(self.copies))
 
 
 @dataclasses.dataclass
@@ -59,6 +66,7 @@ class RuntimeCounters:
     demotions: int = 0
     bytes_moved: int = 0
     publishes_deferred: int = 0     # boundaries at which a pair in flight had not arrived yet
+    copy_wait_s: float = 0.0        # deterministic mode: host time spent waiting for copies
     device_stalls: int = 0          # publishes of copies that had not arrived (must stay 0)
     plans: int = 0
     swaps_planned: int = 0
@@ -71,13 +79,20 @@ class Engine(Controller):
     model: a path or a loaded Checkpoint. budget_bytes: int or '20GiB'. policy: a name
     ('dynaexq', 'static', 'all-hi', 'all-lo') or a Policy. batch/max_len: the largest batch and
     sequence length served (they size the KV cache inside the budget). calibration: optional
-    ranking scores [L_moe, E] for the initial HI set (and the greedy capacity strategy)."""
+    ranking scores [L_moe, E] for the initial HI set (and the greedy capacity strategy).
+
+    deterministic (default): the copies started at a boundary are published at the next one,
+    the host waiting for them if they have not arrived; generation is pipelined, so that wait
+    overlaps the segment already dispatched and the device keeps computing. Decisions and tokens
+    then depend only on the inputs. deterministic=False publishes only the copies that have
+    arrived and defers the rest (never waits), at the price of timing-dependent decisions."""
 
     def __init__(self, model, *, budget_bytes, policy: str | Policy = "dynaexq", segment_len: int = 16,
                  batch: int = 1, max_len: int = 512, strategy: str = "proportional",
                  transfers_in_flight: int = 4, alpha: float = 0.9, update_period: int = 200,
                  delta: float = 0.01, rate_limit: int | None = None, calibration: np.ndarray | None = None,
-                 backend: str = "xla", hotness_in_prefill: bool = True, max_hi_fraction: float = 1.0):
+                 backend: str = "xla", hotness_in_prefill: bool = True, max_hi_fraction: float = 1.0,
+                 deterministic: bool = True):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise RuntimeConfigError(f"segment_len must be an integer >= 1, got {segment_len!r}")
         if not 0.0 <= alpha < 1.0:
@@ -94,16 +109,17 @@ class Engine(Controller):
         self.codec = TextCodec(ckpt.path)
         self.segment_len, self.batch, self.max_len, self.backend = segment_len, batch, max_len, backend
         self.alpha, self.hotness_in_prefill = float(alpha), hotness_in_prefill
+        self.deterministic = deterministic
         cfg = self.config
         E, L = cfg.num_experts, len(cfg.moe_layers)
 
         self.dense = jax.device_put(ckpt.params)
         dense_bytes = tree_nbytes(self.dense)
-        self.kv_itemsize = np.dtype(ckpt.params.embed.dtype).itemsize
+        self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
         fixed_frac = self.policy.fixed_hi_fraction
         self.plan: BudgetPlan = plan_budget(
             cfg, budget=parse_bytes(budget_bytes), hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"],
-            dense_params=dense_bytes, batch=batch, max_len=max_len, kv_itemsize=self.kv_itemsize,
+            dense_params=dense_bytes, batch=batch, max_len=max_len, cache_dtype=self.cache_dtype,
             backend=backend, transfers_in_flight=transfers_in_flight, strategy=strategy,
             max_hi_fraction=max_hi_fraction if fixed_frac is None else fixed_frac, layer_priority=calibration)
         if fixed_frac is not None and any(n != round(fixed_frac * E) for n in self.plan.n_hi):
@@ -124,10 +140,10 @@ class Engine(Controller):
         self._reset_timeline()
 
     # ---- accounting -------------------------------------------------------------------------
-    def owned_bytes(self, batch: int | None = None) -> int:
+    def owned_bytes(self) -> int:
         """Device bytes the runtime owns now: dense params, pools + assignment, copies in flight,
         the KV cache and the hotness scores. Workspace and margin are reserved in the plan."""
-        kv = kv_cache_bytes(self.config, batch or self.batch, self.max_len, self.kv_itemsize)
+        kv = self.plan.fixed.kv_cache
         scores = 4 * len(self.config.moe_layers) * self.config.num_experts
         return self._resident_bytes + sum(t.nbytes for t in self.in_flight) + kv + scores
 
@@ -182,8 +198,12 @@ class Engine(Controller):
     def _publish_ready(self) -> list:
         published, waiting = [], []
         for t in self.in_flight:
+            if self.deterministic and not t.ready:
+                t0 = time.perf_counter()
+                jax.block_until_ready(t.copies)
+                self.counters.copy_wait_s += time.perf_counter() - t0
             if t.ready:
-                self.pools.publish(t.pos, t.promote, t.demote, *t.copies.result())
+                self.pools.publish(t.pos, t.promote, t.demote, *t.copies)
                 self.counters.promotions += 1
                 self.counters.demotions += 1
                 self.counters.bytes_moved += t.nbytes
@@ -208,15 +228,21 @@ class Engine(Controller):
         self.counters.swaps_planned += len(self.queue)
 
     def _start_transfers(self, step):
+        """Start copies for queued swaps, at most K transitions in flight. All copies started at
+        one boundary go to the copier thread as one job (one thread hand-off per boundary)."""
         K = self.plan.transfers_in_flight
-        while self.queue and 2 * (len(self.in_flight) + 1) <= K:     # a swap pair is two transitions
+        starts = []
+        while self.queue and 2 * (len(self.in_flight) + len(starts) + 1) <= K:   # a swap is two transitions
             pos, p, d = self.queue.popleft()
             r = self.pools.residency[pos]
             if r.tier[p] != LO or r.tier[d] != HI:
                 continue   # stale: an earlier swap already moved one of them
-            copies = (self.store.expert(pos, HI, p), self.store.expert(pos, LO, d))
-            future = _COPIER.submit(jax.device_put, copies)
-            self.in_flight.append(Transition(pos, p, d, future, tree_nbytes(copies), step))
+            starts.append((pos, p, d, (self.store.expert(pos, HI, p), self.store.expert(pos, LO, d))))
+        if not starts:
+            return
+        job = _COPIER.submit(jax.device_put, [copies for *_, copies in starts])
+        for i, (pos, p, d, copies) in enumerate(starts):
+            self.in_flight.append(Transition(pos, p, d, job, i, tree_nbytes(copies), step))
 
     # ---- serving ----------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
@@ -231,7 +257,7 @@ class Engine(Controller):
         res = generate(self.params(), self.config, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                        key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=self.max_len,
                        segment_len=self.segment_len, backend=self.backend,
-                       cache_dtype=self.checkpoint.params.embed.dtype, on_tokens=on_tokens, controller=self)
+                       cache_dtype=self.cache_dtype, on_tokens=on_tokens, controller=self)
         counters = {k: getattr(self.counters, k) - (getattr(before, k) if k != "max_owned_bytes" else 0)
                     for k in dataclasses.asdict(self.counters)}
         hits = [t["hit_rate"] for t in self.timeline[1:] if t["routed_mass"] > 0]

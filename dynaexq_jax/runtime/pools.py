@@ -63,10 +63,14 @@ def tree_nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def write_slot(pool: TierPool, slot, one: TierPool) -> TierPool:
-    """pool with slot `slot` overwritten by the one-slot pool `one` (pool donated: in place)."""
+def _write_slot(pool: TierPool, slot, one: TierPool) -> TierPool:
     return jax.tree.map(lambda p, x: jax.lax.dynamic_update_slice_in_dim(p, x.astype(p.dtype), slot, 0), pool, one)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def write_swap(hi_pool: TierPool, lo_pool: TierPool, hi_slot, lo_slot, hi_copy: TierPool, lo_copy: TierPool):
+    """Both pools with one slot each overwritten by one-slot copies (pools donated: in place)."""
+    return _write_slot(hi_pool, hi_slot, hi_copy), _write_slot(lo_pool, lo_slot, lo_copy)
 
 
 @dataclasses.dataclass
@@ -117,6 +121,9 @@ class DevicePools:
         return ExpertPools(tuple(self.pools[pos]), jnp.asarray(r.tier), jnp.asarray(r.slot))
 
     def expert_pools(self) -> list[ExpertPools]:
+        for pos, a in enumerate(self._assignments):
+            if a is None:
+                self._assignments[pos] = self._assignment(pos)
         return self._assignments
 
     def publish(self, pos: int, promote: int, demote: int, hi_copy: TierPool, lo_copy: TierPool) -> None:
@@ -124,23 +131,21 @@ class DevicePools:
         Device work runs in dispatch order, so a segment dispatched before this reads the old
         slots and one dispatched after reads only complete new ones."""
         s_hi, s_lo = self.residency[pos].swap(promote, demote)
-        self.pools[pos][HI] = write_slot(self.pools[pos][HI], np.int32(s_hi), hi_copy)
-        self.pools[pos][LO] = write_slot(self.pools[pos][LO], np.int32(s_lo), lo_copy)
-        self._assignments[pos] = self._assignment(pos)
+        self.pools[pos] = list(write_swap(*self.pools[pos], np.int32(s_hi), np.int32(s_lo), hi_copy, lo_copy))
+        self._assignments[pos] = None      # rebuilt once, when next asked for
 
     def warm_up(self) -> None:
-        """Compile write_slot for every pool shape now (rewriting slot 0 with its own content), so
-        that the first real publish does not compile while serving."""
+        """Compile write_swap for every pair of pool shapes now (rewriting slot 0 of each pool with
+        its own content), so that the first real publish does not compile while serving."""
         for pos, r in enumerate(self.residency):
-            for t in (HI, LO):
-                if r.holders[t]:
-                    one = jax.device_put(self.store.expert(pos, t, r.holders[t][0]))
-                    self.pools[pos][t] = write_slot(self.pools[pos][t], jnp.int32(0), one)
+            if r.holders[HI] and r.holders[LO]:
+                copies = [jax.device_put(self.store.expert(pos, t, r.holders[t][0])) for t in (HI, LO)]
+                self.pools[pos] = list(write_swap(*self.pools[pos], np.int32(0), np.int32(0), *copies))
         self._assignments = [self._assignment(pos) for pos in range(len(self.residency))]
 
     @property
     def nbytes(self) -> int:
-        return sum(tree_nbytes(p) for p in self._assignments)
+        return sum(tree_nbytes(p) for p in self.expert_pools())
 
     def hi_mask(self) -> np.ndarray:
         """bool [L_moe, E]: which experts are HI now."""
