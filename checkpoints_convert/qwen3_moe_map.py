@@ -19,14 +19,24 @@ from dynaexq_jax.config import ModelConfig
 
 MODEL_TYPE = "qwen3_moe"
 
-# Buffers some older exports saved; recomputed from the config, so dropped on purpose.
 _ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
+# Buffers some older exports saved; recomputed from the config, so dropped on purpose.
+SKIP_ROTARY = (_ROTARY, "rotary inv_freq buffer: recomputed from rope_theta")
+
+
 def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
+    return decoder_plan(cfg, names, _layer, skip_rules=(SKIP_ROTARY,))
+
+
+def decoder_plan(cfg: ModelConfig, names: Collection[str], layer_entries, skip_rules) -> Plan:
+    """The plan shared by decoder-only MoE families: embeddings, final norm, (untied) head, and
+    per layer layer_entries(cfg, i) plus the routed experts of MoE layers. skip_rules: (regex,
+    reason) pairs for tensors dropped on purpose."""
     names = set(names)
     V, H = cfg.vocab_size, cfg.hidden_size
-    skipped = [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
+    skipped = [(n, reason) for rule, reason in skip_rules for n in sorted(names) if rule.fullmatch(n)]
     dense = [copy("embed", "model.embed_tokens.weight", (V, H)), copy("final_norm", "model.norm.weight", (H,))]
     if not cfg.tie_word_embeddings:
         dense.append(linear("lm_head", "lm_head.weight", (V, H)))
@@ -38,7 +48,7 @@ def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
         experts = None
         if cfg.is_moe_layer(i):
             layouts[i], experts = _experts(cfg, i, names)
-        groups.append(Group(f"layers/{i:03d}", _layer(cfg, i), layer=i, experts=experts))
+        groups.append(Group(f"layers/{i:03d}", layer_entries(cfg, i), layer=i, experts=experts))
     kinds = set(layouts.values())
     info = {"expert_layout": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")}
     return Plan(tuple(groups), tuple(skipped), info)

@@ -20,37 +20,18 @@ from __future__ import annotations
 import re
 from typing import Collection
 
-from checkpoints_convert.plan import Entry, Group, Plan, copy, linear
-from checkpoints_convert.qwen3_moe_map import _experts
+from checkpoints_convert import qwen3_moe_map
+from checkpoints_convert.plan import Entry, Plan, copy, linear
 from dynaexq_jax.config import ModelConfig
 
 MODEL_TYPE = "qwen3_next"
 
 _MTP = re.compile(r"mtp\..+")
-_ROTARY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
-    names = set(names)
-    V, H = cfg.vocab_size, cfg.hidden_size
-    skipped = [(n, "multi-token-prediction (MTP) head: not used for decoding")
-               for n in sorted(names) if _MTP.fullmatch(n)]
-    skipped += [(n, "rotary inv_freq buffer: recomputed from rope_theta") for n in sorted(names) if _ROTARY.fullmatch(n)]
-    dense = [copy("embed", "model.embed_tokens.weight", (V, H)), copy("final_norm", "model.norm.weight", (H,))]
-    if not cfg.tie_word_embeddings:
-        dense.append(linear("lm_head", "lm_head.weight", (V, H)))
-    elif "lm_head.weight" in names:
-        skipped.append(("lm_head.weight", "tie_word_embeddings=true: the output head is the embedding"))
-    groups = [Group("dense", tuple(dense))]
-    layouts = {}
-    for i in range(cfg.num_layers):
-        experts = None
-        if cfg.is_moe_layer(i):
-            layouts[i], experts = _experts(cfg, i, names)
-        groups.append(Group(f"layers/{i:03d}", _layer(cfg, i), layer=i, experts=experts))
-    kinds = set(layouts.values())
-    info = {"expert_layout": kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")}
-    return Plan(tuple(groups), tuple(skipped), info)
+    mtp = (_MTP, "multi-token-prediction (MTP) head: not used for decoding")
+    return qwen3_moe_map.decoder_plan(cfg, names, _layer, skip_rules=(mtp, qwen3_moe_map.SKIP_ROTARY))
 
 
 def _conv(target: str, name: str, shape: tuple[int, int, int]) -> Entry:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.moe import HI, LO, ExpertPools, TierPool
-from dynaexq_jax.quant import QTensor
 
 
 def _host_memory_sharding():
