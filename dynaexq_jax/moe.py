@@ -114,28 +114,28 @@ def _expert_ffn(xs, pool: TierPool, dtype):
     return h, pool.down.dequantize(dtype)
 
 
-def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k):
+def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool):
     """Only the (token, expert) pairs routed to this tier, gathered slot by slot. The number of
     such pairs n is data; a lax.switch over power-of-two buckets runs the branch sized for n, so
-    the work (and bytes read) follows the pairs this tier actually serves, not all T*k."""
+    the work (and bytes read) follows the pairs this tier actually serves, not all T*k. When the
+    pool holds every expert (a single-tier model), all pairs are its own: no sort, no switch."""
     T, H = x.shape
     P = T * k
+
+    def pairs(pick):                                              # pick: [size] pair indices
+        tok = pick // k
+        sel = _take(pool, slots.reshape(-1)[pick])
+        h, down = _expert_ffn(x[tok][:, None, :], sel, x.dtype)
+        wts = w.reshape(-1)[pick]                                 # 0 for padding pairs of other tiers
+        y = _batched_dot((h * wts[:, None, None]).astype(x.dtype), down)[:, 0]   # [size, H]
+        return jnp.zeros((T, H), jnp.float32).at[tok].add(y)
+
+    if every_pair:
+        return pairs(jnp.arange(P))
     order = jnp.argsort(~on_tier.reshape(-1), stable=True)       # this tier's pairs first
     n = on_tier.sum()
     sizes = sorted({min(P, 2 ** i) for i in range(P.bit_length() + 1)})
-
-    def run(size):
-        def branch(_):
-            pick = order[:size]                                   # [size] pair indices
-            tok = pick // k
-            sel = _take(pool, slots.reshape(-1)[pick])
-            h, down = _expert_ffn(x[tok][:, None, :], sel, x.dtype)
-            wts = w.reshape(-1)[pick]                             # 0 for padding pairs of other tiers
-            y = _batched_dot((h * wts[:, None, None]).astype(x.dtype), down)[:, 0]   # [size, H]
-            return jnp.zeros((T, H), jnp.float32).at[tok].add(y)
-        return branch
-
-    branches = [lambda _: jnp.zeros((T, H), jnp.float32)] + [run(size) for size in sizes]
+    branches = [lambda _: jnp.zeros((T, H), jnp.float32)] + [lambda _, s=s: pairs(order[:s]) for s in sizes]
     index = jnp.where(n == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), n))
     return jax.lax.switch(index, branches, None)
 
@@ -158,7 +158,7 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         # A tier serves about T*k*S/E pairs (its share of slots): gather them when that is
         # cheaper than one dense pass over its S slots.
         if GATHER_COST * T * k <= experts.num_experts:
-            out = out + _routed_pairs(x, pool, slots, w, on_tier, k)
+            out = out + _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == experts.num_experts)
         else:
             combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
             h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)

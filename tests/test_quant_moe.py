@@ -106,3 +106,19 @@ def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T, E, k):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
     np.testing.assert_allclose(np.asarray(moe_experts_reference(x, ids, w, experts)), want, rtol=2e-4,
                                atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("T", [1, 2, 30])
+def test_xla_op_with_every_expert_in_one_tier(T):
+    """A single-tier model (all HI or all LO) takes the no-sort routed-pair path at decode."""
+    r = rng(4)
+    E, H, I, k = 32, 64, 32, 4
+    raw = [r.standard_normal(s).astype(np.float32) * 0.1 for s in [(E, H, I), (E, H, I), (E, I, H)]]
+    for spec in ("f32", "int4:g32"):
+        experts = jax.device_put(ExpertPools((quantize_experts(*raw, spec),), jnp.zeros(E, jnp.int32),
+                                             jnp.arange(E, dtype=jnp.int32)))
+        x = jnp.asarray(r.standard_normal((T, H)), jnp.float32)
+        ids, w, _ = route(x, jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, False)
+        want = np.asarray(moe_experts_reference(x, ids, w, experts))
+        got = np.asarray(moe_experts_xla(x, ids, w, experts))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
