@@ -11,7 +11,6 @@ import datetime
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -21,18 +20,10 @@ import transformers
 
 import dynaexq_jax
 from checkpoints_convert import convert
+from common import best_of  # benchmarks/common.py
 from dynaexq_jax.synthetic import BENCH_CONFIG, write_random_qwen3_moe
 
 PROMPT, NEW = 64, 64
-
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bench_ours(model, prompts, repeats):

@@ -28,6 +28,7 @@ import transformers
 
 import dynaexq_jax
 from checkpoints_convert import convert
+from common import best_of  # benchmarks/common.py
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=8, full_attention_interval=4,
               num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=4,
@@ -35,16 +36,6 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=8, full_attent
               num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=256,
               intermediate_size=512, max_position_embeddings=4096, eos_token_id=None)
 PROMPT, NEW = 256, 64
-
-
-def best_of(fn, repeats):
-    return min(_timed(fn) for _ in range(repeats))
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def bench_ours(model, prompts, repeats):

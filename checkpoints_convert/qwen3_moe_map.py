@@ -54,19 +54,27 @@ def decoder_plan(cfg: ModelConfig, names: Collection[str], layer_entries, skip_r
     return Plan(tuple(groups), tuple(skipped), info)
 
 
-def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
+def attention_entries(cfg: ModelConfig, p: str, q_heads_width: int = 1) -> list[Entry]:
+    """q/k/v/o (+ biases) and the per-head q/k norms of layer prefix p. q_heads_width = 2 when
+    q_proj also yields a per-head output gate (Qwen3-Next's gated attention)."""
     H, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    p = f"model.layers.{i}."
-    out = [copy("input_norm", p + "input_layernorm.weight", (H,)),
-           copy("post_norm", p + "post_attention_layernorm.weight", (H,))]
-    for ours, hf, n_out, n_in in (("q", "q_proj", q_out, H), ("k", "k_proj", kv_out, H),
+    out = []
+    for ours, hf, n_out, n_in in (("q", "q_proj", q_heads_width * q_out, H), ("k", "k_proj", kv_out, H),
                                   ("v", "v_proj", kv_out, H), ("o", "o_proj", H, q_out)):
         out.append(linear(f"attn.{ours}", f"{p}self_attn.{hf}.weight", (n_out, n_in)))
         if cfg.attention_bias:
             out.append(copy(f"attn.{ours}_bias", f"{p}self_attn.{hf}.bias", (n_out,)))
-    out += [copy("attn.q_norm", p + "self_attn.q_norm.weight", (hd,)),
-            copy("attn.k_norm", p + "self_attn.k_norm.weight", (hd,))]
+    return out + [copy("attn.q_norm", p + "self_attn.q_norm.weight", (hd,)),
+                  copy("attn.k_norm", p + "self_attn.k_norm.weight", (hd,))]
+
+
+def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
+    H = cfg.hidden_size
+    p = f"model.layers.{i}."
+    out = [copy("input_norm", p + "input_layernorm.weight", (H,)),
+           copy("post_norm", p + "post_attention_layernorm.weight", (H,))]
+    out += attention_entries(cfg, p)
     if cfg.is_moe_layer(i):
         out.append(linear("mlp.router", p + "mlp.gate.weight", (cfg.num_experts, H)))
     else:

@@ -56,15 +56,7 @@ def _layer(cfg: ModelConfig, i: int) -> tuple[Entry, ...]:
                 copy("linear_attn.norm", a + "norm.weight", (dv,)),
                 linear("linear_attn.out", a + "out_proj.weight", (H, nV * dv))]
     else:
-        hd = cfg.head_dim
-        q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-        for ours, hf, n_out, n_in in (("q", "q_proj", 2 * q_out, H), ("k", "k_proj", kv_out, H),
-                                      ("v", "v_proj", kv_out, H), ("o", "o_proj", H, q_out)):
-            out.append(linear(f"attn.{ours}", f"{p}self_attn.{hf}.weight", (n_out, n_in)))
-            if cfg.attention_bias:
-                out.append(copy(f"attn.{ours}_bias", f"{p}self_attn.{hf}.bias", (n_out,)))
-        out += [copy("attn.q_norm", p + "self_attn.q_norm.weight", (hd,)),
-                copy("attn.k_norm", p + "self_attn.k_norm.weight", (hd,))]
+        out += qwen3_moe_map.attention_entries(cfg, p, q_heads_width=2)   # query + per-head gate
     if cfg.is_moe_layer(i):
         Is = cfg.shared_expert_intermediate_size
         s = p + "mlp.shared_expert."

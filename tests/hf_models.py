@@ -38,14 +38,7 @@ def make_tiny_qwen3_moe(tmp_dir, *, seed: int, norm_topk_prob: bool, mlp_only_la
                          decoder_sparse_step=decoder_sparse_step, tie_word_embeddings=tie_word_embeddings,
                          **kwargs)
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(cfg).float()
-    if noise:
-        # Random init leaves norms at exactly 1 and biases at 0; perturb everything so that a
-        # swapped or untransposed tensor cannot go unnoticed.
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    model.eval()
+    model = _perturbed(Qwen3MoeForCausalLM(cfg), noise)
     hf_dir = Path(tmp_dir) / "hf"
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     model.save_pretrained(hf_dir, **save_kwargs)
@@ -76,14 +69,7 @@ def make_tiny_qwen3_next(tmp_dir, *, seed: int, layout: str = "per_expert", mtp:
     kwargs = {**TINY_QWEN3_NEXT, **config_overrides}
     cfg = Qwen3NextConfig(**kwargs)
     torch.manual_seed(seed)
-    model = Qwen3NextForCausalLM(cfg).float()
-    if noise:
-        # Zero-centred norms start at 0, dt_bias at 1, A_log at log U(0.01, 16): perturb every
-        # parameter so that a swapped, untransposed or mis-split tensor cannot go unnoticed.
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    model.eval()
+    model = _perturbed(Qwen3NextForCausalLM(cfg), noise)
     hf_dir = Path(tmp_dir) / "hf"
     model.save_pretrained(hf_dir, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
     _set_layout(hf_dir, layout, kwargs["num_experts"])
@@ -113,6 +99,19 @@ def _add_tensors(hf_dir: Path, extra: dict[str, np.ndarray]) -> None:
         d = json.loads(index.read_text())
         d["weight_map"] = dict(sorted({**d["weight_map"], **dict.fromkeys(extra, shard.name)}.items()))
         index.write_text(json.dumps(d, indent=2))
+
+
+def _perturbed(model, noise: bool):
+    """float32, eval mode, every parameter perturbed (when noise): initialisation leaves norms at
+    1 or 0, biases at 0, dt_bias at 1, so a swapped, untransposed or mis-split tensor could
+    otherwise go unnoticed."""
+    import torch
+    model = model.float()
+    if noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
 
 
 def _write_tokenizer(hf_dir: Path, vocab_size: int) -> None:
