@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dynaexq_jax.errors import DynaexqError
+from dynaexq_jax.errors import ConfigError, DynaexqError
 
 
 def _cmd_convert(a):
@@ -98,6 +98,15 @@ def _cmd_demo(a):
     run_demo(Path(a.workdir), prompts=a.prompt or None, **_generate_kwargs(a))
 
 
+def _cmd_train_tiny(a):
+    from dynaexq_jax.training import TrainConfig, train
+    tc = TrainConfig(steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, seed=a.seed,
+                     warmup=min(TrainConfig.warmup, max(1, a.steps // 10)))
+    if min(a.steps, a.batch, a.seq_len) < 1 or a.lr <= 0:
+        raise ConfigError("train-tiny: --steps, --batch and --seq-len must be >= 1 and --lr > 0")
+    train(a.out_dir, tc, source_limit=a.limit_sources)
+
+
 def _add_runtime_args(p, budget_required: bool):
     p.add_argument("--budget", required=budget_required,
                    help="device-memory budget (e.g. 20GiB, 512MiB); runs the DynaExq runtime")
@@ -121,6 +130,7 @@ def _add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynaexq_jax.training import TrainConfig
     ap = argparse.ArgumentParser(prog="dynaexq", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -160,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stats")
     p.add_argument("--out", help="output folder (default: beside the stats file)")
     p.set_defaults(fn=_cmd_plot)
+
+    p = sub.add_parser("train-tiny", help="train the small default MoE on the standard library's code and prose")
+    p.add_argument("out_dir", help="where the Hugging Face directory is written")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch, help="sequences per step, half per domain")
+    p.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--limit-sources", type=int, default=None, help="use only the first N source files (quick runs)")
+    p.set_defaults(fn=_cmd_train_tiny)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the default model")
     p.add_argument("--workdir", default="runs/demo")

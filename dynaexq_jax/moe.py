@@ -140,12 +140,50 @@ def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool):
     return jax.lax.switch(index, branches, None)
 
 
+def block_rows(pairs: int, slots: int) -> int:
+    """Rows per block of the grouped path: about one block per slot's fair share of the pairs,
+    a power of two in [8, 128]. Padding costs at most one partly filled block per slot."""
+    share = max(1, -(-pairs // slots))
+    return int(min(128, max(8, 1 << (share - 1).bit_length())))
+
+
+def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
+    """Dropless grouped matmul (prefill, training): the (token, expert) pairs this tier serves,
+    sorted by slot into blocks of b rows that each belong to one slot; every block runs as one
+    small matmul against its slot's (gathered, dequantized) weights. The work follows the pairs
+    (plus at most one padding block per slot), not every slot over every token. Shapes are
+    static: the block count is the worst case, surplus blocks carry zero weights."""
+    T, H = x.shape
+    S = pool.size
+    P = slots.size
+    b = block_rows(P, S)
+    n_blocks = -(-P // b) + S
+    key = jnp.where(on_tier, slots, S).reshape(-1)                  # other tiers' pairs sort last
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.bincount(key, length=S + 1)[:S]
+    padded = (counts + b - 1) // b * b
+    first_row = jnp.cumsum(padded) - padded                         # where each slot's rows begin
+    first_pair = jnp.cumsum(counts) - counts                        # ... and its sorted pairs
+    sorted_key = key[order]
+    valid = sorted_key < S
+    s_of = jnp.minimum(sorted_key, S - 1)
+    dest = jnp.where(valid, first_row[s_of] + jnp.arange(P) - first_pair[s_of], n_blocks * b)
+    rows = n_blocks * b
+    row_tok = jnp.full((rows + 1,), T, jnp.int32).at[dest].set(order // w.shape[1])[:rows]
+    row_w = jnp.zeros((rows + 1,), jnp.float32).at[dest].set(w.reshape(-1)[order])[:rows]
+    block_slot = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * b, side="right"), S - 1)
+    xs = jnp.concatenate([x, jnp.zeros((1, H), x.dtype)])[row_tok].reshape(n_blocks, b, H)
+    h, down = _expert_ffn(xs, _take(pool, block_slot), x.dtype)
+    y = _batched_dot((h * row_w.reshape(n_blocks, b, 1)).astype(x.dtype), down).reshape(rows, H)
+    return jnp.zeros((T + 1, H), jnp.float32).at[row_tok].add(y)[:T]
+
+
 def moe_experts_xla(x, ids, weights, experts: ExpertPools):
     """The XLA backend (the CPU default). Per tier, chosen statically by shape: when the tokens
     route to few (token, expert) pairs compared with the experts (decode), gather just the
-    slots of the pairs this tier serves (_routed_pairs); otherwise (prefill) dequantize every slot
-    once and run it over all tokens with the routing weights as a dense combine. Both use
-    batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x slower."""
+    slots of the pairs this tier serves (_routed_pairs); otherwise (prefill, training) sort the
+    pairs into per-slot blocks (_grouped_pairs). Both use batch-dim dot_generals: XLA CPU's
+    transposing einsums were 5-10x slower."""
     T, H = x.shape
     k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
@@ -155,14 +193,12 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         on_tier = experts.tier[ids] == t                                       # [T, k]
         slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)                  # [T, k]
         w = jnp.where(on_tier, weights.astype(jnp.float32), 0.0)
-        # A tier serves about T*k*S/E pairs (its share of slots): gather them when that is
-        # cheaper than one dense pass over its S slots.
+        # A tier serves about T*k*S/E pairs (its share of slots): gather them one by one when
+        # that is cheaper than one pass over its S slots.
         if GATHER_COST * T * k <= experts.num_experts:
             out = out + _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == experts.num_experts)
         else:
-            combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
-            h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
-            out = out + _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
+            out = out + _grouped_pairs(x, pool, slots, w, on_tier)
     return out.astype(x.dtype)
 
 

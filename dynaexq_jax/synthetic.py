@@ -112,16 +112,19 @@ def stdlib_text_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def train_bpe_tokenizer(vocab_size: int, files: list[Path] | None = None):
-    """A byte-level BPE tokenizer with exactly vocab_size ids; id 0 is <|endoftext|>."""
+def train_bpe_tokenizer(vocab_size: int, files: list[Path] | None = None, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer with exactly vocab_size ids; id 0 is <|endoftext|>. Trained on
+    texts when given, else on files (default: a few standard-library files)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    files = files or stdlib_text_files(limit=40)
-    tok.train([str(f) for f in files], trainer)
+    if texts is not None:
+        tok.train_from_iterator(texts, trainer)
+    else:
+        tok.train([str(f) for f in files or stdlib_text_files(limit=40)], trainer)
     if tok.get_vocab_size() < vocab_size:   # small corpora can stop short: pad so ids match the model
         tok.add_special_tokens([f"<|unused_{i}|>" for i in range(vocab_size - tok.get_vocab_size())])
     return tok

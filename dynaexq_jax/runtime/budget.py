@@ -18,6 +18,7 @@ import numpy as np
 
 from dynaexq_jax.config import ModelConfig
 from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError
+from dynaexq_jax.moe import block_rows
 from dynaexq_jax.quant import Format, expert_nbytes
 
 STRATEGIES = ("uniform", "proportional", "greedy")
@@ -71,14 +72,16 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
                     hi: Format, lo: Format) -> int:
     """Peak transient device memory of one forward, estimated from the shapes. The XLA backend
-    dequantizes a whole tier pool per layer (f32, all experts at worst); the Pallas kernels
-    dequantize in registers, so only activations count."""
+    gathers and dequantizes (f32) the weights of every block of its grouped path (at most one
+    block per b routed pairs plus one per expert); the Pallas kernels dequantize in registers, so
+    only activations count."""
     tokens = batch * max(prefill_len, 1)
-    act = 4 * tokens * (4 * cfg.hidden_size + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size
-                        + 2 * cfg.num_heads * max_len + cfg.vocab_size)
-    if backend == "xla":
-        act += 4 * 3 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size
-        act += 4 * tokens * cfg.num_experts * cfg.moe_intermediate_size
+    H, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    act = 4 * tokens * (4 * H + 3 * k * I + 2 * cfg.num_heads * max_len + cfg.vocab_size)
+    if backend == "xla" and E:
+        b = block_rows(tokens * k, E)
+        rows = (-(-tokens * k // b) + E) * b
+        act += 4 * (rows // b) * 3 * H * I + 4 * rows * (2 * I + 2 * H)
     return act
 
 
