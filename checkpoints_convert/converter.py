@@ -81,7 +81,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     stop = threading.Event()
     with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         # Hash the sources on a second thread while converting (hashlib releases the GIL).
-        hashes = pool.submit(_sha256_files, files, stop)
+        hashes = pool.submit(sha256_files, files, stop)
         try:
             _write_groups(plan, src, tiers, dense_fmt, tmp, progress)
             for name in COPIED_FILES:
@@ -212,13 +212,14 @@ def _quantize_stacks(stacks: dict[str, np.ndarray], fmt: Format) -> dict:
     return out
 
 
-def _sha256_files(files: list[Path], stop: threading.Event) -> dict[str, str]:
+def sha256_files(files: list[Path], stop: threading.Event | None = None) -> dict[str, str]:
+    """{file name: sha256} of files (stops early, partial, once `stop` is set)."""
     out = {}
     for f in files:
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 23):
-                if stop.is_set():
+                if stop is not None and stop.is_set():
                     return out
                 h.update(chunk)
         out[f.name] = h.hexdigest()

@@ -10,7 +10,7 @@ import numpy as np
 from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
 from dynaexq_jax.config import ModelConfig
 from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.generate import GenerationResult, _bucket, generate
+from dynaexq_jax.generate import GenerationResult, bucket, generate
 from dynaexq_jax.models import family
 from dynaexq_jax.moe import BACKENDS, single_tier
 from dynaexq_jax.sampling import Sampling
@@ -45,7 +45,7 @@ class Model:
             raise GenerationError(f"token_ids must be [B, T] with T >= 1, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise GenerationError(f"token ids must be in [0, {self.config.vocab_size})")
-        cache = self._family.init_cache(self.config, ids.shape[0], _bucket(ids.shape[1], 64), self._cache_dtype)
+        cache = self._family.init_cache(self.config, ids.shape[0], bucket(ids.shape[1], 64), self._cache_dtype)
         out, _, _ = self._forward(self.params, self.config, jnp.asarray(ids), cache, backend=self.backend)
         return np.asarray(out, np.float32)
 

@@ -69,11 +69,11 @@ def _cmd_generate(a):
         model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
         res = model.generate(a.prompt, **_generate_kwargs(a))
     else:
-        from dynaexq_jax.generate import _bucket
+        from dynaexq_jax.generate import bucket
         from dynaexq_jax.sampling import Sampling
         from dynaexq_jax.tokenizer import TextCodec
         ids = TextCodec(Path(a.model)).prompts(a.prompt)
-        max_len = a.max_len or _bucket(max(map(len, ids)) + a.max_new_tokens + 2 * a.segment, 64)
+        max_len = a.max_len or bucket(max(map(len, ids)) + a.max_new_tokens + 2 * a.segment, 64)
         engine = _engine(a, len(ids), max_len)
         res = engine.generate(ids, max_new_tokens=a.max_new_tokens, seed=a.seed,
                               sampling=Sampling(a.temperature, a.top_k, a.top_p))
@@ -105,6 +105,25 @@ def _cmd_train_tiny(a):
     if min(a.steps, a.batch, a.seq_len) < 1 or a.lr <= 0:
         raise ConfigError("train-tiny: --steps, --batch and --seq-len must be >= 1 and --lr > 0")
     train(a.out_dir, tc, source_limit=a.limit_sources)
+
+
+def _csv(cast):
+    return lambda text: tuple(cast(x) for x in text.split(",") if x.strip())
+
+
+def _cmd_compare(a):
+    from dynaexq_jax.compare import CompareConfig, Harness
+    from dynaexq_jax.default_model import converted_model
+    model = converted_model(a.model, Path(a.out) / "converted", hi=a.hi, lo=a.lo)
+    cfg = CompareConfig(policies=a.policies, workload=a.workload, budget=a.budget, rows=a.rows,
+                        phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
+                        transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
+                        throughput_batches=a.throughput_batches, baselines=a.baselines, new_tokens=a.new_tokens,
+                        seed=a.seed)
+    res = Harness(model, cfg).run(a.out)
+    print(Path(a.out, "report.md").read_text())
+    print(f"wrote {a.out}/results.json, results.csv, report.md and plots")
+    return res
 
 
 def _add_runtime_args(p, budget_required: bool):
@@ -180,6 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--limit-sources", type=int, default=None, help="use only the first N source files (quick runs)")
     p.set_defaults(fn=_cmd_train_tiny)
+
+    from dynaexq_jax.compare import BASELINES, POLICIES, CompareConfig as C
+    p = sub.add_parser("compare", help="compare precision policies and offloading baselines on the same streams")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a converted checkpoint or a Hugging Face directory (default: the embedded model)")
+    p.add_argument("--out", default="runs/compare", help="output folder (results.json, results.csv, report.md, PNGs)")
+    p.add_argument("--budget", default=C.budget, help="'20%%' (share of HI slots per layer) or bytes ('3MiB')")
+    p.add_argument("--policies", type=_csv(str), default=C.policies, help=f"comma-separated, from {','.join(POLICIES)}")
+    p.add_argument("--workload", type=_csv(str), default=C.workload, help="domains per phase, e.g. prose,code,prose")
+    p.add_argument("--rows", type=int, default=C.rows, help="streams scored side by side (batch)")
+    p.add_argument("--phase-tokens", type=int, default=C.phase_tokens, help="positions per stream per phase")
+    p.add_argument("--chunk", type=int, default=C.chunk, help="positions per jitted chunk (a decode segment)")
+    p.add_argument("--window", type=int, default=C.window, help="scoring window = cache length")
+    p.add_argument("--period", type=int, default=C.period, help="policy update period in steps (T_u)")
+    p.add_argument("--delta", type=float, default=C.delta, help="dynaexq hysteresis margin")
+    p.add_argument("--transfers", type=int, default=C.transfers, help="K: copies in flight")
+    p.add_argument("--calibration-domain", default=None, help="domain of the static ranking (default: first phase)")
+    p.add_argument("--sweep", type=_csv(float), default=C.sweep, help="HI fractions for a budget sweep, e.g. 0,0.1,0.2")
+    p.add_argument("--throughput-batches", type=_csv(int), default=C.throughput_batches, help="e.g. 1,32; empty: skip")
+    p.add_argument("--baselines", type=_csv(str), default=C.baselines, help=f"offloading baselines: {','.join(BASELINES)}")
+    p.add_argument("--new-tokens", type=int, default=C.new_tokens, help="decode tokens per throughput run")
+    p.add_argument("--hi", default="source", help="HI tier when MODEL is a Hugging Face directory")
+    p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default: the model's)")
+    p.add_argument("--seed", type=int, default=C.seed)
+    p.set_defaults(fn=_cmd_compare)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the default model")
     p.add_argument("--workdir", default="runs/demo")

@@ -19,7 +19,7 @@ from dynaexq_jax.models import family
 from dynaexq_jax.sampling import Sampling, sample
 
 
-def _bucket(n: int, quantum: int = 16) -> int:
+def bucket(n: int, quantum: int = 16) -> int:
     """Round lengths up so that prompts of nearby lengths share one compiled prefill."""
     return max(quantum, -(-n // quantum) * quantum)
 
@@ -152,11 +152,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     key = jax.random.PRNGKey(0) if key is None else key
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    T = _bucket(int(lengths.max()))
+    T = bucket(int(lengths.max()))
     n_segments = -(-(max_new_tokens - 1) // segment_len)
     need = max(int(lengths.max()) + 1 + n_segments * segment_len, T)
     if max_len is None:
-        max_len = _bucket(need, 64)
+        max_len = bucket(need, 64)
     elif need > max_len:
         raise PromptTooLongError(
             f"the cache (max_len={max_len}) cannot hold the longest prompt ({int(lengths.max())} tokens, padded "

@@ -30,9 +30,9 @@ def ckpt(tmp_path_factory):
     return load_checkpoint(convert(hf, tmp / "conv", lo="int4:g32", progress=False))
 
 
-def engine_budget(ckpt, hi_fraction, batch=BATCH):
+def engine_budget(ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN):
     """A budget that gives about hi_fraction of the experts HI slots."""
-    lo = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=batch, max_len=MAX_LEN, segment_len=SEG).plan
+    lo = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=batch, max_len=max_len, segment_len=SEG).plan
     need = lo.total - lo.fixed.margin + hi_fraction * TINY["num_experts"] * 3 * (lo.m_hi - lo.m_lo)
     return int(need / 0.98) + 1     # the plan keeps a 2% safety margin
 
@@ -223,6 +223,31 @@ def test_each_step_equals_a_model_frozen_at_its_assignment(ckpt):
         for j, tok in enumerate(toks):
             if served[j].tobytes() == mask.tobytes():
                 assert int(np.argmax(logits[len(p) + j - 1])) == tok, f"token {j} differs from the frozen model's"
+
+
+def test_scoring_equals_models_frozen_at_each_chunks_assignment(ckpt):
+    """Teacher-forced scoring (Engine.score) with transitions live: every chunk's log-likelihoods
+    equal those of a reference that runs the same chunks one by one, each through a model frozen
+    at the HI set that served it (carrying the KV cache, restarting it at every window)."""
+    window = 4 * SEG
+    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.4, batch=1, max_len=window), policy=RandomSwaps(5),
+                 batch=1, max_len=window, segment_len=SEG)
+    tokens = np.asarray([prompts(9, n=1, length=3 * window + 1)[0]], np.int32)
+    res = eng.score(tokens)
+    assert res.nll.shape == (1, 3 * window) and np.isfinite(res.nll).all()
+    masks = [np.array(t["served_hi_mask"], bool) for t in eng.timeline]
+    assert len(masks) == 3 * window // SEG and len({m.tobytes() for m in masks}) > 2
+    cfg = ckpt.config
+    for j, mask in enumerate(masks):
+        if j * SEG % window == 0:
+            cache = qwen3_moe.init_cache(cfg, 1, window)
+        pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in mask], TINY["num_experts"])
+        params = attach_experts(eng.dense, dict(zip(cfg.moe_layers, pools.expert_pools())))
+        logits, cache, _ = _forward(params, cfg, tokens[:, j * SEG:(j + 1) * SEG], cache)
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        want = -logp[np.arange(SEG), tokens[0, j * SEG + 1:(j + 1) * SEG + 1]]
+        np.testing.assert_allclose(res.nll[0, j * SEG:(j + 1) * SEG], want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {j}")
+    assert res.runtime["counters"]["device_stalls"] == 0
 
 
 def test_unarrived_copies_are_never_published(ckpt, monkeypatch):

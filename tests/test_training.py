@@ -10,8 +10,7 @@ import pytest
 from dynaexq_jax import corpus
 from dynaexq_jax.errors import ConfigError
 
-TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, torch_dtype="float32")
+from tests.conftest import TINY_TRAINED as TINY
 
 
 def test_splits_are_a_pure_function_of_the_document_name():
@@ -41,17 +40,8 @@ def test_documents_cover_both_domains_with_recorded_hashes():
     assert len(m["documents"]) == len(docs) and all(len(e["sha256"]) == 64 for e in m["documents"].values())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from dynaexq_jax.training import TrainConfig, train
-    out = tmp_path_factory.mktemp("train") / "hf"
-    tc = TrainConfig(steps=30, batch=4, seq_len=32, lr=1e-2, warmup=3, eval_every=30, eval_tokens=256)
-    record = train(out, tc, model_overrides=TINY, source_limit=60, log=lambda *_: None)
-    return out, record
-
-
-def test_training_lowers_the_loss_and_records_its_corpus(trained):
-    out, record = trained
+def test_training_lowers_the_loss_and_records_its_corpus(trained_tiny):
+    out, record = trained_tiny
     losses = [c["loss"] for c in record["curve"]]
     assert record["curve"][0]["step"] == 1 and losses[0] > np.log(TINY["vocab_size"]) - 0.5
     assert losses[-1] < losses[0] - 0.5, losses
@@ -62,12 +52,12 @@ def test_training_lowers_the_loss_and_records_its_corpus(trained):
                                                      "training.json"]
 
 
-def test_export_loads_in_transformers_with_our_logits(trained, tmp_path):
+def test_export_loads_in_transformers_with_our_logits(trained_tiny, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import dynaexq_jax
     from checkpoints_convert import convert
-    out, _ = trained
+    out, _ = trained_tiny
     hf = transformers.Qwen3MoeForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     convert(out, tmp_path / "conv", hi="f32", lo="int4:g32", dtype="f32", progress=False)
     ours = dynaexq_jax.load(tmp_path / "conv")

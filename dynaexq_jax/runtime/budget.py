@@ -69,6 +69,10 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
+# The safety margin kept free of any plan, as a share of the budget.
+MARGIN_FRACTION = 0.02
+
+
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
                     hi: Format, lo: Format) -> int:
     """Peak transient device memory of one forward, estimated from the shapes. The XLA backend
@@ -134,7 +138,7 @@ class BudgetPlan:
 
 def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, dense_params: int,
                 batch: int, max_len: int, prefill_len: int | None = None, cache_dtype=np.float32,
-                backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = 0.02,
+                backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = MARGIN_FRACTION,
                 strategy: str = "proportional", max_hi_fraction: float = 1.0,
                 layer_priority: np.ndarray | None = None) -> BudgetPlan:
     """Fix the number of HI slots per MoE layer for a budget.

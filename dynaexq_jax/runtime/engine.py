@@ -30,6 +30,7 @@ from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_budget
 from dynaexq_jax.runtime.policies import Policy, make_policy
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
 from dynaexq_jax.sampling import Sampling
+from dynaexq_jax.scoring import ScoreResult, score
 from dynaexq_jax.tokenizer import TextCodec
 
 
@@ -101,8 +102,9 @@ class Engine(Controller):
         for name, v in (("batch", batch), ("max_len", max_len)):
             if not isinstance(v, int) or v < 1:
                 raise RuntimeConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        opts = dict(period=update_period, delta=delta, rate_limit=rate_limit) if policy == "dynaexq" else {}
-        self.policy = make_policy(policy, **opts)
+        opts = {"dynaexq": dict(period=update_period, delta=delta, rate_limit=rate_limit),
+                "random": dict(period=update_period)}
+        self.policy = make_policy(policy, **(opts.get(policy, {}) if isinstance(policy, str) else {}))
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
         self.checkpoint, self.config = ckpt, ckpt.config
         self.codec = TextCodec(ckpt.path)
@@ -191,6 +193,7 @@ class Engine(Controller):
                                   published=published, in_flight=len(self.in_flight), owned_bytes=owned,
                                   served_hi_mask=used.astype(np.int8).tolist(),
                                   hi_mask=mask.astype(np.int8).tolist(), scores=np.round(scores, 6).tolist(),
+                                  mass=np.round(mass.mean(0), 6).tolist(),
                                   controller_s=time.perf_counter() - t0))
         return self.params() if published else None
 
@@ -257,12 +260,30 @@ class Engine(Controller):
                        key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=self.max_len,
                        segment_len=self.segment_len, backend=self.backend,
                        cache_dtype=self.cache_dtype, on_tokens=on_tokens, controller=self)
+        res.texts = self.codec.texts(res.tokens)
+        res.runtime = self._summary(before, self.timeline[1:])   # boundary 0 reports the prefill
+        return res
+
+    def score(self, tokens) -> ScoreResult:
+        """Teacher-forced scoring of token streams int [B, N + 1] (B <= batch, N a multiple of
+        segment_len) in chunks of segment_len positions and windows of max_len, with the policy
+        and transitions live. Returns ScoreResult (.nll [B, N], .perplexity, .runtime)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] > self.batch:
+            raise GenerationError(f"score takes [batch <= {self.batch}, length] token streams, got {tokens.shape}")
+        self._reset_timeline()
+        before = dataclasses.replace(self.counters)
+        window = self.max_len - self.max_len % self.segment_len
+        res = score(self.params(), self.config, tokens, chunk=self.segment_len, window=window,
+                    backend=self.backend, cache_dtype=self.cache_dtype, controller=self)
+        res.runtime = self._summary(before, self.timeline)
+        return res
+
+    def _summary(self, before: RuntimeCounters, boundaries: list[dict]) -> dict:
         counters = {k: getattr(self.counters, k) - (getattr(before, k) if k != "max_owned_bytes" else 0)
                     for k in dataclasses.asdict(self.counters)}
-        hits = [t["hit_rate"] for t in self.timeline[1:] if t["routed_mass"] > 0]
-        res.texts = self.codec.texts(res.tokens)
-        res.runtime = dict(policy=self.policy.name, budget=self.plan.budget, n_hi=self.n_hi,
-                           counters=counters, hi_hit_rate=float(np.mean(hits)) if hits else float("nan"),
-                           controller_s=sum(t["controller_s"] for t in self.timeline),
-                           budget_rows=self.plan.rows(), timeline=self.timeline)
-        return res
+        hits = [t["hit_rate"] for t in boundaries if t["routed_mass"] > 0]
+        return dict(policy=self.policy.name, budget=self.plan.budget, n_hi=self.n_hi,
+                    counters=counters, hi_hit_rate=float(np.mean(hits)) if hits else float("nan"),
+                    controller_s=sum(t["controller_s"] for t in self.timeline),
+                    budget_rows=self.plan.rows(), timeline=self.timeline)

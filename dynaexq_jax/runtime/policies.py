@@ -62,6 +62,31 @@ class AllLo(Policy):
     fixed_hi_fraction = 0.0
 
 
+def _check_period(period) -> None:
+    if not isinstance(period, int) or period < 1:
+        raise RuntimeConfigError(f"update period must be an integer >= 1 decode step, got {period!r}")
+
+
+def every_period(period: int, step: int, last_update: int | None, at_start: bool) -> bool:
+    """Whether a policy updating every `period` steps (and at the first boundary if at_start)
+    updates at this boundary."""
+    if last_update is None:
+        return at_start or step >= period
+    return step // period > last_update // period
+
+
+def swaps_toward(targets: list[np.ndarray], hi_mask: np.ndarray) -> list[list[Swap]]:
+    """Swaps that turn each layer's HI set into targets[l] (expert ids, best first): the best
+    missing target is promoted in place of the incumbent least wanted (not in the target)."""
+    out = []
+    for l, target in enumerate(targets):
+        want = [int(e) for e in target]
+        promote = [e for e in want if not hi_mask[l, e]]
+        demote = sorted(int(e) for e in np.flatnonzero(hi_mask[l]) if int(e) not in set(want))
+        out.append(list(zip(promote, demote)))
+    return out
+
+
 @dataclasses.dataclass
 class DynaExqPolicy(Policy):
     """Every `period` decode steps, per layer, the n_hi experts with the highest score hold the
@@ -75,17 +100,14 @@ class DynaExqPolicy(Policy):
     name = "dynaexq"
 
     def __post_init__(self):
-        if not isinstance(self.period, int) or self.period < 1:
-            raise RuntimeConfigError(f"update period must be an integer >= 1 decode step, got {self.period!r}")
+        _check_period(self.period)
         if not self.delta >= 0:
             raise RuntimeConfigError(f"hysteresis delta must be >= 0, got {self.delta!r}")
         if self.rate_limit is not None and (not isinstance(self.rate_limit, int) or self.rate_limit < 1):
             raise RuntimeConfigError(f"rate limit must be an integer >= 1 or None, got {self.rate_limit!r}")
 
     def wants_update(self, step: int, last_update: int | None) -> bool:
-        if last_update is None:
-            return self.update_after_prefill or step >= self.period
-        return step // self.period > last_update // self.period
+        return every_period(self.period, step, last_update, self.update_after_prefill)
 
     def plan(self, step, scores, hi_mask, n_hi):
         out = []
@@ -105,7 +127,62 @@ class DynaExqPolicy(Policy):
         return out
 
 
-POLICIES = {"dynaexq": DynaExqPolicy, "static": StaticPolicy, "all-hi": AllHi, "all-lo": AllLo}
+@dataclasses.dataclass
+class OraclePolicy(Policy):
+    """An upper bound for hotness-driven selection: it knows the future. trace f32 [chunks,
+    L_moe, E] is the routed mass of each chunk of `chunk` steps of the very stream being served
+    (recorded by an earlier pass); every `period` steps it moves to the n_hi experts with the most
+    mass in the period its swaps will serve, `lag` steps after the decision (the pipeline and
+    publication delay)."""
+    trace: np.ndarray
+    chunk: int
+    period: int = 200
+    lag: int = 0
+    name = "oracle"
+
+    def __post_init__(self):
+        _check_period(self.period)
+        self.trace = np.asarray(self.trace, np.float64)
+
+    def wants_update(self, step, last_update):
+        return every_period(self.period, step, last_update, True)
+
+    def future_mass(self, step: int) -> np.ndarray:
+        first = (step + self.lag) // self.chunk
+        window = self.trace[first:first + max(1, self.period // self.chunk)]
+        return window.sum(0) if len(window) else np.zeros(self.trace.shape[1:])
+
+    def initial_hi(self, n_hi, num_experts, ranking):
+        return super().initial_hi(n_hi, num_experts, self.future_mass(-self.lag))
+
+    def plan(self, step, scores, hi_mask, n_hi):
+        mass = self.future_mass(step)
+        return swaps_toward([rank(mass[l])[:n] for l, n in enumerate(n_hi)], hi_mask)
+
+
+@dataclasses.dataclass
+class RandomPolicy(Policy):
+    """A lower bound: every `period` steps a uniformly random HI set per layer (seeded)."""
+    period: int = 200
+    seed: int = 0
+    name = "random"
+
+    def __post_init__(self):
+        _check_period(self.period)
+        self._rng = np.random.default_rng(self.seed)
+
+    def wants_update(self, step, last_update):
+        return every_period(self.period, step, last_update, True)
+
+    def initial_hi(self, n_hi, num_experts, ranking):
+        return [set(self._rng.choice(num_experts, n, replace=False).tolist()) for n in n_hi]
+
+    def plan(self, step, scores, hi_mask, n_hi):
+        return swaps_toward([self._rng.choice(hi_mask.shape[1], n, replace=False) for n in n_hi], hi_mask)
+
+
+POLICIES = {"dynaexq": DynaExqPolicy, "static": StaticPolicy, "all-hi": AllHi, "all-lo": AllLo,
+            "random": RandomPolicy}
 
 
 def make_policy(name: str | Policy, **options) -> Policy:
@@ -114,7 +191,7 @@ def make_policy(name: str | Policy, **options) -> Policy:
     if name not in POLICIES:
         raise RuntimeConfigError(f"unknown policy '{name}' (use one of {', '.join(POLICIES)})")
     cls = POLICIES[name]
-    if cls is DynaExqPolicy:
+    if cls in (DynaExqPolicy, RandomPolicy):
         return cls(**options)
     if options:
         raise RuntimeConfigError(f"policy '{name}' takes no options, got {sorted(options)}")

@@ -62,14 +62,14 @@ def tree_nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
 
-def _write_slot(pool: TierPool, slot, one: TierPool) -> TierPool:
+def write_slot(pool: TierPool, slot, one: TierPool) -> TierPool:
     return jax.tree.map(lambda p, x: jax.lax.dynamic_update_slice_in_dim(p, x.astype(p.dtype), slot, 0), pool, one)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def write_swap(hi_pool: TierPool, lo_pool: TierPool, hi_slot, lo_slot, hi_copy: TierPool, lo_copy: TierPool):
     """Both pools with one slot each overwritten by one-slot copies (pools donated: in place)."""
-    return _write_slot(hi_pool, hi_slot, hi_copy), _write_slot(lo_pool, lo_slot, lo_copy)
+    return write_slot(hi_pool, hi_slot, hi_copy), write_slot(lo_pool, lo_slot, lo_copy)
 
 
 @dataclasses.dataclass

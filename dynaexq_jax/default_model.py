@@ -1,0 +1,42 @@
+"""The embedded default model: the project's own small Qwen3-MoE (dynaexq_jax.training), trained
+once on the standard library's code and prose and shipped as a Hugging Face directory, and the
+step that turns a Hugging Face directory into a converted checkpoint (both tiers) on demand."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dynaexq_jax.errors import CheckpointNotFoundError
+
+HF_DIR = Path(__file__).parent / "assets" / "tiny-moe"
+# The tier pair the comparisons use on this model (why: README, "The default model").
+HI, LO = "source", "int4:g64"
+
+
+def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, lo: str | None = None,
+                    progress: bool = True) -> Path:
+    """A converted checkpoint for `model`: returned as is when it already is one; a Hugging Face
+    directory (default: the embedded model) is converted into conv_dir with tiers hi/lo, reusing
+    an earlier conversion of the same source files with the same tiers."""
+    from checkpoints_convert import convert
+    from checkpoints_convert.converter import sha256_files
+
+    src = Path(model) if model is not None else HF_DIR
+    if (src / "metadata.json").is_file():
+        return src
+    if not (src / "config.json").is_file():
+        raise CheckpointNotFoundError(f"{src}: neither a converted checkpoint (metadata.json) nor a Hugging Face "
+                                      "directory (config.json)")
+    lo = lo or LO
+    meta_file = conv_dir / "metadata.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        mine = sha256_files([src / "config.json"] + sorted(src.glob("*.safetensors")))
+        same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
+        if same and meta.get("requested_tiers") == {"hi": hi, "lo": lo}:
+            return conv_dir
+    out = convert(src, conv_dir, hi=hi, lo=lo, overwrite=True, progress=progress)
+    meta = json.loads(meta_file.read_text())
+    meta["requested_tiers"] = {"hi": hi, "lo": lo}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return out
