@@ -147,6 +147,27 @@ def block_rows(pairs: int, slots: int) -> int:
     return int(min(128, max(8, 1 << (share - 1).bit_length())))
 
 
+def grouped_blocks(pairs: int, slots: int) -> int:
+    """Static block count of the grouped path: enough for any routing (every slot's last block may
+    be partial; a block holds at least one pair)."""
+    return min(-(-pairs // block_rows(pairs, slots)) + slots, pairs)
+
+
+# On XLA CPU, reading one expert weight costs about as much as multiplying it with this many rows
+# (about 8.5 GB/s against about 50 GFLOP/s on the CI machine): the unit of the path choice below.
+ROWS_PER_WEIGHT_READ = 12
+
+
+def grouped_is_cheaper(tokens: int, k: int, slots: int) -> bool:
+    """Grouped blocks (gather a copy of each block's weights, compute only routed rows) against
+    the dense product (read every slot once, compute every token on every slot)."""
+    P = tokens * k
+    n_blocks = grouped_blocks(P, slots)
+    rows = n_blocks * block_rows(P, slots)
+    dense = slots * (1 + tokens / ROWS_PER_WEIGHT_READ)
+    return n_blocks * GATHER_COST + rows / ROWS_PER_WEIGHT_READ < dense
+
+
 def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
     """Dropless grouped matmul (prefill, training): the (token, expert) pairs this tier serves,
     sorted by slot into blocks of b rows that each belong to one slot; every block runs as one
@@ -157,7 +178,7 @@ def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
     S = pool.size
     P = slots.size
     b = block_rows(P, S)
-    n_blocks = -(-P // b) + S
+    n_blocks = grouped_blocks(P, S)
     key = jnp.where(on_tier, slots, S).reshape(-1)                  # other tiers' pairs sort last
     order = jnp.argsort(key, stable=True)
     counts = jnp.bincount(key, length=S + 1)[:S]
@@ -181,9 +202,11 @@ def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
 def moe_experts_xla(x, ids, weights, experts: ExpertPools):
     """The XLA backend (the CPU default). Per tier, chosen statically by shape: when the tokens
     route to few (token, expert) pairs compared with the experts (decode), gather just the
-    slots of the pairs this tier serves (_routed_pairs); otherwise (prefill, training) sort the
-    pairs into per-slot blocks (_grouped_pairs). Both use batch-dim dot_generals: XLA CPU's
-    transposing einsums were 5-10x slower."""
+    slots of the pairs this tier serves (_routed_pairs); otherwise either sort the pairs into
+    per-slot blocks (_grouped_pairs: long prefills, training) or run every slot over every token
+    with the routing weights as a dense combine (short prefills, batched decode), whichever moves
+    and computes less. All use batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x
+    slower."""
     T, H = x.shape
     k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
@@ -197,8 +220,12 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         # that is cheaper than one pass over its S slots.
         if GATHER_COST * T * k <= experts.num_experts:
             out = out + _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == experts.num_experts)
-        else:
+        elif grouped_is_cheaper(T, k, pool.size):
             out = out + _grouped_pairs(x, pool, slots, w, on_tier)
+        else:
+            combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
+            h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
+            out = out + _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
     return out.astype(x.dtype)
 
 
