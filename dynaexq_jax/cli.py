@@ -113,8 +113,8 @@ def _csv(cast):
 
 def _cmd_compare(a):
     from dynaexq_jax.compare import CompareConfig, Harness
-    from dynaexq_jax.default_model import converted_model
-    model = converted_model(a.model, Path(a.out) / "converted", hi=a.hi, lo=a.lo)
+    from dynaexq_jax import default_model
+    model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
     cfg = CompareConfig(policies=a.policies, workload=a.workload, budget=a.budget, rows=a.rows,
                         phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
                         transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-batches", type=_csv(int), default=C.throughput_batches, help="e.g. 1,32; empty: skip")
     p.add_argument("--baselines", type=_csv(str), default=C.baselines, help=f"offloading baselines: {','.join(BASELINES)}")
     p.add_argument("--new-tokens", type=int, default=C.new_tokens, help="decode tokens per throughput run")
-    p.add_argument("--hi", default="source", help="HI tier when MODEL is a Hugging Face directory")
-    p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default: the model's)")
+    p.add_argument("--hi", default=None, help="HI tier when MODEL is a Hugging Face directory (default int4:g64)")
+    p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default int2:g64)")
     p.add_argument("--seed", type=int, default=C.seed)
     p.set_defaults(fn=_cmd_compare)
 

@@ -1,29 +1,22 @@
-"""The README's main job on the default model.
-
-No trained model ships yet, so the default model is a small random Qwen3-MoE written in the
-Hugging Face format: the demo runs the real path (HF checkpoint -> convert, both expert tiers ->
-load -> jitted generation) and says plainly that the text is gibberish."""
+"""The README's main job on the default model: the project's own small trained Qwen3-MoE
+(dynaexq_jax.default_model, shipped as a Hugging Face directory) through the real path: convert
+(both expert tiers) -> load -> jitted generation in each tier -> the DynaExq runtime under a budget."""
 from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_PROMPTS = ["def fibonacci(n):", "The standard library of Python"]
+DEFAULT_PROMPTS = ["def read_config(path):\n    ", "The with statement is used to"]
 
 
 def run_demo(workdir: Path, prompts=None, **generate_kwargs) -> None:
     import dynaexq_jax
-    from checkpoints_convert import convert
-    from dynaexq_jax.synthetic import write_random_qwen3_moe
+    from dynaexq_jax import default_model
 
     prompts = prompts or DEFAULT_PROMPTS
-    hf_dir, conv_dir = workdir / "hf", workdir / "converted"
-    if not (hf_dir / "config.json").exists():
-        print(f"[demo] writing a random Qwen3-MoE in the Hugging Face format to {hf_dir} "
-              "(default model: random weights until a trained one ships)")
-        write_random_qwen3_moe(hf_dir, seed=0)
-    if not (conv_dir / "metadata.json").exists():
-        print(f"[demo] converting {hf_dir} -> {conv_dir} (HI tier f32, LO tier int4)")
-        convert(hf_dir, conv_dir, hi="source", lo="int4", overwrite=True)
+    conv_dir = workdir / "converted"
+    print(f"[demo] default model {default_model.HF_DIR} -> {conv_dir} "
+          f"(HI tier {default_model.HI}, LO tier {default_model.LO})")
+    default_model.converted_model(None, conv_dir)
     for tier in ("hi", "lo"):
         model = dynaexq_jax.load(conv_dir, tier=tier)
         c = model.config
@@ -42,15 +35,16 @@ def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, s
     """The DynaExq runtime under a budget that leaves about a quarter of the experts HI."""
     import json
 
+    from dynaexq_jax.checkpoint import load_checkpoint
+    from dynaexq_jax.compare import budget_for_fraction
     from dynaexq_jax.runtime.engine import Engine
     from dynaexq_jax.runtime.plots import plot_stats
     from dynaexq_jax.sampling import Sampling
 
     max_len = 256
-    probe = Engine(conv_dir, budget_bytes=10**12, policy="all-lo", batch=len(prompts), max_len=max_len).plan
-    extra = int(0.25 * probe.num_experts) * len(probe.n_hi) * (probe.m_hi - probe.m_lo)
-    budget = int((probe.total - probe.fixed.margin + extra) / 0.98) + 1
-    engine = Engine(conv_dir, budget_bytes=budget, policy="dynaexq", batch=len(prompts), max_len=max_len,
+    ckpt = load_checkpoint(conv_dir)
+    budget = budget_for_fraction(ckpt, 0.25, batch=len(prompts), max_len=max_len, transfers=4)
+    engine = Engine(ckpt, budget_bytes=budget, policy="dynaexq", batch=len(prompts), max_len=max_len,
                     segment_len=segment_len, update_period=2 * segment_len)
     print(f"\n[demo] DynaExq runtime, budget {budget / 2**20:.2f} MiB:")
     print("\n".join("  " + line for line in engine.plan.table().splitlines()))

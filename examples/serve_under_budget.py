@@ -1,8 +1,8 @@
 """Serve a Qwen3-MoE checkpoint under a device-memory budget and compare policies on the same
 prompts: the copy-and-edit starting point for policy research.
 
-    python examples/serve_under_budget.py                       # a random model, written on the fly
-    python examples/serve_under_budget.py --hf-dir PATH/TO/HF   # a real Hugging Face checkpoint
+    python examples/serve_under_budget.py                       # the embedded trained model
+    python examples/serve_under_budget.py --hf-dir PATH/TO/HF   # another Hugging Face checkpoint
 
 Prints each policy's budget plan, decode speed, HI hit rate and swaps, and writes residency and
 hotness plots per policy to --out.
@@ -11,11 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from checkpoints_convert import convert
+from dynaexq_jax.checkpoint import load_checkpoint
+from dynaexq_jax.compare import budget_for_fraction
+from dynaexq_jax.default_model import converted_model
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.plots import plot_stats
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy
-from dynaexq_jax.synthetic import write_random_qwen3_moe
 
 
 class LowestIds(Policy):
@@ -25,22 +26,17 @@ class LowestIds(Policy):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hf-dir", help="Hugging Face checkpoint (default: write a random one)")
+    ap.add_argument("--hf-dir", help="Hugging Face checkpoint (default: the embedded trained model)")
     ap.add_argument("--out", default="runs/example")
     ap.add_argument("--hi-fraction", type=float, default=0.25, help="share of experts the budget keeps HI")
     ap.add_argument("--new-tokens", type=int, default=96)
     a = ap.parse_args()
     out = Path(a.out)
-    hf_dir = Path(a.hf_dir) if a.hf_dir else write_random_qwen3_moe(out / "hf", seed=0)
-    conv = out / "converted"
-    if not (conv / "metadata.json").exists():
-        convert(hf_dir, conv, lo="int4", overwrite=True)
+    conv = load_checkpoint(converted_model(a.hf_dir, out / "converted"))
 
     prompts = ["def parse(line):\n    ", "The tutorial explains how to", "import os\nimport sys\n", "In this chapter"]
     # A budget that holds every expert LO plus HI slots for about hi_fraction of them.
-    probe = Engine(conv, budget_bytes=10**12, policy="all-lo", batch=len(prompts), max_len=256).plan
-    extra = int(a.hi_fraction * probe.num_experts) * len(probe.n_hi) * (probe.m_hi - probe.m_lo)
-    budget = int((probe.total - probe.fixed.margin + extra) / 0.98) + 1
+    budget = budget_for_fraction(conv, a.hi_fraction, batch=len(prompts), max_len=256, transfers=4)
 
     policies = {"dynaexq": DynaExqPolicy(period=32, delta=0.01), "lowest-ids": LowestIds()}
     for name, policy in policies.items():
