@@ -117,7 +117,7 @@ def _cmd_compare(a):
     model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
     cfg = CompareConfig(policies=a.policies, workload=a.workload, budget=a.budget, rows=a.rows,
                         phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
-                        transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
+                        alpha=a.alpha, transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
                         throughput_batches=a.throughput_batches, baselines=a.baselines, new_tokens=a.new_tokens,
                         seed=a.seed)
     res = Harness(model, cfg).run(a.out)
@@ -129,7 +129,7 @@ def _cmd_compare(a):
 def _add_runtime_args(p, budget_required: bool):
     p.add_argument("--budget", required=budget_required,
                    help="device-memory budget (e.g. 20GiB, 512MiB); runs the DynaExq runtime")
-    p.add_argument("--policy", default="dynaexq", help="dynaexq (default), static, all-hi, all-lo")
+    p.add_argument("--policy", default="dynaexq", help="dynaexq (default), static, all-hi, all-lo, random")
     p.add_argument("--strategy", default="proportional", help="HI slots per layer: uniform, proportional, greedy")
     p.add_argument("--period", type=int, default=200, help="decode steps between policy updates (T_u)")
     p.add_argument("--delta", type=float, default=0.01, help="hysteresis margin")
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=C.window, help="scoring window = cache length")
     p.add_argument("--period", type=int, default=C.period, help="policy update period in steps (T_u)")
     p.add_argument("--delta", type=float, default=C.delta, help="dynaexq hysteresis margin")
+    p.add_argument("--alpha", type=float, default=C.alpha, help="hotness EMA factor per step")
     p.add_argument("--transfers", type=int, default=C.transfers, help="K: copies in flight")
     p.add_argument("--calibration-domain", default=None, help="domain of the static ranking (default: first phase)")
     p.add_argument("--sweep", type=_csv(float), default=C.sweep, help="HI fractions for a budget sweep, e.g. 0,0.1,0.2")

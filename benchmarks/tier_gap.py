@@ -1,0 +1,55 @@
+"""How much each expert format costs the embedded default model: validation perplexity per domain
+with every expert in one format (bf16 = the trained weights, int8/int4/int2 group 64), on the
+first windows of each domain's validation split. This is what chose the model's tier pair.
+Writes benchmarks/results/tier_gap.json."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import dynaexq_jax
+from checkpoints_convert import convert
+from dynaexq_jax import default_model
+from dynaexq_jax.compare import domain_streams
+from dynaexq_jax.tokenizer import TextCodec
+
+
+def perplexity(model, stream: np.ndarray, window: int, windows: int, batch: int = 8) -> float:
+    wins = np.stack([stream[i * window:(i + 1) * window + 1] for i in range(windows)])
+    nll = []
+    for b in range(0, windows, batch):
+        logits = model.logits(wins[b:b + batch, :-1])
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll.append(-np.take_along_axis(logp, wins[b:b + batch, 1:, None], -1)[..., 0])
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=24, help="windows per domain")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tier_gap.json"))
+    a = ap.parse_args()
+    streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # One conversion per pair of formats: its HI tier and its LO tier are two models.
+        for hi, lo in (("source", "int8:g64"), ("int4:g64", "int2:g64")):
+            conv = convert(default_model.HF_DIR, Path(tmp) / lo.replace(":", "_"), hi=hi, lo=lo, dtype="f32",
+                           progress=False)
+            for tier, fmt in (("hi", "bf16" if hi == "source" else hi), ("lo", lo)):
+                model = dynaexq_jax.load(conv, tier=tier)
+                rows[fmt] = {d: perplexity(model, s, a.window, a.windows) for d, s in streams.items()}
+                print(f"{fmt:>9}: " + ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items()), flush=True)
+    Path(a.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "window": a.window,
+                                       "windows_per_domain": a.windows, "perplexity": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
