@@ -89,6 +89,15 @@ def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int
     return act
 
 
+def fixed_costs(cfg: ModelConfig, *, budget: int, dense_params: int, batch: int, max_len: int,
+                prefill_len: int | None, cache_dtype, backend: str, hi: Format, lo: Format,
+                margin_fraction: float = MARGIN_FRACTION) -> FixedCosts:
+    """M_fixed of method.md: measured dense params, the cache, the workspace estimate, the margin."""
+    return FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
+                      workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
+                      int(margin_fraction * budget))
+
+
 @dataclasses.dataclass(frozen=True)
 class BudgetPlan:
     budget: int
@@ -156,9 +165,9 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     if not 0.0 <= max_hi_fraction <= 1.0:
         raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
     E, L = cfg.num_experts, len(cfg.moe_layers)
-    fixed = FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
-                       workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
-                       int(margin_fraction * budget))
+    fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
+                        prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
+                        margin_fraction=margin_fraction)
     m_hi, m_lo = (expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size) for f in (hi, lo))
     if m_hi < m_lo:
         raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")

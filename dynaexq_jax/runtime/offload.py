@@ -42,8 +42,7 @@ from dynaexq_jax.generate import GenerationResult, GenerationStats, bucket, chec
 from dynaexq_jax.models.qwen3_moe import attention, dense_mlp, init_cache, rms_norm
 from dynaexq_jax.moe import BACKENDS, HI, ExpertPools, moe_experts, route
 from dynaexq_jax.quant import Format, expert_nbytes
-from dynaexq_jax.runtime.budget import (MARGIN_FRACTION, FixedCosts, cache_bytes, format_bytes, parse_bytes,
-                                        workspace_bytes)
+from dynaexq_jax.runtime.budget import MARGIN_FRACTION, FixedCosts, fixed_costs, format_bytes, parse_bytes
 from dynaexq_jax.runtime.policies import rank
 from dynaexq_jax.runtime.pools import HostStore, write_slot, tree_nbytes
 from dynaexq_jax.sampling import Sampling, sample
@@ -94,9 +93,8 @@ class CachePlan:
 def plan_cache(cfg: ModelConfig, *, budget: int, hi: Format, lo: Format, dense_params: int, batch: int,
                max_len: int, cache_dtype, backend: str, transfers_in_flight: int) -> CachePlan:
     L, E = len(cfg.moe_layers), cfg.num_experts
-    fixed = FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
-                       workspace_bytes(cfg, batch, max_len, max_len, backend, hi, lo),
-                       int(MARGIN_FRACTION * budget))
+    fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
+                        prefill_len=None, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo)
     m_hi = expert_nbytes(hi, cfg.hidden_size, cfg.moe_intermediate_size)
     plan = CachePlan(budget, fixed, m_hi, transfers_in_flight, (0,) * L)
     per_layer = min(E, (budget - plan.total) // m_hi // L)
