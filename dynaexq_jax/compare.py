@@ -128,6 +128,23 @@ def budget_for_fraction(ckpt: Checkpoint, r: float, *, batch: int, max_len: int,
     raise ConfigError(f"no budget found for HI fraction {r}")
 
 
+def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = 8, positions: int = 2048,
+                        chunk: int = 16, window: int = 256) -> np.ndarray:
+    """Mean token-normalised routed mass per expert [L_moe, E] of the all-LO model on the
+    calibration split of the given domains (method.md, initial HI set): rows streams per domain
+    of up to `positions` positions, scored through the runtime."""
+    streams = domain_streams(codec, "calibration")
+    masses = []
+    for d in domains:
+        n = min(positions, (len(streams[d]) // rows - 1) // chunk * chunk)
+        tokens = workload_tokens(streams, (d,), rows, n)
+        eng = Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, 0.0, batch=rows, max_len=window, transfers=2),
+                     policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2)
+        eng.score(tokens)
+        masses += [t["mass"] for t in eng.timeline]
+    return np.mean(masses, axis=0)
+
+
 # ---- the runs --------------------------------------------------------------------------------------
 def _phase_slices(cfg: CompareConfig):
     return [slice(i * cfg.phase_tokens, (i + 1) * cfg.phase_tokens) for i in range(len(cfg.workload))]
@@ -191,16 +208,9 @@ class Harness:
                       alpha=c.alpha, transfers_in_flight=c.transfers, calibration=calibration)
 
     def calibration(self) -> np.ndarray:
-        """Mean token-normalised routed mass per expert [L_moe, E] of the all-LO model on the
-        calibration split of one domain (method.md, initial HI set)."""
         c = self.cfg
-        domain = c.calibration_domain or c.workload[0]
-        stream = domain_streams(self.codec, "calibration")[domain]
-        tokens = workload_tokens({domain: stream}, (domain,), c.rows, min(c.calibration_tokens,
-                                 (len(stream) // c.rows - 1) // c.chunk * c.chunk))
-        eng = self.engine("all-lo", self._budget(0.0, c.rows))
-        eng.score(tokens)
-        return np.mean([t["mass"] for t in eng.timeline], axis=0)
+        return calibration_ranking(self.ckpt, self.codec, (c.calibration_domain or c.workload[0],), rows=c.rows,
+                                   positions=c.calibration_tokens, chunk=c.chunk, window=c.window)
 
     def run_policy(self, name: str, budget: int, ranking: np.ndarray, oracle_trace: np.ndarray | None) -> dict:
         c = self.cfg

@@ -36,16 +36,19 @@ def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, s
     import json
 
     from dynaexq_jax.checkpoint import load_checkpoint
-    from dynaexq_jax.compare import budget_for_fraction
+    from dynaexq_jax.compare import budget_for_fraction, calibration_ranking
     from dynaexq_jax.runtime.engine import Engine
     from dynaexq_jax.runtime.plots import plot_stats
     from dynaexq_jax.sampling import Sampling
+    from dynaexq_jax.tokenizer import TextCodec
 
     max_len = 256
     ckpt = load_checkpoint(conv_dir)
     budget = budget_for_fraction(ckpt, 0.25, batch=len(prompts), max_len=max_len, transfers=4)
+    # The initial HI set: the all-LO model's routed mass on the calibration split of both domains.
+    ranking = calibration_ranking(ckpt, TextCodec(conv_dir), ("prose", "code"), rows=4, positions=512)
     engine = Engine(ckpt, budget_bytes=budget, policy="dynaexq", batch=len(prompts), max_len=max_len,
-                    segment_len=segment_len, update_period=2 * segment_len)
+                    segment_len=segment_len, update_period=2 * segment_len, calibration=ranking)
     print(f"\n[demo] DynaExq runtime, budget {budget / 2**20:.2f} MiB:")
     print("\n".join("  " + line for line in engine.plan.table().splitlines()))
     seed = sampling_kwargs.pop("seed", 0)
