@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.0"
 ARCHITECTURES = {m.MODEL_TYPE: m for m in (qwen3_moe_map, qwen3_next_map)}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "vocab.json", "merges.txt")
+                "generation_config.json", "vocab.json", "merges.txt", "training.json")
 # Source dtype -> the float format "source" means (there is no f64 format: f64 becomes f32).
 _SOURCE_FORMAT = {"F64": "f32", "F32": "f32", "F16": "fp16", "BF16": "bf16"}
 # Quantize at most this many weight elements at once (4 MiB per f32 temporary): quantize()

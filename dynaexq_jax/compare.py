@@ -110,6 +110,19 @@ def workload_tokens(streams: dict[str, np.ndarray], workload, rows: int, phase_t
     return np.concatenate(phases, axis=1)
 
 
+def corpus_check(model_dir: Path) -> dict:
+    """The digest of the evaluation documents (validation + calibration) on this machine, and
+    whether they are the very documents the model was trained beside (its training.json)."""
+    docs = [d for d in corpus.documents() if d.split != "train"]
+    out = {"eval_digest": corpus.manifest(docs)["digest"], "documents": len(docs), "same_as_training": None}
+    record = Path(model_dir) / "training.json"
+    if record.is_file():
+        trained = json.loads(record.read_text())["corpus"]["documents"]
+        out["same_as_training"] = all(trained.get(d.name, {}).get("sha256") == d.sha256 for d in docs) and \
+            sum(e["split"] != "train" for e in trained.values()) == len(docs)
+    return out
+
+
 # ---- budgets ---------------------------------------------------------------------------------------
 def _plan_kwargs(ckpt: Checkpoint, batch: int, max_len: int, transfers: int) -> dict:
     return dict(hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"], dense_params=tree_nbytes(ckpt.params), batch=batch,
@@ -196,6 +209,7 @@ class Harness:
         self.n_hi = list(plan_budget(self.ckpt.config, budget=self.budget,
                                      **_plan_kwargs(self.ckpt, cfg.rows, cfg.window, cfg.transfers)).n_hi)
         self.validation = domain_streams(self.codec, "validation")
+        self.corpus = corpus_check(self.ckpt.path)
         self.tokens = workload_tokens(self.validation, cfg.workload, cfg.rows, cfg.phase_tokens)
 
     def _budget(self, r: float, batch: int) -> int:
@@ -276,7 +290,8 @@ class Harness:
                              "config": self.ckpt.hf_config},
                    "budget": {"bytes": self.budget, "n_hi": self.n_hi, "num_experts": self.E,
                               "requested": c.budget},
-                   "workload": {"phases": list(c.workload), "rows": c.rows, "phase_tokens": c.phase_tokens},
+                   "workload": {"phases": list(c.workload), "rows": c.rows, "phase_tokens": c.phase_tokens,
+                                "corpus": self.corpus},
                    "policies": runs, "sweep": sweep, "throughput": throughput,
                    "traffic": traffic(traces["all-hi"], c, self.E)}
         np.savez_compressed(out / "traces.npz", **{n.replace("-", "_"): t for n, t in traces.items()})
@@ -369,6 +384,10 @@ def _fmt(x, pct=False):
     return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
 
 
+def _yes_no(flag) -> str:
+    return "unknown (no training.json)" if flag is None else "yes" if flag else "NO (other files: numbers not comparable)"
+
+
 def report(results: dict, plots: list[Path]) -> str:
     b, m = results["budget"], results["machine"]
     phases = results["workload"]["phases"]
@@ -379,6 +398,9 @@ def report(results: dict, plots: list[Path]) -> str:
              f"{b['n_hi']} of {b['num_experts']}. Workload {' -> '.join(phases)} ({results['workload']['phase_tokens']} "
              f"positions per phase, {results['workload']['rows']} streams). Machine: {m['processor']}, {m['cpus']} CPUs, "
              f"jax {m['jax']}, device {m['device']}.", "",
+             f"Evaluation text: {results['workload']['corpus']['documents']} validation/calibration documents of "
+             f"this machine's standard library (digest {results['workload']['corpus']['eval_digest'][:12]}), "
+             f"the model's own held-out documents: {_yes_no(results['workload']['corpus']['same_as_training'])}.", "",
              "Gap recovery = (ppl_LO - ppl) / (ppl_LO - ppl_HI).", "",
              "| policy | ppl overall | " + " | ".join(f"ppl {d}" for d in doms)
              + " | recovery overall | " + " | ".join(f"recovery {d}" for d in doms)

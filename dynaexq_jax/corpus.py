@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -81,9 +82,10 @@ def _split_docstrings(source: str) -> tuple[str, list[str]]:
     return code, [d for _, d in sorted(docs) if d.strip()]
 
 
-def documents(limit: int | None = None) -> list[Document]:
-    """Every document of both domains, in a deterministic order. limit: at most this many source
-    files (for quick runs and tests)."""
+@functools.lru_cache(maxsize=4)
+def documents(limit: int | None = None) -> tuple[Document, ...]:
+    """Every document of both domains, in a deterministic order (cached: parsing the standard
+    library takes seconds). limit: at most this many source files (for quick runs and tests)."""
     import pydoc_data.topics
     docs = [Document(f"prose:topic:{k}", "prose", v) for k, v in sorted(pydoc_data.topics.topics.items())]
     for rel, path in stdlib_sources()[:limit]:
@@ -91,14 +93,14 @@ def documents(limit: int | None = None) -> list[Document]:
         docs.append(Document(f"code:{rel}", "code", code))
         if strings:
             docs.append(Document(f"prose:doc:{rel}", "prose", "\n\n".join(strings)))
-    return docs
+    return tuple(docs)
 
 
-def select(docs: list[Document], domain: str, split: str) -> list[Document]:
+def select(docs, domain: str, split: str) -> list[Document]:
     return [d for d in docs if d.domain == domain and d.split == split]
 
 
-def manifest(docs: list[Document]) -> dict:
+def manifest(docs) -> dict:
     """What a run saw: per document its split and sha256, plus one digest over all of them."""
     entries = {d.name: {"split": d.split, "sha256": d.sha256, "chars": len(d.text)} for d in docs}
     digest = hashlib.sha256("".join(f"{n}{e['sha256']}" for n, e in entries.items()).encode()).hexdigest()

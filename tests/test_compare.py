@@ -97,6 +97,7 @@ def test_compare_writes_every_output(compared):
     assert {(t["batch"], t["engine"]) for t in res["throughput"]} == {
         (b, e) for b in (1, 4) for e in ("all-lo", "dynaexq", "offload-lru", "offload-prefetch")}
     assert all(t["decode_tokens_per_s"] > 0 for t in res["throughput"])
+    assert isinstance(res["workload"]["corpus"]["same_as_training"], bool)
     report = (out / "report.md").read_text()
     assert "| dynaexq |" in report and "projection" in report
 
