@@ -98,6 +98,9 @@ class Controller:
     between tiers) for the segments dispatched after it, or None to keep the current ones."""
     alpha: float = 0.9               # hotness EMA factor used inside the jitted steps
     hotness_in_prefill: bool = True  # whether the prefill forward counts as a hotness step
+    # Set by the loop before each hook: the outputs of the segment dispatched but not yet read
+    # (it still reads the params the hook is about to replace), or None.
+    dispatched = None
 
     def initial_scores(self, num_layers: int, num_experts: int) -> np.ndarray:
         """The hotness EMA a generation starts from, f32 [L_moe, E] (a serving engine carries
@@ -177,6 +180,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     out = [first_h[:, None]]
     if on_tokens:
         on_tokens(first_h[None, :])
+    ctl.dispatched = None
     params = ctl.after_prefill(np.asarray(mass), np.asarray(scores)) or params
 
     def dispatch(params, cache, last, done, step0, scores):
@@ -204,6 +208,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
             on_tokens(toks_h[:take])
         produced += take
         t_ctl = time.perf_counter()
+        ctl.dispatched = pending
         new_params = ctl.after_segment(produced - 1, np.asarray(mass)[:take], np.asarray(scores))
         params = new_params or params
         stats.segments.append({"steps": take, "wait_s": t_ctl - t_seg, "controller_s": time.perf_counter() - t_ctl})

@@ -97,6 +97,7 @@ def score(params, cfg: ModelConfig, tokens, *, chunk: int, window: int, backend:
         if 0 < i < len(starts) - 1:
             pending = dispatch(params, cache, i + 1, scores)
         nlls.append(np.asarray(nll))
+        ctl.dispatched = pending
         params = ctl.after_segment((i + 1) * chunk, np.asarray(mass), np.asarray(scores)) or params
         if i == 0 and len(starts) > 1:
             pending = dispatch(params, cache, 1, scores)

@@ -67,6 +67,7 @@ class RuntimeCounters:
     bytes_moved: int = 0
     publishes_deferred: int = 0     # boundaries at which a pair in flight had not arrived yet
     copy_wait_s: float = 0.0        # deterministic mode: host time spent waiting for copies
+    drain_wait_s: float = 0.0       # host time waiting for the dispatched segment before a publish
     device_stalls: int = 0          # publishes of copies that had not arrived (must stay 0)
     plans: int = 0
     swaps_planned: int = 0
@@ -199,6 +200,14 @@ class Engine(Controller):
 
     def _publish_ready(self) -> list:
         published, waiting = [], []
+        if self.in_flight and self.dispatched is not None:
+            # Publishing rewrites pool slots in place (donated buffers). The segment already
+            # dispatched still reads the old slots, and on the CPU backend an in-place write was
+            # observed to overtake such an earlier reader (nondeterministic results), so let it
+            # finish first. The device then idles only while the host publishes and dispatches.
+            t0 = time.perf_counter()
+            jax.block_until_ready(self.dispatched)
+            self.counters.drain_wait_s += time.perf_counter() - t0
         for t in self.in_flight:
             if self.deterministic and not t.ready:
                 t0 = time.perf_counter()
