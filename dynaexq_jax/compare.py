@@ -31,6 +31,7 @@ from dynaexq_jax.runtime.budget import MARGIN_FRACTION, parse_bytes, plan_budget
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import OraclePolicy
 from dynaexq_jax.runtime.pools import tree_nbytes
+from dynaexq_jax.tokenizer import TextCodec
 
 POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random")
 BASELINES = ("lru", "prefetch")
@@ -193,10 +194,9 @@ class Harness:
         self.ckpt = load_checkpoint(Path(model))
         if self.ckpt.config.model_type != "qwen3_moe":
             raise ConfigError(f"compare supports qwen3_moe models, not {self.ckpt.config.model_type}")
-        probe = Engine(self.ckpt, budget_bytes=2**62, policy="all-lo", batch=1, max_len=cfg.window)
-        if probe.codec.tokenizer is None:
+        self.codec = TextCodec(self.ckpt.path)
+        if self.codec.tokenizer is None:
             raise ConfigError(f"{model}: compare needs the model's tokenizer.json")
-        self.codec = probe.codec
         self.E = self.ckpt.config.num_experts
         if cfg.budget.strip().endswith("%"):
             self.fraction = float(cfg.budget.strip()[:-1]) / 100

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dynaexq_jax.errors import CheckpointNotFoundError
+from dynaexq_jax.quant import parse_format
 
 HF_DIR = Path(__file__).parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
@@ -34,11 +35,8 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         meta = json.loads(meta_file.read_text())
         mine = sha256_files([src / "config.json"] + sorted(src.glob("*.safetensors")))
         same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
-        if same and meta.get("requested_tiers") == {"hi": hi, "lo": lo}:
+        want = {t: meta.get("source_dtype") if f == "source" else parse_format(f).name for t, f in (("hi", hi), ("lo", lo))}
+        if same and meta.get("tiers") == want:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.
-    out = convert(src, conv_dir, hi=hi, lo=lo, dtype="f32", overwrite=True, progress=progress)
-    meta = json.loads(meta_file.read_text())
-    meta["requested_tiers"] = {"hi": hi, "lo": lo}
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    return convert(src, conv_dir, hi=hi, lo=lo, dtype="f32", overwrite=True, progress=progress)

@@ -71,15 +71,11 @@ def random_state_dict(cfg: dict, seed: int = 0, dtype=np.float32):
         yield "lm_head.weight", w(V, H)
 
 
-def write_random_qwen3_moe(out_dir, *, seed: int = 0, dtype: str = "float32", shard_bytes: int | None = None,
-                           tokenizer: bool = True, **overrides) -> Path:
-    """Write a random HF Qwen3-MoE checkpoint to out_dir; shards of about shard_bytes if given."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = qwen3_moe_config(torch_dtype=dtype, **overrides)
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+def save_safetensors(tensors, out: Path, shard_bytes: int | None = None) -> None:
+    """(name, array) pairs -> out/model.safetensors, or shards of about shard_bytes plus
+    model.safetensors.index.json (the Hugging Face layout) when they do not fit in one."""
     shards, cur, size = [], {}, 0
-    for name, arr in random_state_dict(cfg, seed, np_dtype):
+    for name, arr in tensors:
         if shard_bytes and cur and size + arr.nbytes > shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
@@ -88,15 +84,25 @@ def write_random_qwen3_moe(out_dir, *, seed: int = 0, dtype: str = "float32", sh
     shards.append(cur)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for k, sh in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(sh, str(out / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in sh})
-            total += sum(a.nbytes for a in sh.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        return
+    weight_map, total = {}, 0
+    for k, sh in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in sh})
+        total += sum(a.nbytes for a in sh.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_random_qwen3_moe(out_dir, *, seed: int = 0, dtype: str = "float32", shard_bytes: int | None = None,
+                           tokenizer: bool = True, **overrides) -> Path:
+    """Write a random HF Qwen3-MoE checkpoint to out_dir; shards of about shard_bytes if given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = qwen3_moe_config(torch_dtype=dtype, **overrides)
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    save_safetensors(random_state_dict(cfg, seed, np_dtype), out, shard_bytes)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer:
         train_bpe_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))

@@ -30,7 +30,7 @@ from dynaexq_jax.models import qwen3_moe
 from dynaexq_jax.models.qwen3_moe import MoE, Attention, Layer, Params
 from dynaexq_jax.moe import TierPool, single_tier
 from dynaexq_jax.quant import QTensor, parse_format
-from dynaexq_jax.synthetic import qwen3_moe_config, train_bpe_tokenizer
+from dynaexq_jax.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
 
 # The embedded default: 6 layers, 32 experts, top-4, experts 3 x 256 x 64 (so integer formats use
 # groups of at most 64). About 11.7M parameters, 23 MB in bf16: under the 25 MB the repo allows.
@@ -38,6 +38,10 @@ TINY_MOE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=6, num_atten
                 num_key_value_heads=2, head_dim=64, moe_intermediate_size=64, num_experts=32,
                 num_experts_per_tok=4, intermediate_size=512, tie_word_embeddings=True,
                 max_position_embeddings=2048, torch_dtype="bfloat16")
+
+
+# Exported weights are cut into shards of at most this size, so that no file the repo ships is large.
+SHARD_BYTES = 12 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,7 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarra
 
 def train(out_dir: str | Path, tc: TrainConfig = TrainConfig(), model_overrides: dict | None = None,
           source_limit: int | None = None, log=print) -> dict:
-    """Train and export to out_dir (config.json, model.safetensors, tokenizer.json,
+    """Train and export to out_dir (config.json, safetensors shards + index, tokenizer.json,
     training.json with the curves and corpus manifest). Returns the training record."""
     out = Path(out_dir)
     hf_cfg = qwen3_moe_config(**{**TINY_MOE, **(model_overrides or {})})
@@ -231,11 +235,10 @@ def export_hf(t: Trainable, hf_cfg: dict, cfg: ModelConfig, tokenizer, out: Path
     """Write the HF directory atomically (a temp dir renamed into place)."""
     import shutil
 
-    from safetensors.numpy import save_file
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(hf_state_dict(t, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(hf_state_dict(t, cfg).items(), tmp, SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
     tokenizer.save(str(tmp / "tokenizer.json"))
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
