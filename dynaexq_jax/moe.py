@@ -8,11 +8,14 @@ budget); the assignment is data, so changing it never recompiles.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dynaexq_jax import cpu_kernel
 from dynaexq_jax.quant import Format, QTensor, quantize
 
 HI, LO = 0, 1
@@ -199,14 +202,60 @@ def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
     return jnp.zeros((T + 1, H), jnp.float32).at[row_tok].add(y)[:T]
 
 
+def _xla_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
+    """One tier's share of the output in plain XLA, f32 [T, H]. Chosen statically by shape: when
+    the tokens route to few (token, expert) pairs compared with the experts (decode), gather
+    just the slots of the pairs this tier serves (_routed_pairs); otherwise either sort the
+    pairs into per-slot blocks (_grouped_pairs: long prefills, training) or run every slot over
+    every token with the routing weights as a dense combine (short prefills, batched decode),
+    whichever moves and computes less. All use batch-dim dot_generals: XLA CPU's transposing
+    einsums were 5-10x slower."""
+    T, H = x.shape
+    k = slots.shape[1]
+    # A tier serves about T*k*S/E pairs (its share of slots): gather them one by one when
+    # that is cheaper than one pass over its S slots.
+    if GATHER_COST * T * k <= num_experts:
+        return _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == num_experts)
+    if grouped_is_cheaper(T, k, pool.size):
+        return _grouped_pairs(x, pool, slots, w, on_tier)
+    combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
+    h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
+    return _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
+
+
+# The CPU kernel streams each routed slot once and computes only its routed rows; XLA's grouped
+# path wins back only for long prefills, past this many pairs per slot (measured crossover
+# above 64 on the bench shapes: benchmarks/moe_kernels.py).
+KERNEL_MAX_PAIRS_PER_SLOT = 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
+    """_xla_tier's result from the CPU kernel when lowered for the CPU (XLA elsewhere, e.g. in
+    an export for CUDA); gradients come from the XLA path (training differentiates this op)."""
+    return jax.lax.platform_dependent(
+        x, pool, slots, w, on_tier,
+        cpu=lambda x, pool, slots, w, on_tier: cpu_kernel.tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w),
+        default=lambda x, pool, slots, w, on_tier: _xla_tier(x, pool, slots, w, on_tier, num_experts))
+
+
+def _kernel_tier_fwd(x, pool, slots, w, on_tier, num_experts):
+    return _kernel_tier(x, pool, slots, w, on_tier, num_experts), (x, pool, slots, w, on_tier)
+
+
+def _kernel_tier_bwd(num_experts, res, g):
+    x, pool, slots, w, on_tier = res
+    _, vjp = jax.vjp(lambda x, pool, w: _xla_tier(x, pool, slots, w, on_tier, num_experts), x, pool, w)
+    dx, dpool, dw = vjp(g)
+    return dx, dpool, None, dw, None
+
+
+_kernel_tier.defvjp(_kernel_tier_fwd, _kernel_tier_bwd)
+
+
 def moe_experts_xla(x, ids, weights, experts: ExpertPools):
-    """The XLA backend (the CPU default). Per tier, chosen statically by shape: when the tokens
-    route to few (token, expert) pairs compared with the experts (decode), gather just the
-    slots of the pairs this tier serves (_routed_pairs); otherwise either sort the pairs into
-    per-slot blocks (_grouped_pairs: long prefills, training) or run every slot over every token
-    with the routing weights as a dense combine (short prefills, batched decode), whichever moves
-    and computes less. All use batch-dim dot_generals: XLA CPU's transposing einsums were 5-10x
-    slower."""
+    """The XLA backend (the CPU default): per tier, the CPU kernel (cpu_kernel.py) where it is
+    built and the shape suits it, else plain XLA (_xla_tier). f32 accumulation, x.dtype out."""
     T, H = x.shape
     k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
@@ -216,16 +265,10 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         on_tier = experts.tier[ids] == t                                       # [T, k]
         slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)                  # [T, k]
         w = jnp.where(on_tier, weights.astype(jnp.float32), 0.0)
-        # A tier serves about T*k*S/E pairs (its share of slots): gather them one by one when
-        # that is cheaper than one pass over its S slots.
-        if GATHER_COST * T * k <= experts.num_experts:
-            out = out + _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == experts.num_experts)
-        elif grouped_is_cheaper(T, k, pool.size):
-            out = out + _grouped_pairs(x, pool, slots, w, on_tier)
+        if cpu_kernel.enabled() and T * k <= KERNEL_MAX_PAIRS_PER_SLOT * pool.size:
+            out = out + _kernel_tier(x, pool, slots, w, on_tier, experts.num_experts)
         else:
-            combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
-            h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
-            out = out + _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
+            out = out + _xla_tier(x, pool, slots, w, on_tier, experts.num_experts)
     return out.astype(x.dtype)
 
 

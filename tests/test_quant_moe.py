@@ -81,11 +81,19 @@ def random_pools(r, E, H, I, specs, n_hi):
     return raw, ExpertPools(jax.device_put(pools), jnp.asarray(tier), jnp.asarray(slot)), specs
 
 
+@pytest.fixture(params=["kernel", "plain-xla"])
+def cpu_kernel_mode(request, monkeypatch):
+    """Run the XLA backend with the CPU kernel (where built) and without it (the XLA paths that
+    serve other platforms and machines without a compiler)."""
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("specs", [("f32", "int4:g32"), ("bf16", "int2:g32"), ("int8:g32", "int4:g16")])
 @pytest.mark.parametrize("T, E, k", [(1, 8, 2), (3, 8, 2), (40, 8, 2), (1, 32, 4), (2, 32, 4)])
-def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T, E, k):
-    """Covers both XLA strategies: routed-pair gathers (small T*k, every bucket size) and the
-    dense product over all slots."""
+def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T, E, k, cpu_kernel_mode):
+    """Covers the XLA strategies: routed-pair gathers (small T*k, every bucket size) and the
+    dense product over all slots, and the CPU kernel in their place."""
     r = rng(3)
     H, I = 64, 32
     raw, experts, _ = random_pools(r, E, H, I, specs, n_hi=int(r.integers(1, E)))
@@ -109,7 +117,7 @@ def test_xla_mixed_tier_op_equals_dense_dequantized_reference(specs, T, E, k):
 
 
 @pytest.mark.parametrize("T", [1, 2, 30])
-def test_xla_op_with_every_expert_in_one_tier(T):
+def test_xla_op_with_every_expert_in_one_tier(T, cpu_kernel_mode):
     """A single-tier model (all HI or all LO) takes the no-sort routed-pair path at decode."""
     r = rng(4)
     E, H, I, k = 32, 64, 32, 4

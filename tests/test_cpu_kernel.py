@@ -1,0 +1,163 @@
+"""The CPU kernel of the MoE op (dynaexq_jax/csrc/moe_cpu.cc): results against the dense
+reference in every format, its place in the XLA backend (dispatch, gradients, export for CUDA),
+errors, the build cache and the fallback without a compiler."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaexq_jax import cpu_kernel
+from dynaexq_jax.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route, single_tier
+
+SEED = int.from_bytes(os.urandom(4), "little")
+FORMATS = ["f32", "bf16", "fp16", "int8:g32", "int4:g32", "int2:g16", "int4:channel"]
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler to build the CPU kernel")
+
+
+def _raw(r, E, H, I):
+    return [r.standard_normal(s).astype(np.float32) * 0.1 for s in [(E, H, I), (E, H, I), (E, I, H)]]
+
+
+def _close(got, want, rtol=2e-5):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=f"seed {SEED}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 5, 64])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_equals_the_dense_reference(fmt, T, x_dtype):
+    """One tier, every pair either served (any slot, repeats included) or left to another tier
+    (slot -1). The kernel computes in f32 whatever x's dtype: compare with the f32 reference."""
+    r = np.random.default_rng(SEED)
+    E, H, I, k = 16, 64, 32, 4
+    pool = jax.device_put(quantize_experts(*_raw(r, E, H, I), fmt))
+    x = jnp.asarray(r.standard_normal((T, H)), x_dtype)
+    ids, w, _ = route(x.astype(jnp.float32), jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, True)
+    served = jnp.asarray(r.random((T, k)) < 0.7)
+    w = jnp.where(served, w, 0.0)
+    got = np.asarray(jax.jit(cpu_kernel.tier_contribution)(x, pool, jnp.where(served, ids, -1), w))
+    want = np.asarray(moe_experts_reference(x.astype(jnp.float32), ids, w, single_tier(pool)))
+    _close(got, want)
+
+
+def test_pairs_of_other_tiers_contribute_nothing():
+    r = np.random.default_rng(SEED)
+    pool = jax.device_put(quantize_experts(*_raw(r, 8, 32, 16), "int4:g16"))
+    x = jnp.asarray(r.standard_normal((3, 32)), jnp.float32)
+    out = cpu_kernel.tier_contribution(x, pool, jnp.full((3, 2), -1, jnp.int32), jnp.ones((3, 2)))
+    assert np.array_equal(np.asarray(out), np.zeros((3, 32), np.float32))
+
+
+def _mixed(r, E=32, H=64, I=32, specs=("f32", "int4:g32")):
+    raw = _raw(r, E, H, I)
+    perm = r.permutation(E)
+    sets = [np.sort(perm[:7]), np.sort(perm[7:])]
+    pools = tuple(quantize_experts(*[w[s] for w in raw], spec) for s, spec in zip(sets, specs))
+    tier, slot = np.zeros(E, np.int32), np.zeros(E, np.int32)
+    for t, s in enumerate(sets):
+        tier[s], slot[s] = t, np.arange(len(s))
+    return ExpertPools(jax.device_put(pools), jnp.asarray(tier), jnp.asarray(slot))
+
+
+def _op(monkeypatch, use_kernel: bool):
+    """A fresh jit of the XLA backend traced with the kernel on or off."""
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1" if use_kernel else "0")
+    return jax.jit(lambda *a: moe_experts_xla(*a))
+
+
+@pytest.mark.parametrize("T", [1, 8, 100])
+def test_xla_backend_calls_the_kernel_and_agrees_with_plain_xla(monkeypatch, T):
+    r = np.random.default_rng(SEED)
+    experts = _mixed(r)
+    x = jnp.asarray(r.standard_normal((T, 64)), jnp.float32)
+    ids, w, _ = route(x, jnp.asarray(r.standard_normal((64, 32)), jnp.float32), 4, True)
+    with_kernel, plain = _op(monkeypatch, True), None
+    assert cpu_kernel.TARGET in with_kernel.lower(x, ids, w, experts).as_text()
+    got = np.asarray(with_kernel(x, ids, w, experts))
+    plain = _op(monkeypatch, False)
+    assert cpu_kernel.TARGET not in plain.lower(x, ids, w, experts).as_text()
+    _close(got, np.asarray(plain(x, ids, w, experts)))
+    _close(got, np.asarray(moe_experts_reference(x, ids, w, experts)))
+
+
+def test_gradients_through_the_kernel_come_from_the_xla_path(monkeypatch):
+    """Training differentiates the MoE op: the kernel's custom VJP gives XLA's gradients."""
+    r = np.random.default_rng(SEED)
+    E, H, I, k, T = 16, 32, 16, 2, 6
+    pool = jax.device_put(quantize_experts(*_raw(r, E, H, I), "f32"))
+    x = jnp.asarray(r.standard_normal((T, H)), jnp.float32)
+    ids, w, _ = route(x, jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, True)
+    c = jnp.asarray(r.standard_normal((T, H)), jnp.float32)
+
+    def loss(x, pool, w):
+        return jnp.sum(c * moe_experts_xla(x, ids, w, single_tier(pool)))
+
+    grads = {}
+    for use in (True, False):
+        monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1" if use else "0")
+        grads[use] = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(x, pool, w)
+    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        assert np.abs(np.asarray(b)).max() > 0
+        _close(np.asarray(a), np.asarray(b))
+
+
+def test_export_for_cuda_keeps_the_xla_path(monkeypatch):
+    """The kernel is a CPU custom call: a CUDA lowering of the same function must not contain it."""
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1")
+    r = np.random.default_rng(SEED)
+    experts = _mixed(r)
+    x = jnp.zeros((2, 64), jnp.float32)
+    ids, w = jnp.zeros((2, 4), jnp.int32), jnp.full((2, 4), 0.25, jnp.float32)
+    f = jax.jit(lambda *a: moe_experts_xla(*a))
+    text = jax.export.export(f, platforms=["cuda"])(x, ids, w, experts).mlir_module()
+    assert cpu_kernel.TARGET not in text
+    allow = [jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)]
+    cpu = jax.export.export(f, platforms=["cpu"], disabled_checks=allow)(x, ids, w, experts)
+    assert cpu_kernel.TARGET in cpu.mlir_module()
+
+
+def test_bad_calls_raise_errors_that_name_the_problem():
+    r = np.random.default_rng(SEED)
+    pool = jax.device_put(quantize_experts(*_raw(r, 8, 32, 16), "f32"))
+    x = jnp.zeros((2, 32), jnp.float32)
+    with pytest.raises(Exception, match="slot out of range"):
+        np.asarray(cpu_kernel.tier_contribution(x, pool, jnp.full((2, 2), 8, jnp.int32), jnp.ones((2, 2))))
+    with pytest.raises(Exception, match="x must be f32 or bf16"):
+        np.asarray(cpu_kernel.tier_contribution(x.astype(jnp.float16), pool, jnp.zeros((2, 2), jnp.int32),
+                                                jnp.ones((2, 2))))
+    with pytest.raises(Exception, match="weights do not match"):
+        np.asarray(cpu_kernel.tier_contribution(jnp.zeros((2, 16), jnp.float32), pool,
+                                                jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2))))
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(tmp_path))
+    first = cpu_kernel.build(cpu_kernel._compiler())
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build(cpu_kernel._compiler()) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]       # no temporary left behind
+
+
+def test_without_a_compiler_the_xla_path_serves(tmp_path):
+    code = ("import warnings, jax.numpy as jnp, numpy as np\n"
+            "from dynaexq_jax import cpu_kernel\n"
+            "from dynaexq_jax.moe import moe_experts_xla, moe_experts_reference, quantize_experts, single_tier\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert not cpu_kernel.available()\n"
+            "assert any('could not be built' in str(w.message) for w in caught)\n"
+            "r = np.random.default_rng(0)\n"
+            "e = single_tier(quantize_experts(*(r.standard_normal(s).astype(np.float32) for s in\n"
+            "    [(4, 8, 4), (4, 8, 4), (4, 4, 8)]), 'f32'))\n"
+            "x, ids, w = jnp.ones((1, 8)), jnp.asarray([[1, 3]]), jnp.asarray([[0.5, 0.5]])\n"
+            "assert np.allclose(moe_experts_xla(x, ids, w, e), moe_experts_reference(x, ids, w, e), rtol=1e-5)\n"
+            "print('fallback ok')\n")
+    env = {**os.environ, "CXX": "/nonexistent/c++", "DYNAEXQ_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
