@@ -136,7 +136,7 @@ def _add_runtime_args(p, budget_required: bool):
     p.add_argument("--rate-limit", type=int, default=None, help="max swaps per layer per update")
     p.add_argument("--alpha", type=float, default=0.9, help="hotness EMA factor")
     p.add_argument("--transfers", type=int, default=4, help="K: transitions (copies) in flight")
-    p.add_argument("--backend", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--backend", default="xla", choices=["xla", "xla-only", "pallas"])
 
 
 def _add_sampling_args(p):

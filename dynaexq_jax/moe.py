@@ -1,5 +1,7 @@
 """The routed-expert FFN: router, per-tier expert pools with a precision assignment, and the
-mixed-tier MoE op (one signature, two backends: XLA everywhere, Pallas on GPU).
+mixed-tier MoE op (one signature, three backends: "xla" everywhere, which calls the CPU kernel
+(cpu_kernel.py) for the routed experts when it runs on the CPU; "xla-only", the same without
+that kernel; "pallas", the Pallas kernels on GPU).
 
 An MoE layer's resident experts are an ExpertPools: one TierPool per tier (tier 0 = HI,
 tier 1 = LO, ...), each a stack of `size` slots in one Format, plus the assignment: for every
@@ -19,7 +21,7 @@ from dynaexq_jax import cpu_kernel
 from dynaexq_jax.quant import Format, QTensor, quantize
 
 HI, LO = 0, 1
-BACKENDS = ("xla", "pallas")
+BACKENDS = ("xla", "xla-only", "pallas")
 
 
 @struct.dataclass
@@ -253,9 +255,10 @@ def _kernel_tier_bwd(num_experts, res, g):
 _kernel_tier.defvjp(_kernel_tier_fwd, _kernel_tier_bwd)
 
 
-def moe_experts_xla(x, ids, weights, experts: ExpertPools):
-    """The XLA backend (the CPU default): per tier, the CPU kernel (cpu_kernel.py) where it is
-    built and the shape suits it, else plain XLA (_xla_tier). f32 accumulation, x.dtype out."""
+def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = True):
+    """The XLA backend (the default): per tier, the CPU kernel (cpu_kernel.py) where it is built,
+    wanted (use_kernel) and the shape suits it, else plain XLA (_xla_tier). f32 accumulation,
+    x.dtype out."""
     T, H = x.shape
     k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
@@ -265,7 +268,7 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
         on_tier = experts.tier[ids] == t                                       # [T, k]
         slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)                  # [T, k]
         w = jnp.where(on_tier, weights.astype(jnp.float32), 0.0)
-        if cpu_kernel.enabled() and T * k <= KERNEL_MAX_PAIRS_PER_SLOT * pool.size:
+        if use_kernel and cpu_kernel.enabled() and T * k <= KERNEL_MAX_PAIRS_PER_SLOT * pool.size:
             out = out + _kernel_tier(x, pool, slots, w, on_tier, experts.num_experts)
         else:
             out = out + _xla_tier(x, pool, slots, w, on_tier, experts.num_experts)
@@ -274,8 +277,8 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools):
 
 def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla"):
     """The mixed-tier MoE op: tokens x [T, H] routed to ids/weights [T, k] -> [T, H]."""
-    if backend == "xla":
-        return moe_experts_xla(x, ids, weights, experts)
+    if backend in ("xla", "xla-only"):
+        return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla")
     if backend == "pallas":
         from pallas_kernels.moe import moe_experts_pallas
         return moe_experts_pallas(x, ids, weights, experts)

@@ -147,7 +147,8 @@ void parallel_for(ffi::ThreadPool& pool, int n, const std::function<void(int)>& 
       st->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int helpers = std::min<int64_t>(n - 1, pool.num_threads());
+  // The calling thread works too: with it, at most one thread per core of the pool.
+  const int helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
   for (int i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
