@@ -1,14 +1,16 @@
 """MoE expert-FFN timings at Qwen3-30B-A3B expert shapes (hidden 2048, moe_intermediate 768,
 128 experts, top-8), per tier format, decode batch sizes.
 
-  CPU: times the XLA path (dynaexq_jax.moe.moe_experts_xla), the CPU default.
+  CPU: times the default "xla" backend (dynaexq_jax.moe.moe_experts_xla, which calls the CPU
+       kernel, dynaexq_jax/csrc/moe_cpu.cc, for the routed experts) beside "xla-only" (plain XLA).
   GPU: times the Pallas op (pallas_kernels.moe.moe_experts_pallas) per tier and, for bf16, an
        equivalent op on jax.lax.ragged_dot; checks each Pallas result against the dense reference.
 
 Decode is memory-bound, so the figure of merit is the bytes of routed expert weights (unique
 experts touched x bytes per expert in that format, scales included) read per second, set against
 the device's copy bandwidth ((read + write bytes) / time of a large jnp copy) measured in the same
-run. The CPU XLA path reads every slot of the pool; its table shows routed bytes the same way.
+run. Plain XLA on the CPU gathers (copies) the routed experts or reads every slot of the pool;
+its table shows routed bytes the same way.
 
   python benchmarks/moe_kernels.py            # full sizes
   python benchmarks/moe_kernels.py --quick    # fewer experts and batches (CPU: a couple of minutes)
@@ -151,6 +153,7 @@ def main(argv=None):
                     x, ids, w, ex.pools[0].gate.data, ex.pools[0].up.data, ex.pools[0].down.data)
         else:
             backends["xla"] = moe_experts_xla
+            backends["xla-only"] = lambda x, ids, w, ex: moe_experts_xla(x, ids, w, ex, use_kernel=False)
         for b, batch in enumerate(batches):
             kx, kr = jax.random.split(jax.random.fold_in(key, batch))
             xs = (0.5 * jax.random.normal(kx, (reps, batch, h), jnp.float32)).astype(jnp.bfloat16)
