@@ -59,20 +59,21 @@ class Params:
 
 @struct.dataclass
 class KVCache:
-    """Preallocated KV cache. k/v: one [B, nKV, S, hd] array per layer (head-major, so that
-    attention's batched dots read it without a transposed copy); lengths: int32 [B], the number
-    of valid positions of each sequence."""
+    """Preallocated KV cache. k/v: one [B*nKV, S, hd] array per layer (sequence-major, then kv
+    head): attention's batched dots read it in its stored layout, with no reshape that would make
+    XLA copy it to keep the in-place update; lengths: int32 [B], the number of valid positions
+    of each sequence."""
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[1]
 
     @property
     def batch(self) -> int:
-        return self.k[0].shape[0]
+        return self.lengths.shape[0]
 
 
 @struct.dataclass
@@ -84,7 +85,7 @@ class RouterInfo:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shape = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    jnp.zeros((batch,), jnp.int32))
@@ -116,11 +117,12 @@ def _linear(x, w, b=None):
 
 
 def _write_cache(cache_arr, new, start):
-    """Write new [B, T, n, hd] into cache_arr [B, n, S, hd] at per-sequence offsets start [B]."""
-    new = new.transpose(0, 2, 1, 3).astype(cache_arr.dtype)
-    if cache_arr.shape[0] == 1:   # one sequence: a plain in-place update (the vmapped form copies in loops)
-        return jax.lax.dynamic_update_slice(cache_arr, new, (0, 0, start[0], 0))
-    return jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, s, 0)))(cache_arr, new, start)
+    """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] at per-sequence offsets start [B]."""
+    B, T, n, hd = new.shape
+    rows = jnp.arange(B * n)[:, None]                                     # [B*n, 1]
+    cols = jnp.repeat(start, n)[:, None] + jnp.arange(T)[None, :]          # [B*n, T]
+    vals = new.transpose(0, 2, 1, 3).reshape(B * n, T, hd).astype(cache_arr.dtype)
+    return cache_arr.at[rows, cols].set(vals, mode="promise_in_bounds")
 
 
 def attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cache, start):
@@ -138,24 +140,24 @@ def attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cache, st
 
 
 def attend(q, k, v, positions, k_cache, v_cache, start):
-    """Write k, v [B, T, nKV, hd] into the caches [B, nKV, S, hd] at start [B], then causal
+    """Write k, v [B, T, nKV, hd] into the caches [B*nKV, S, hd] at start [B], then causal
     grouped-query attention of q [B, T, nH, hd] over them. Returns (out [B, T, nH*hd], caches).
-    Both products are batched over (B, nKV) with the cache in its stored layout; only the small
+    Both products are batched over B*nKV with the cache in its stored layout; only the small
     q and output blocks are transposed."""
     B, T, nH, hd = q.shape
     nKV = k.shape[2]
     k_cache = _write_cache(k_cache, k, start)
     v_cache = _write_cache(v_cache, v, start)
-    S = k_cache.shape[2]
+    S = k_cache.shape[1]
     rep = nH // nKV
-    qg = q.reshape(B, T, nKV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, nKV, rep * T, hd)
-    scores = jax.lax.dot_general(qg, k_cache.astype(q.dtype), (((3,), (3,)), ((0, 1), (0, 1))),
-                                 preferred_element_type=jnp.float32) * (hd ** -0.5)    # [B, nKV, rep*T, S]
+    qg = q.reshape(B, T, nKV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B * nKV, rep * T, hd)
+    scores = jax.lax.dot_general(qg, k_cache.astype(q.dtype), (((2,), (2,)), ((0,), (0,))),
+                                 preferred_element_type=jnp.float32) * (hd ** -0.5)    # [B*nKV, rep*T, S]
     # Causal over absolute positions: query at position p sees cache slots 0..p.
     visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]                    # [B, T, S]
-    visible = jnp.broadcast_to(visible[:, None, None], (B, 1, rep, T, S)).reshape(B, 1, rep * T, S)
+    visible = jnp.broadcast_to(visible[:, None, None], (B, nKV, rep, T, S)).reshape(B * nKV, rep * T, S)
     probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(q.dtype)
-    out = jax.lax.dot_general(probs, v_cache.astype(q.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
+    out = jax.lax.dot_general(probs, v_cache.astype(q.dtype), (((2,), (1,)), ((0,), (0,))))
     out = out.reshape(B, nKV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, nH * hd)
     return out, k_cache, v_cache
 

@@ -53,7 +53,7 @@ class Layer:
 
 @struct.dataclass
 class HybridCache:
-    """k/v: one [B, nKV, S, hd] per full-attention layer (in cfg.attention_layers order);
+    """k/v: one [B*nKV, S, hd] per full-attention layer (in cfg.attention_layers order);
     conv: one [B, K-1, conv_dim] per linear layer (the last K-1 conv inputs); state: one f32
     [B, nV, dk, dv] per linear layer (the delta-rule memory); lengths int32 [B]."""
     k: tuple[jax.Array, ...]
@@ -74,7 +74,7 @@ def conv_dim(cfg: ModelConfig) -> int:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> HybridCache:
-    kv = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    kv = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     conv = (batch, cfg.linear_conv_kernel_dim - 1, conv_dim(cfg))
     # The recurrent state stays f32 whatever the model dtype (the reference computes it in f32).
     state = (batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
