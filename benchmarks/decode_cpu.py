@@ -132,7 +132,7 @@ def main():
                        goal_tok_s=3 * tok_s[HF])
             rows.append(row)
             print(f"batch {b}: " + " | ".join(f"{n} {v:7.1f} tok/s" for n, v in tok_s.items()), flush=True)
-            print(f"  ratios vs transformers: " + ", ".join(f"{n} {v:.2f}x" for n, v in row["speedup"].items()))
+            print("  ratios vs transformers: " + ", ".join(f"{n} {v:.2f}x" for n, v in row["speedup"].items()))
             print(f"  floor: {step_bytes / 2**20:.0f} MiB per step ({experts:.1f} experts per layer) at "
                   f"{bandwidth / 1e9:.1f} GB/s -> at most {floor_tok_s:.0f} tok/s; the 3x goal needs "
                   f"{row['goal_tok_s']:.0f} tok/s ({'within' if row['goal_tok_s'] <= floor_tok_s else 'ABOVE'}"
