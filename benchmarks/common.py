@@ -2,11 +2,13 @@
 import time
 
 
+def timed(fn) -> float:
+    """Seconds one call of fn takes."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def best_of(fn, repeats: int) -> float:
     """The fastest of `repeats` calls of fn, in seconds: the least disturbed by a noisy machine."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed(fn) for _ in range(repeats))

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -31,18 +30,13 @@ import transformers
 
 import dynaexq_jax
 from checkpoints_convert import convert
+from common import best_of, timed  # benchmarks/common.py
 from dynaexq_jax.generate import Controller, generate
 from dynaexq_jax.synthetic import BENCH_CONFIG, write_random_qwen3_moe
 
 PROMPT, NEW = 64, 64
 OURS = {"dynaexq-jax (xla + CPU kernel)": "xla", "dynaexq-jax (xla-only)": "xla-only"}
 HF = "transformers eager"
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def ours_runner(model):
@@ -74,7 +68,7 @@ def read_bandwidth(repeats: int = 20) -> float:
     x = jnp.ones((1, 8192), jnp.float32)
     f = jax.jit(lambda x, w: x @ w)
     f(x, w).block_until_ready()
-    return w.nbytes / min(timed(lambda: f(x, w).block_until_ready()) for _ in range(repeats))
+    return w.nbytes / best_of(lambda: f(x, w).block_until_ready(), repeats)
 
 
 def floor_bytes(model, prompts) -> tuple[float, float]:
@@ -109,7 +103,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = write_random_qwen3_moe(Path(tmp) / "hf", seed=0, tokenizer=False, **BENCH_CONFIG)
         conv = convert(hf_dir, Path(tmp) / "conv", progress=False)
-        runners = {name: ours_runner(dynaexq_jax.load(conv, backend=b)) for name, b in OURS.items()}
+        models = {name: dynaexq_jax.load(conv, backend=b) for name, b in OURS.items()}
+        runners = {name: ours_runner(m) for name, m in models.items()}
         hf = transformers.Qwen3MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
         runners[HF] = hf_runner(hf)
@@ -125,7 +120,7 @@ def main():
                         best[name][n] = min(best[name][n], timed(lambda: run(prompts, n)))
             n_tok = b * (NEW - 1)
             tok_s = {name: n_tok / (t[NEW] - t[1]) for name, t in best.items()}
-            step_bytes, experts = floor_bytes(dynaexq_jax.load(conv), prompts)
+            step_bytes, experts = floor_bytes(next(iter(models.values())), prompts)
             floor_tok_s = b / (step_bytes / bandwidth)
             row = dict(batch=b, tok_s=tok_s, speedup={n: tok_s[n] / tok_s[HF] for n in OURS},
                        step_bytes=step_bytes, experts_per_layer_step=experts, floor_tok_s=floor_tok_s,

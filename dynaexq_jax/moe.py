@@ -22,6 +22,7 @@ from dynaexq_jax.quant import Format, QTensor, quantize
 
 HI, LO = 0, 1
 BACKENDS = ("xla", "xla-only", "pallas")
+XLA_BACKENDS = ("xla", "xla-only")    # the XLA op, with or without the CPU kernel
 
 
 @struct.dataclass
@@ -278,7 +279,7 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = Tr
 
 def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla"):
     """The mixed-tier MoE op: tokens x [T, H] routed to ids/weights [T, k] -> [T, H]."""
-    if backend in ("xla", "xla-only"):
+    if backend in XLA_BACKENDS:
         return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla")
     if backend == "pallas":
         from pallas_kernels.moe import moe_experts_pallas

@@ -43,6 +43,14 @@ struct Mat {
   }
 };
 
+// bf16 is the top half of an f32.
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(&dst[i], &bits, 4);
+  }
+}
+
 // acc[r, :] += sum_k a[r, k] * W_e[k, :] for r < R; a is [R, K], acc [R, N] (row-major).
 // Weight rows are read once (dequantized into `rows` first unless f32) and applied in groups of
 // up to 4, so each pass over an accumulator row carries four rows' worth of FMAs.
@@ -90,10 +98,7 @@ void accumulate(const Mat& m, int64_t e, const float* a, int R, float* acc, floa
     const uint16_t* src = reinterpret_cast<const uint16_t*>(base);
     for (int64_t k = 0; k < K; ++k) {
       float* row = slot();
-      for (int64_t n = 0; n < N; ++n) {
-        uint32_t bits = static_cast<uint32_t>(src[k * N + n]) << 16;
-        std::memcpy(&row[n], &bits, 4);
-      }
+      bf16_to_f32(src + k * N, row, N);
       push(k, row);
     }
   } else if (m.kind == kF16) {
@@ -185,6 +190,7 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const int64_t T = xd[0], H = xd[1], P = slots.element_count();
   if (weights.element_count() != P || T == 0 || P % T)
     return ffi::Error::InvalidArgument("slots and weights must be [T * k]");
+  if (gate.dimensions().size() != 3) return ffi::Error::InvalidArgument("gate: weights must be [S, K, N]");
   const int64_t k = P / T, S = gate.dimensions()[0], I = gate.dimensions()[2];
   Mat mg, mu, md;
   for (auto err : {check_mat("gate", gate, gate_s, kind, bits, group, S, H, I, &mg),
@@ -204,15 +210,12 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   for (int64_t s = 0; s < S; ++s)
     if (!pairs_of[s].empty()) hit.push_back(static_cast<int>(s));
 
-  std::vector<float> xf(T * H);
-  if (x.element_type() == ffi::F32) {
-    std::memcpy(xf.data(), x.untyped_data(), T * H * 4);
-  } else {
-    const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
-    for (int64_t i = 0; i < T * H; ++i) {
-      uint32_t b = static_cast<uint32_t>(xb[i]) << 16;
-      std::memcpy(&xf[i], &b, 4);
-    }
+  std::vector<float> x_bf16;  // bf16 activations widened once; f32 ones are read in place
+  const float* xf = static_cast<const float*>(x.untyped_data());
+  if (x.element_type() == ffi::BF16) {
+    x_bf16.resize(T * H);
+    bf16_to_f32(static_cast<const uint16_t*>(x.untyped_data()), x_bf16.data(), T * H);
+    xf = x_bf16.data();
   }
   const float* w = weights.typed_data();
   std::vector<float> y(P * H, 0.0f);  // per-pair outputs, summed per token below in pair order

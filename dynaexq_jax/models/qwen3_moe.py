@@ -122,7 +122,7 @@ def _write_cache(cache_arr, new, start):
     rows = jnp.arange(B * n)[:, None]                                     # [B*n, 1]
     cols = jnp.repeat(start, n)[:, None] + jnp.arange(T)[None, :]          # [B*n, T]
     vals = new.transpose(0, 2, 1, 3).reshape(B * n, T, hd).astype(cache_arr.dtype)
-    return cache_arr.at[rows, cols].set(vals, mode="promise_in_bounds")
+    return cache_arr.at[rows, cols].set(vals)
 
 
 def attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cache, start):

@@ -18,7 +18,7 @@ import numpy as np
 
 from dynaexq_jax.config import ModelConfig
 from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError
-from dynaexq_jax.moe import block_rows
+from dynaexq_jax.moe import XLA_BACKENDS, block_rows
 from dynaexq_jax.quant import Format, expert_nbytes
 
 STRATEGIES = ("uniform", "proportional", "greedy")
@@ -82,7 +82,7 @@ def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int
     tokens = batch * max(prefill_len, 1)
     H, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
     act = 4 * tokens * (4 * H + 3 * k * I + 2 * cfg.num_heads * max_len + cfg.vocab_size)
-    if backend in ("xla", "xla-only") and E:
+    if backend in XLA_BACKENDS and E:
         b = block_rows(tokens * k, E)
         rows = (-(-tokens * k // b) + E) * b
         act += 4 * (rows // b) * 3 * H * I + 4 * rows * (2 * I + 2 * H)
