@@ -32,7 +32,7 @@ _HWM = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith
 CHILD_WRITE = """
 import json, sys
 from pathlib import Path
-from dynaexq_jax.synthetic import write_random_qwen3_moe
+from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 write_random_qwen3_moe(Path(sys.argv[1]), dtype="bfloat16", shard_bytes=100_000_000, tokenizer=False,
                        **json.loads(sys.argv[2]))
 """
@@ -45,7 +45,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "vm_hwm": {_HWM}}}))
 """
 CHILD_BASELINE = f"""
 import json
-import checkpoints_convert, dynaexq_jax.checkpoint
+import checkpoints_convert, dynaexq_jax.serving.checkpoint
 print(json.dumps({{"vm_hwm": {_HWM}}}))
 """
 

@@ -31,8 +31,8 @@ import transformers
 import dynaexq_jax
 from checkpoints_convert import convert
 from common import best_of, timed  # benchmarks/common.py
-from dynaexq_jax.generate import Controller, generate
-from dynaexq_jax.synthetic import BENCH_CONFIG, write_random_qwen3_moe
+from dynaexq_jax.serving.generate import Controller, generate
+from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, write_random_qwen3_moe
 
 PROMPT, NEW = 64, 64
 OURS = {"dynaexq-jax (xla + CPU kernel)": "xla", "dynaexq-jax (xla-only)": "xla-only"}

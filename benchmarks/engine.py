@@ -18,7 +18,7 @@ import numpy as np
 
 from checkpoints_convert import convert
 from dynaexq_jax.runtime.engine import Engine
-from dynaexq_jax.synthetic import BENCH_CONFIG, write_random_qwen3_moe
+from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, write_random_qwen3_moe
 
 PROMPT, NEW, MAX_LEN = 64, 128, 256
 

@@ -1,7 +1,7 @@
 """MoE expert-FFN timings at Qwen3-30B-A3B expert shapes (hidden 2048, moe_intermediate 768,
 128 experts, top-8), per tier format, decode batch sizes.
 
-  CPU: times the default "xla" backend (dynaexq_jax.moe.moe_experts_xla, which calls the CPU
+  CPU: times the default "xla" backend (dynaexq_jax.model.moe.moe_experts_xla, which calls the CPU
        kernel, dynaexq_jax/csrc/moe_cpu.cc, for the routed experts) beside "xla-only" (plain XLA).
   GPU: times the Pallas op (pallas_kernels.moe.moe_experts_pallas) per tier and, for bf16, an
        equivalent op on jax.lax.ragged_dot; checks each Pallas result against the dense reference.
@@ -37,8 +37,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dynaexq_jax.moe import ExpertPools, TierPool, moe_experts_reference, moe_experts_xla, route  # noqa: E402
-from dynaexq_jax.quant import QTensor, expert_nbytes, parse_format  # noqa: E402
+from dynaexq_jax.model.moe import ExpertPools, TierPool, moe_experts_reference, moe_experts_xla, route  # noqa: E402
+from dynaexq_jax.model.quant import QTensor, expert_nbytes, parse_format  # noqa: E402
 from pallas_kernels.grouped_matmul import TileConfig  # noqa: E402
 from pallas_kernels.moe import moe_experts_pallas  # noqa: E402
 

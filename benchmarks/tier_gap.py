@@ -14,9 +14,9 @@ import numpy as np
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from dynaexq_jax import default_model
-from dynaexq_jax.compare import domain_streams
-from dynaexq_jax.tokenizer import TextCodec
+from dynaexq_jax.experiments import default_model
+from dynaexq_jax.experiments.compare import domain_streams
+from dynaexq_jax.serving.tokenizer import TextCodec
 
 
 def perplexity(model, stream: np.ndarray, window: int, windows: int, batch: int = 8) -> float:

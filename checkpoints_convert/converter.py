@@ -31,10 +31,10 @@ from checkpoints_convert import qwen3_moe_map, qwen3_next_map
 from checkpoints_convert.plan import Plan, nest
 from checkpoints_convert.safetensors_reader import FLOAT_DTYPES, SafetensorsCheckpoint
 from checkpoints_convert.writer import TreeWriter, check_output, staging_dir
-from dynaexq_jax.config import parse_hf_config
+from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, MissingTensorError, OutputExistsError,
                                 QuantFormatError, TensorShapeError, UnexpectedTensorError, UnsupportedArchitectureError)
-from dynaexq_jax.quant import SCALE_DTYPE, Format, parse_format, quantize
+from dynaexq_jax.model.quant import SCALE_DTYPE, Format, parse_format, quantize
 
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.0"

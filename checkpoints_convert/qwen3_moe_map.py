@@ -1,6 +1,6 @@
 """Hugging Face `qwen3_moe` tensor names -> our Qwen3-MoE parameter tree.
 
-The trees built here are what dynaexq_jax.checkpoint turns back into models.qwen3_moe.Params:
+The trees built here are what dynaexq_jax.serving.checkpoint turns back into models.qwen3_moe.Params:
   dense:  {embed [V,H], final_norm [H], lm_head [H,V] (untied only)}
   layer:  {input_norm, post_norm, attn: {q, k, v, o, q_norm, k_norm, (q|k|v|o)_bias},
            mlp: {router [H,E]} (MoE layers) or {gate, up, down} (dense layers)}
@@ -15,7 +15,7 @@ import re
 from typing import Collection
 
 from checkpoints_convert.plan import Entry, Group, Plan, Reader, copy, linear, stack
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 
 MODEL_TYPE = "qwen3_moe"
 

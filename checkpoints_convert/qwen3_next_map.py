@@ -1,6 +1,6 @@
 """Hugging Face `qwen3_next` tensor names -> our Qwen3-Next parameter tree.
 
-The trees built here are what dynaexq_jax.checkpoint turns back into models.qwen3_next params:
+The trees built here are what dynaexq_jax.serving.checkpoint turns back into models.qwen3_next params:
   dense:  {embed [V,H], final_norm [H], lm_head [H,V] (untied only)}
   layer:  {input_norm, post_norm,
            attn: {q [H, 2*nH*hd] (query and gate per head), k, v, o, q_norm, k_norm, (q|k|v|o)_bias}
@@ -22,7 +22,7 @@ from typing import Collection
 
 from checkpoints_convert import qwen3_moe_map
 from checkpoints_convert.plan import Entry, Plan, copy, linear
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 
 MODEL_TYPE = "qwen3_next"
 

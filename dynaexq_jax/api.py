@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.generate import GenerationResult, bucket, generate
-from dynaexq_jax.models import family
-from dynaexq_jax.moe import BACKENDS, single_tier
-from dynaexq_jax.sampling import Sampling
-from dynaexq_jax.tokenizer import TextCodec
+from dynaexq_jax.serving.generate import GenerationResult, bucket, generate
+from dynaexq_jax.model.families import family
+from dynaexq_jax.model.moe import BACKENDS, single_tier
+from dynaexq_jax.serving.sampling import Sampling
+from dynaexq_jax.serving.tokenizer import TextCodec
 
 
 class Model:

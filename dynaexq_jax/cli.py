@@ -19,8 +19,8 @@ def _cmd_convert(a):
 
 
 def _cmd_info(a):
-    from dynaexq_jax.checkpoint import load_checkpoint
-    from dynaexq_jax.quant import expert_nbytes
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    from dynaexq_jax.model.quant import expert_nbytes
     ck = load_checkpoint(a.model)
     c = ck.config
     print(f"{ck.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
@@ -69,9 +69,9 @@ def _cmd_generate(a):
         model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
         res = model.generate(a.prompt, **_generate_kwargs(a))
     else:
-        from dynaexq_jax.generate import bucket
-        from dynaexq_jax.sampling import Sampling
-        from dynaexq_jax.tokenizer import TextCodec
+        from dynaexq_jax.serving.generate import bucket
+        from dynaexq_jax.serving.sampling import Sampling
+        from dynaexq_jax.serving.tokenizer import TextCodec
         ids = TextCodec(Path(a.model)).prompts(a.prompt)
         max_len = a.max_len or bucket(max(map(len, ids)) + a.max_new_tokens + 2 * a.segment, 64)
         engine = _engine(a, len(ids), max_len)
@@ -94,12 +94,12 @@ def _cmd_plot(a):
 
 
 def _cmd_demo(a):
-    from dynaexq_jax.demo import run_demo
+    from dynaexq_jax.experiments.demo import run_demo
     run_demo(Path(a.workdir), prompts=a.prompt or None, **_generate_kwargs(a))
 
 
 def _cmd_train_tiny(a):
-    from dynaexq_jax.training import TrainConfig, train
+    from dynaexq_jax.experiments.training import TrainConfig, train
     tc = TrainConfig(steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, seed=a.seed,
                      warmup=min(TrainConfig.warmup, max(1, a.steps // 10)))
     if min(a.steps, a.batch, a.seq_len) < 1 or a.lr <= 0:
@@ -112,8 +112,8 @@ def _csv(cast):
 
 
 def _cmd_compare(a):
-    from dynaexq_jax.compare import CompareConfig, Harness
-    from dynaexq_jax import default_model
+    from dynaexq_jax.experiments.compare import CompareConfig, Harness
+    from dynaexq_jax.experiments import default_model
     model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
     cfg = CompareConfig(policies=a.policies, workload=a.workload, budget=a.budget, rows=a.rows,
                         phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
@@ -149,7 +149,7 @@ def _add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynaexq_jax.training import TrainConfig
+    from dynaexq_jax.experiments.training import TrainConfig
     ap = argparse.ArgumentParser(prog="dynaexq", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-sources", type=int, default=None, help="use only the first N source files (quick runs)")
     p.set_defaults(fn=_cmd_train_tiny)
 
-    from dynaexq_jax.compare import BASELINES, POLICIES, CompareConfig as C
+    from dynaexq_jax.experiments.compare import BASELINES, POLICIES, CompareConfig as C
     p = sub.add_parser("compare", help="compare precision policies and offloading baselines on the same streams")
     p.add_argument("model", nargs="?", default=None,
                    help="a converted checkpoint or a Hugging Face directory (default: the embedded model)")

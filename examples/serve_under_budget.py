@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dynaexq_jax.checkpoint import load_checkpoint
-from dynaexq_jax.compare import budget_for_fraction
-from dynaexq_jax.default_model import converted_model
+from dynaexq_jax.serving.checkpoint import load_checkpoint
+from dynaexq_jax.experiments.compare import budget_for_fraction
+from dynaexq_jax.experiments.default_model import converted_model
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.plots import plot_stats
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy

@@ -1,6 +1,6 @@
 """The mixed-tier MoE expert op on the grouped Pallas kernels.
 
-Same signature and semantics as dynaexq_jax.moe.moe_experts_reference:
+Same signature and semantics as dynaexq_jax.model.moe.moe_experts_reference:
   x [T, H], ids/weights [T, k], experts: ExpertPools  ->  [T, H] in x.dtype
 
   1. flatten the T*k (token, expert) pairs and look up (tier, slot) of each expert;
@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.moe import ExpertPools
+from dynaexq_jax.model.moe import ExpertPools
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import api
 from pallas_kernels.grouped_matmul.tiling import TileConfig, default_config

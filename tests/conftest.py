@@ -10,7 +10,7 @@ TINY_TRAINED = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_att
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
     """(HF directory, training record) of a tiny model trained 30 steps on 60 source files."""
-    from dynaexq_jax.training import TrainConfig, train
+    from dynaexq_jax.experiments.training import TrainConfig, train
     out = tmp_path_factory.mktemp("train") / "hf"
     tc = TrainConfig(steps=30, batch=4, seq_len=32, lr=1e-2, warmup=3, eval_every=30, eval_tokens=256)
     record = train(out, tc, model_overrides=TINY_TRAINED, source_limit=60, log=lambda *_: None)

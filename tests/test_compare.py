@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dynaexq_jax.compare import CompareConfig, gap_recovery, workload_tokens
+from dynaexq_jax.experiments.compare import CompareConfig, gap_recovery, workload_tokens
 from dynaexq_jax.errors import ConfigError
 from dynaexq_jax.runtime.policies import DynaExqPolicy, OraclePolicy, RandomPolicy, StaticPolicy, swaps_toward
 from dynaexq_jax.runtime.replay import replay

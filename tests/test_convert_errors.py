@@ -12,7 +12,7 @@ import safetensors.numpy as stn
 from checkpoints_convert import convert
 from checkpoints_convert.safetensors_reader import read_header
 from checkpoints_convert.writer import TreeWriter
-from dynaexq_jax.checkpoint import load_checkpoint
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 from dynaexq_jax.errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, MissingTensorError,
                                 OutputExistsError, QuantFormatError, TensorShapeError, UnexpectedTensorError,
                                 UnsupportedArchitectureError)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import cpu_kernel
-from dynaexq_jax.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route, single_tier
+from dynaexq_jax.model.moe import cpu_kernel
+from dynaexq_jax.model.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route, single_tier
 
 SEED = int.from_bytes(os.urandom(4), "little")
 FORMATS = ["f32", "bf16", "fp16", "int8:g32", "int4:g32", "int2:g16", "int4:channel"]
@@ -145,8 +145,8 @@ def test_build_is_cached(tmp_path, monkeypatch):
 
 def test_without_a_compiler_the_xla_path_serves(tmp_path):
     code = ("import warnings, jax.numpy as jnp, numpy as np\n"
-            "from dynaexq_jax import cpu_kernel\n"
-            "from dynaexq_jax.moe import moe_experts_xla, moe_experts_reference, quantize_experts, single_tier\n"
+            "from dynaexq_jax.model.moe import cpu_kernel\n"
+            "from dynaexq_jax.model.moe import moe_experts_xla, moe_experts_reference, quantize_experts, single_tier\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             "    assert not cpu_kernel.available()\n"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dynaexq_jax import default_model
+from dynaexq_jax.experiments import default_model
 
 
 def test_default_model_is_small_and_documents_its_training():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dynaexq_jax.errors import QuantFormatError
-from dynaexq_jax.moe import ExpertPools, moe_experts, moe_experts_reference, quantize_experts, route
-from dynaexq_jax.quant import parse_format, quantize
+from dynaexq_jax.model.moe import ExpertPools, moe_experts, moe_experts_reference, quantize_experts, route
+from dynaexq_jax.model.quant import parse_format, quantize
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import (DECODE, PREFILL, TileConfig, default_config, down, down_reference,
                                            gate_up, gate_up_reference, group_tiles, max_tiles)
@@ -196,7 +196,7 @@ def test_moe_mixed_tiers_matches_reference(tiers, x_dtype):
 
 
 def test_moe_prefill_tiles_and_backend_dispatch():
-    """Enough rows per expert for the default prefill tiles; via dynaexq_jax.moe.moe_experts."""
+    """Enough rows per expert for the default prefill tiles; via dynaexq_jax.model.moe.moe_experts."""
     seed = _seed()
     rng = np.random.default_rng(seed)
     e, h, i, k, t = 4, 64, 32, 2, 70

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax.moe import ExpertPools, TierPool
-from dynaexq_jax.quant import QTensor, parse_format
+from dynaexq_jax.model.moe import ExpertPools, TierPool
+from dynaexq_jax.model.quant import QTensor, parse_format
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import DECODE, PREFILL, TileConfig, default_config, down, gate_up
 from pallas_kernels.moe import moe_experts_pallas

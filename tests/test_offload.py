@@ -5,12 +5,12 @@ import pytest
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from dynaexq_jax.checkpoint import load_checkpoint
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 from dynaexq_jax.errors import InfeasibleBudgetError, RuntimeConfigError
 from dynaexq_jax.runtime import offload
 from dynaexq_jax.runtime.offload import ExpertCache, OffloadEngine, plan_cache
 from dynaexq_jax.runtime.pools import tree_nbytes
-from dynaexq_jax.synthetic import write_random_qwen3_moe
+from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 
 # Layer 1 is dense, so the engine's dense path and a prediction after a dense layer are covered.
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, mlp_only_layers=[1], num_attention_heads=4,

@@ -7,7 +7,7 @@ import torch
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from dynaexq_jax.models import qwen3_moe
+from dynaexq_jax.model.families import qwen3_moe
 from tests.hf_models import make_tiny_qwen3_moe
 
 CASES = {

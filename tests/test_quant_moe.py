@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dynaexq_jax.errors import QuantFormatError
-from dynaexq_jax.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route
-from dynaexq_jax.quant import dequantize, expert_nbytes, parse_format, quantize, unpack_codes
+from dynaexq_jax.model.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route
+from dynaexq_jax.model.quant import dequantize, expert_nbytes, parse_format, quantize, unpack_codes
 
 SEED = int.from_bytes(os.urandom(4), "little")
 MiB = 2**20
@@ -136,7 +136,7 @@ def test_xla_op_with_every_expert_in_one_tier(T, cpu_kernel_mode):
 def test_grouped_blocks_equal_the_dense_reference(T, skew):
     """The grouped path (pairs sorted into per-slot blocks) on ragged, empty and overflowing
     groups: skewed routing sends most pairs to two experts and none to others."""
-    from dynaexq_jax.moe import _grouped_pairs, grouped_blocks
+    from dynaexq_jax.model.moe import _grouped_pairs, grouped_blocks
     r = rng(5)
     E, H, I, k = 32, 64, 32, 4
     raw, experts, _ = random_pools(r, E, H, I, ("f32", "int4:g32"), n_hi=int(r.integers(1, E)))

@@ -17,10 +17,10 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
 import dynaexq_jax
 from checkpoints_convert import convert
 from dynaexq_jax.api import Model
-from dynaexq_jax.checkpoint import load_checkpoint
-from dynaexq_jax.config import parse_hf_config
+from dynaexq_jax.serving.checkpoint import load_checkpoint
+from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.errors import MissingTensorError, TensorShapeError
-from dynaexq_jax.models import qwen3_next
+from dynaexq_jax.model.families import qwen3_next
 from tests.hf_models import make_tiny_qwen3_next
 
 LIN, FULL = "linear_attention", "full_attention"

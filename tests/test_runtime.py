@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from checkpoints_convert import convert
-from dynaexq_jax.checkpoint import attach_experts, load_checkpoint
+from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
 from dynaexq_jax.errors import (BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError)
-from dynaexq_jax.models import qwen3_moe
+from dynaexq_jax.model.families import qwen3_moe
 from dynaexq_jax.runtime.budget import parse_bytes, plan_budget
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, rank
 from dynaexq_jax.runtime.pools import DevicePools
-from dynaexq_jax.synthetic import write_random_qwen3_moe
+from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
@@ -67,9 +67,9 @@ def test_infeasible_budget_says_what_is_missing(ckpt):
 @given(budget_mib=st.floats(1, 400), strategy=st.sampled_from(["uniform", "proportional", "greedy"]),
        batch=st.integers(1, 8), prio_seed=st.integers(0, 10**6))
 def test_budget_plan_never_exceeds_the_budget(budget_mib, strategy, batch, prio_seed):
-    from dynaexq_jax.config import parse_hf_config
-    from dynaexq_jax.quant import parse_format
-    from dynaexq_jax.synthetic import BENCH_CONFIG, qwen3_moe_config
+    from dynaexq_jax.model.config import parse_hf_config
+    from dynaexq_jax.model.quant import parse_format
+    from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, qwen3_moe_config
     cfg = parse_hf_config(qwen3_moe_config(**BENCH_CONFIG))
     prio = np.random.default_rng(prio_seed).random((len(cfg.moe_layers), cfg.num_experts))
     kw = dict(hi=parse_format("bf16"), lo=parse_format("int4"), dense_params=20 * 2**20, batch=batch,
@@ -91,9 +91,9 @@ def test_budget_plan_never_exceeds_the_budget(budget_mib, strategy, batch, prio_
 
 
 def test_greedy_gives_slots_to_the_layers_that_need_them():
-    from dynaexq_jax.config import parse_hf_config
-    from dynaexq_jax.quant import parse_format
-    from dynaexq_jax.synthetic import qwen3_moe_config
+    from dynaexq_jax.model.config import parse_hf_config
+    from dynaexq_jax.model.quant import parse_format
+    from dynaexq_jax.experiments.synthetic import qwen3_moe_config
     cfg = parse_hf_config(qwen3_moe_config(**TINY))
     prio = np.zeros((3, 8))
     prio[1] = np.linspace(1, 0.5, 8)          # layer 1's experts matter most
@@ -279,7 +279,7 @@ def test_same_trace_same_seed_same_decisions_and_tokens(ckpt):
     def run():
         eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy="dynaexq", update_period=4, delta=0.0,
                      batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
-        from dynaexq_jax.sampling import Sampling
+        from dynaexq_jax.serving.sampling import Sampling
         res = eng.generate(prompts(5), max_new_tokens=32, sampling=Sampling(0.9, 20, 0.95), seed=11, stop_tokens=())
         return res.tokens, [(t["step"], t["published"], t["hi_mask"]) for t in eng.timeline]
     a, b = run(), run()

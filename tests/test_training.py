@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dynaexq_jax import corpus
+from dynaexq_jax.experiments import corpus
 from dynaexq_jax.errors import ConfigError
 
 from tests.conftest import TINY_TRAINED as TINY
@@ -70,7 +70,7 @@ def test_export_loads_in_transformers_with_our_logits(trained_tiny, tmp_path):
 
 
 def test_a_corpus_too_small_for_a_window_is_a_clear_error(tmp_path):
-    from dynaexq_jax.training import TrainConfig, train
+    from dynaexq_jax.experiments.training import TrainConfig, train
     with pytest.raises(ConfigError, match="split has .* tokens"):
         train(tmp_path / "x", TrainConfig(steps=1, seq_len=4096), model_overrides=TINY, source_limit=15,
               log=lambda *_: None)

@@ -16,10 +16,10 @@ import re
 
 import numpy as np
 
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError
-from dynaexq_jax.moe import XLA_BACKENDS, block_rows
-from dynaexq_jax.quant import Format, expert_nbytes
+from dynaexq_jax.model.moe import XLA_BACKENDS, block_rows
+from dynaexq_jax.model.quant import Format, expert_nbytes
 
 STRATEGIES = ("uniform", "proportional", "greedy")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -64,7 +64,7 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
     read off its abstract shapes so that every family is counted exactly."""
     import jax
 
-    from dynaexq_jax.models import family
+    from dynaexq_jax.model.families import family
     shapes = jax.eval_shape(lambda: family(cfg.model_type).init_cache(cfg, batch, max_len, dtype))
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 

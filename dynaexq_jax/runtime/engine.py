@@ -22,16 +22,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dynaexq_jax.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
 from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, RuntimeConfigError
-from dynaexq_jax.generate import Controller, GenerationResult, generate
-from dynaexq_jax.moe import BACKENDS, HI, LO
+from dynaexq_jax.serving.generate import Controller, GenerationResult, generate
+from dynaexq_jax.model.moe import BACKENDS, HI, LO
 from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_budget
 from dynaexq_jax.runtime.policies import Policy, make_policy
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
-from dynaexq_jax.sampling import Sampling
-from dynaexq_jax.scoring import ScoreResult, score
-from dynaexq_jax.tokenizer import TextCodec
+from dynaexq_jax.serving.sampling import Sampling
+from dynaexq_jax.serving.scoring import ScoreResult, score
+from dynaexq_jax.serving.tokenizer import TextCodec
 
 
 # Host-to-device copies are issued from one background thread: on a GPU device_put is already an

@@ -35,18 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.checkpoint import Checkpoint, load_checkpoint
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, PromptTooLongError, RuntimeConfigError
-from dynaexq_jax.generate import GenerationResult, GenerationStats, bucket, check_prompts
-from dynaexq_jax.models.qwen3_moe import attention, dense_mlp, init_cache, rms_norm
-from dynaexq_jax.moe import BACKENDS, HI, ExpertPools, moe_experts, route
-from dynaexq_jax.quant import Format, expert_nbytes
+from dynaexq_jax.serving.generate import GenerationResult, GenerationStats, bucket, check_prompts
+from dynaexq_jax.model.families.qwen3_moe import attention, dense_mlp, init_cache, rms_norm
+from dynaexq_jax.model.moe import BACKENDS, HI, ExpertPools, moe_experts, route
+from dynaexq_jax.model.quant import Format, expert_nbytes
 from dynaexq_jax.runtime.budget import MARGIN_FRACTION, FixedCosts, fixed_costs, format_bytes, parse_bytes
 from dynaexq_jax.runtime.policies import rank
 from dynaexq_jax.runtime.pools import HostStore, write_slot, tree_nbytes
-from dynaexq_jax.sampling import Sampling, sample
-from dynaexq_jax.tokenizer import TextCodec
+from dynaexq_jax.serving.sampling import Sampling, sample
+from dynaexq_jax.serving.tokenizer import TextCodec
 
 MODES = ("lru", "prefetch")
 # Assumption: effective host-to-device bandwidth of a PCIe 4.0 x16 link (32 GB/s raw), used only

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.moe import HI, LO, ExpertPools, TierPool
+from dynaexq_jax.model.moe import HI, LO, ExpertPools, TierPool
 
 
 def _host_memory_sharding():

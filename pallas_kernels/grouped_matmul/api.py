@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dynaexq_jax.quant import QTensor
+from dynaexq_jax.model.quant import QTensor
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import pallas_triton, reference
 from pallas_kernels.grouped_matmul.tiling import TileConfig, default_config, group_tiles

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dynaexq_jax.errors import QuantFormatError
-from dynaexq_jax.quant import Format, QTensor
+from dynaexq_jax.model.quant import Format, QTensor
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul.tiling import TileConfig
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.quant import QTensor
+from dynaexq_jax.model.quant import QTensor
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

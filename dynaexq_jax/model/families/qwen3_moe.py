@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dynaexq_jax.config import ModelConfig
-from dynaexq_jax.moe import ExpertPools, moe_experts, route
+from dynaexq_jax.model.config import ModelConfig
+from dynaexq_jax.model.moe import ExpertPools, moe_experts, route
 
 
 @struct.dataclass

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dynaexq_jax import corpus
-from dynaexq_jax.checkpoint import Checkpoint, load_checkpoint
+from dynaexq_jax.experiments import corpus
+from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
 from dynaexq_jax.errors import ConfigError
 from dynaexq_jax.runtime.budget import MARGIN_FRACTION, parse_bytes, plan_budget
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import OraclePolicy
 from dynaexq_jax.runtime.pools import tree_nbytes
-from dynaexq_jax.tokenizer import TextCodec
+from dynaexq_jax.serving.tokenizer import TextCodec
 
 POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random")
 BASELINES = ("lru", "prefetch")

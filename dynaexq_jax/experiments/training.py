@@ -1,7 +1,7 @@
 """Training the project's own small Qwen3-MoE on the standard library's code and prose
-(dynaexq_jax.corpus), and exporting it as a Hugging Face directory.
+(dynaexq_jax.experiments.corpus), and exporting it as a Hugging Face directory.
 
-The model trained is the serving model itself: the loss runs models.qwen3_moe.forward with every
+The model trained is the serving model itself: the loss runs model.families.qwen3_moe.forward with every
 expert in one float tier, so what is trained is exactly what the runtime later serves (after
 conversion) and what transformers loads from the export. Expert weights are trained as plain
 stacks and put into an ExpertPools inside the loss.
@@ -23,14 +23,14 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from dynaexq_jax import corpus
-from dynaexq_jax.config import ModelConfig, parse_hf_config
+from dynaexq_jax.experiments import corpus
+from dynaexq_jax.model.config import ModelConfig, parse_hf_config
 from dynaexq_jax.errors import ConfigError
-from dynaexq_jax.models import qwen3_moe
-from dynaexq_jax.models.qwen3_moe import MoE, Attention, Layer, Params
-from dynaexq_jax.moe import TierPool, single_tier
-from dynaexq_jax.quant import QTensor, parse_format
-from dynaexq_jax.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
+from dynaexq_jax.model.families import qwen3_moe
+from dynaexq_jax.model.families.qwen3_moe import MoE, Attention, Layer, Params
+from dynaexq_jax.model.moe import TierPool, single_tier
+from dynaexq_jax.model.quant import QTensor, parse_format
+from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
 
 # The embedded default: 6 layers, 32 experts, top-4, experts 3 x 256 x 64 (so integer formats use
 # groups of at most 64). About 11.7M parameters, 23 MB in bf16: under the 25 MB the repo allows.

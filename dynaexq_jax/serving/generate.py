@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError, PromptTooLongError
-from dynaexq_jax.hotness import selected_mass
-from dynaexq_jax.models import family
-from dynaexq_jax.sampling import Sampling, sample
+from dynaexq_jax.serving.hotness import selected_mass
+from dynaexq_jax.model.families import family
+from dynaexq_jax.serving.sampling import Sampling, sample
 
 
 def bucket(n: int, quantum: int = 16) -> int:

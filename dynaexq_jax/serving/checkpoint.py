@@ -4,8 +4,8 @@ Layout: metadata.json (format_version, config, hf_config, tiers, dtype, sources,
 config.json and tokenizer files, and orbax checkpoints of numpy trees: dense/, layers/NNN/,
 experts/NNN/ ({"hi"|"lo": {gate|up|down: {data, scales}}}, scales only for integer formats).
 
-Everything is returned as host numpy arrays: dense params as models.qwen3_moe.Params (for
-qwen3_next: with models.qwen3_next layers) with every MoE layer's experts=None, experts as
+Everything is returned as host numpy arrays: dense params as model.families.qwen3_moe.Params (for
+qwen3_next: with model.families.qwen3_next layers) with every MoE layer's experts=None, experts as
 TierPools per layer and tier. The runtime decides what goes to the device (jax.device_put) and
 builds the ExpertPools it serves from; attach_experts puts them into the params.
 """
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                                 UnsupportedArchitectureError)
-from dynaexq_jax.models import qwen3_next
-from dynaexq_jax.models.qwen3_moe import MoE, Attention, DenseMLP, Layer, Params
-from dynaexq_jax.moe import ExpertPools, TierPool
-from dynaexq_jax.quant import SCALE_DTYPE, Format, QTensor, parse_format
+from dynaexq_jax.model.families import qwen3_next
+from dynaexq_jax.model.families.qwen3_moe import MoE, Attention, DenseMLP, Layer, Params
+from dynaexq_jax.model.moe import ExpertPools, TierPool
+from dynaexq_jax.model.quant import SCALE_DTYPE, Format, QTensor, parse_format
 
 FORMAT_VERSION = 1
 TIERS = ("hi", "lo")

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.config import ModelConfig
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.generate import Controller
-from dynaexq_jax.models import family
+from dynaexq_jax.serving.generate import Controller
+from dynaexq_jax.model.families import family
 
 
 def position_mass(ids, probs, num_experts: int, positions: int) -> jax.Array:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dynaexq_jax.config import ModelConfig
-from dynaexq_jax.models.qwen3_moe import (Attention, DenseMLP, MoE, Params, RouterInfo, _linear, attend,
+from dynaexq_jax.model.config import ModelConfig
+from dynaexq_jax.model.families.qwen3_moe import (Attention, DenseMLP, MoE, Params, RouterInfo, _linear, attend,
                                           dense_mlp, moe_mlp, rms_norm, rope)
 
 CHUNK_SIZE = 64   # the reference's chunk length for the chunked delta rule

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from dynaexq_jax.errors import UnsupportedArchitectureError
 
-_FAMILIES = {"qwen3_moe": "dynaexq_jax.models.qwen3_moe", "qwen3_next": "dynaexq_jax.models.qwen3_next"}
+_FAMILIES = {"qwen3_moe": "dynaexq_jax.model.families.qwen3_moe", "qwen3_next": "dynaexq_jax.model.families.qwen3_next"}
 
 
 def family(model_type: str) -> ModuleType:

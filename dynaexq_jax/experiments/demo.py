@@ -1,5 +1,5 @@
 """The README's main job on the default model: the project's own small trained Qwen3-MoE
-(dynaexq_jax.default_model, shipped as a Hugging Face directory) through the real path: convert
+(dynaexq_jax.experiments.default_model, shipped as a Hugging Face directory) through the real path: convert
 (both expert tiers) -> load -> jitted generation in each tier -> the DynaExq runtime under a budget."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ DEFAULT_PROMPTS = ["def read_config(path):\n    ", "The with statement is used t
 
 def run_demo(workdir: Path, prompts=None, **generate_kwargs) -> None:
     import dynaexq_jax
-    from dynaexq_jax import default_model
+    from dynaexq_jax.experiments import default_model
 
     prompts = prompts or DEFAULT_PROMPTS
     conv_dir = workdir / "converted"
@@ -35,12 +35,12 @@ def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, s
     """The DynaExq runtime under a budget that leaves about a quarter of the experts HI."""
     import json
 
-    from dynaexq_jax.checkpoint import load_checkpoint
-    from dynaexq_jax.compare import budget_for_fraction, calibration_ranking
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    from dynaexq_jax.experiments.compare import budget_for_fraction, calibration_ranking
     from dynaexq_jax.runtime.engine import Engine
     from dynaexq_jax.runtime.plots import plot_stats
-    from dynaexq_jax.sampling import Sampling
-    from dynaexq_jax.tokenizer import TextCodec
+    from dynaexq_jax.serving.sampling import Sampling
+    from dynaexq_jax.serving.tokenizer import TextCodec
 
     max_len = 256
     ckpt = load_checkpoint(conv_dir)

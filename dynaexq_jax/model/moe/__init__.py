@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dynaexq_jax import cpu_kernel
-from dynaexq_jax.quant import Format, QTensor, quantize
+from dynaexq_jax.model.moe import cpu_kernel
+from dynaexq_jax.model.quant import Format, QTensor, quantize
 
 HI, LO = 0, 1
 BACKENDS = ("xla", "xla-only", "pallas")

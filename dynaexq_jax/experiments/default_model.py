@@ -1,4 +1,4 @@
-"""The embedded default model: the project's own small Qwen3-MoE (dynaexq_jax.training), trained
+"""The embedded default model: the project's own small Qwen3-MoE (dynaexq_jax.experiments.training), trained
 once on the standard library's code and prose and shipped as a Hugging Face directory, and the
 step that turns a Hugging Face directory into a converted checkpoint (both tiers) on demand."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from dynaexq_jax.errors import CheckpointNotFoundError
-from dynaexq_jax.quant import parse_format
+from dynaexq_jax.model.quant import parse_format
 
-HF_DIR = Path(__file__).parent / "assets" / "tiny-moe"
+HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
 # perplexity (no measurable gap), int2 costs 34-44%, and int4 is within 0.4% of bf16 (README).
 HI, LO = "int4:g64", "int2:g64"
