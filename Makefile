@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 	$(BIN)/dynaexq demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed-test

@@ -90,13 +90,14 @@ def main():
                 subprocess.run(["rm", "-rf", str(d)], check=True)
 
     print(f"baseline RSS (python + jax + orbax imported): {baseline / MB:.0f} MB")
-    head = ("layers", "ckpt MB", "shards", "MB/layer", "out MB", "peak RSS MB", "VmHWM MB", "above base MB", "s", "MB/s")
+    head = ("layers", "ckpt MB", "shards", "MB/layer", "out MB", "peak RSS MB", "VmHWM MB", "above base MB", "s",
+            "MB/s")
     print(" | ".join(f"{h:>13}" for h in head))
     for r in rows:
         vals = (r["layers"], r["checkpoint_mb"], r["shards"], r["layer_mb"], r["output_mb"], r["peak_rss_mb"],
                 r["vm_hwm_mb"], r["above_baseline_mb"], r["seconds"], r["mb_per_s"])
         print(" | ".join(f"{v:>13.1f}" if isinstance(v, float) else f"{v:>13}" for v in vals))
-    result = dict(benchmark="convert", created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = dict(benchmark="convert", created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count()),
                   model=MODEL, dtype="bf16", tiers={"hi": "source (bf16)", "lo": "int4:g128"},
                   baseline_rss_mb=baseline / MB, rows=rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -27,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from common import best_of, timed  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from common import best_of, timed  # benchmarks/common.py
-from dynaexq_jax.serving.generate import Controller, generate
 from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, write_random_qwen3_moe
+from dynaexq_jax.serving.generate import Controller, generate
 
 PROMPT, NEW = 64, 64
 OURS = {"dynaexq-jax (xla + CPU kernel)": "xla", "dynaexq-jax (xla-only)": "xla-only"}
@@ -58,7 +59,7 @@ class Traffic(Controller):
     def __init__(self):
         self.hit = []
 
-    def after_segment(self, step, mass, scores):
+    def after_segment(self, step, mass, scores, in_flight):
         self.hit.append(mass > 0)          # [steps, L, E]
 
 
@@ -117,7 +118,7 @@ def main():
             for _ in range(a.rounds):
                 for name, run in runners.items():
                     for n in (NEW, 1):
-                        best[name][n] = min(best[name][n], timed(lambda: run(prompts, n)))
+                        best[name][n] = min(best[name][n], timed(functools.partial(run, prompts, n)))
             n_tok = b * (NEW - 1)
             tok_s = {name: n_tok / (t[NEW] - t[1]) for name, t in best.items()}
             step_bytes, experts = floor_bytes(next(iter(models.values())), prompts)

@@ -17,17 +17,13 @@ import jax
 import numpy as np
 
 from checkpoints_convert import convert
-from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, write_random_qwen3_moe
+from dynaexq_jax.runtime.budget import budget_for_fraction
+from dynaexq_jax.runtime.config import EngineConfig
+from dynaexq_jax.runtime.engine import Engine
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 
 PROMPT, NEW, MAX_LEN = 64, 128, 256
-
-
-def budget_for(ckpt_dir, batch, hi_fraction):
-    lo = Engine(ckpt_dir, budget_bytes=10**12, policy="all-lo", batch=batch, max_len=MAX_LEN).plan
-    layers = len(lo.n_hi)
-    need = lo.total - lo.fixed.margin + hi_fraction * lo.num_experts * layers * (lo.m_hi - lo.m_lo)
-    return int(need / 0.98) + layers * (lo.m_hi - lo.m_lo) // 2
 
 
 def run(engine, prompts, repeats):
@@ -52,15 +48,16 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         hf = write_random_qwen3_moe(Path(tmp) / "hf", seed=0, tokenizer=False, **BENCH_CONFIG)
-        conv = convert(hf, Path(tmp) / "conv", lo="int4", progress=False)
+        ckpt = load_checkpoint(convert(hf, Path(tmp) / "conv", lo="int4", progress=False))
         rng = np.random.default_rng(0)
         for b in [int(x) for x in a.batches.split(",")]:
             prompts = rng.integers(1, BENCH_CONFIG["vocab_size"], (b, PROMPT)).tolist()
-            budget = budget_for(conv, b, a.hi_fraction)
+            settings = EngineConfig(batch=b, max_len=MAX_LEN, segment_len=a.segment, update_period=a.period)
+            budget = budget_for_fraction(ckpt, a.hi_fraction, settings)
             results = {}
             for policy in ("all-lo", "dynaexq"):
-                eng = Engine(conv, budget_bytes=budget if policy == "dynaexq" else 10**12, policy=policy, batch=b,
-                             max_len=MAX_LEN, segment_len=a.segment, update_period=a.period)
+                eng = Engine(ckpt, budget_bytes=budget if policy == "dynaexq" else 10**12,
+                             settings=settings.replace(policy=policy))
                 res = run(eng, prompts, a.repeats)
                 segs = res.stats.segments
                 ctl = sum(s["controller_s"] for s in segs)
@@ -74,11 +71,13 @@ def main():
                                        swaps=res.runtime["counters"]["promotions"],
                                        stalls=res.runtime["counters"]["device_stalls"])
             d, lo = results["dynaexq"], results["all-lo"]
-            rows.append(dict(batch=b, budget=budget, **{f"{k}_{p}": v for p, r in results.items() for k, v in r.items()},
+            rows.append(dict(batch=b, budget=budget,
+                             **{f"{k}_{p}": v for p, r in results.items() for k, v in r.items()},
                              share_of_all_lo=d["tok_s"] / lo["tok_s"]))
             print(f"batch {b:2d}: all-LO {lo['tok_s']:7.1f} tok/s | dynaexq {d['tok_s']:7.1f} tok/s "
-                  f"({100 * d['tok_s'] / lo['tok_s']:.0f}% of all-LO; HI slots {d['n_hi'][0]}/{BENCH_CONFIG['num_experts']}"
-                  f" per layer, hit rate {d['hit_rate']:.2f}, {d['swaps']} swaps, {d['stalls']} stalls) | "
+                  f"({100 * d['tok_s'] / lo['tok_s']:.0f}% of all-LO; "
+                  f"HI slots {d['n_hi'][0]}/{BENCH_CONFIG['num_experts']} per layer, hit rate {d['hit_rate']:.2f}, "
+                  f"{d['swaps']} swaps, {d['stalls']} stalls) | "
                   f"controller {100 * d['controller_share']:.2f}% of decode time at T={a.segment} "
                   f"({100 * d['controller_work_share']:.2f}% without waiting for the device and copies)", flush=True)
     result = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),

@@ -2,8 +2,8 @@
 128 experts, top-8), per tier format, decode batch sizes.
 
   CPU: times the default "xla" backend (dynaexq_jax.model.moe.moe_experts_xla, which calls the CPU
-       kernel, dynaexq_jax/csrc/moe_cpu.cc, for the routed experts) beside "xla-only" (plain XLA).
-  GPU: times the Pallas op (pallas_kernels.moe.moe_experts_pallas) per tier and, for bf16, an
+       kernel, dynaexq_jax/model/moe/csrc/moe_cpu.cc, for the routed experts) beside "xla-only" (plain XLA).
+  GPU: times the Pallas op (dynaexq_jax.model.moe.moe_experts_pallas) per tier and, for bf16, an
        equivalent op on jax.lax.ragged_dot; checks each Pallas result against the dense reference.
 
 Decode is memory-bound, so the figure of merit is the bytes of routed expert weights (unique
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -37,10 +38,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dynaexq_jax.model.moe import ExpertPools, TierPool, moe_experts_reference, moe_experts_xla, route  # noqa: E402
+from dynaexq_jax.model.moe import (  # noqa: E402
+    ExpertPools,
+    TierPool,
+    moe_experts_pallas,
+    moe_experts_reference,
+    moe_experts_xla,
+    route,
+)
 from dynaexq_jax.model.quant import QTensor, expert_nbytes, parse_format  # noqa: E402
 from pallas_kernels.grouped_matmul import TileConfig  # noqa: E402
-from pallas_kernels.moe import moe_experts_pallas  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -136,7 +143,8 @@ def main(argv=None):
     copy_bw = copy_bandwidth((1 << 30) if on_gpu else (256 << 20), max(iters, 5))
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"experts {experts} x [{h} x {i}], top-{k}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
-    header = f"{'tier':10} {'batch':>5} {'backend':12} {'ms/call':>9} {'experts':>7} {'MB read':>8} {'GB/s':>8} {'% copy':>7} {'max rel err':>11}"
+    header = (f"{'tier':10} {'batch':>5} {'backend':12} {'ms/call':>9} {'experts':>7} {'MB read':>8} {'GB/s':>8} "
+              f"{'% copy':>7} {'max rel err':>11}")
     print(header + "\n" + "-" * len(header))
 
     rows = []
@@ -158,7 +166,8 @@ def main(argv=None):
             kx, kr = jax.random.split(jax.random.fold_in(key, batch))
             xs = (0.5 * jax.random.normal(kx, (reps, batch, h), jnp.float32)).astype(jnp.bfloat16)
             router = jax.random.normal(kr, (h, experts), jnp.float32)
-            ids, ws, _ = jax.vmap(lambda x: route(x, router, k, True))(xs)          # [reps, batch, k]
+            route_one = functools.partial(route, router=router, top_k=k, norm_topk_prob=True)
+            ids, ws, _ = jax.vmap(route_one)(xs)          # [reps, batch, k]
             inputs = [(xs[r], ids[r], ws[r], experts_pools) for r in range(reps)]
             unique = float(np.mean([len(np.unique(np.asarray(ids[r]))) for r in range(reps)]))
             nbytes = unique * per_expert
@@ -180,7 +189,7 @@ def main(argv=None):
     out = pathlib.Path(args.out) if args.out else RESULTS / f"moe_kernels_{device_name()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
         jaxlib=importlib.metadata.version("jaxlib"), host_cpus=os.cpu_count(), host_load_average=os.getloadavg(),
         quick=args.quick, pallas_interpret=args.pallas_interpret,

@@ -25,10 +25,10 @@ import jax
 import numpy as np
 import torch
 import transformers
+from common import best_of  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from common import best_of  # benchmarks/common.py
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=8, full_attention_interval=4,
               num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=4,
@@ -41,7 +41,8 @@ PROMPT, NEW = 256, 64
 def bench_ours(model, prompts, repeats):
     """-> (prefill s, decode s for NEW - 1 tokens per sequence)."""
     # stop_tokens=() so every run makes exactly the requested number of tokens.
-    run = lambda: model.generate(prompts, max_new_tokens=NEW, stop_tokens=(), segment_len=16, max_len=512).stats
+    def run():
+        return model.generate(prompts, max_new_tokens=NEW, stop_tokens=(), segment_len=16, max_len=512).stats
     run()  # compile
     stats = [run() for _ in range(repeats)]
     return min(s.time_to_first_token_s for s in stats), min(s.decode_s for s in stats)

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoint -> converted (orbax) checkpoint, streaming one layer at a time.
-Per-architecture tensor-name maps live beside this file (qwen3_moe_map.py)."""
-from checkpoints_convert.converter import ARCHITECTURES, CONVERTER_VERSION, FORMAT_VERSION, convert
+"""Hugging Face checkpoint -> converted (orbax) checkpoint, streaming one layer at a time. What a
+family's tensors are called and how they map to ours is the family's schema (dynaexq_jax.model.families)."""
+from checkpoints_convert.converter import CONVERTER_VERSION, convert
 
-__all__ = ["convert", "ARCHITECTURES", "CONVERTER_VERSION", "FORMAT_VERSION"]
+__all__ = ["convert", "CONVERTER_VERSION"]

@@ -7,16 +7,18 @@ read its tensors, build its tree, quantize its experts into both tiers, write, d
 is therefore about one layer (plus quantization temporaries of a bounded chunk of experts), not
 the model.
 
+What is converted, from which HF tensors and how, is the model family's schema
+(model/families/schema.py, through plan.build_plan); the layout is dynaexq_jax.serving.checkpoint's.
 Output (all trees are orbax checkpoints of numpy arrays):
   OUT/metadata.json, OUT/config.json, tokenizer files
   OUT/dense/           {embed, final_norm, lm_head (untied only)}
-  OUT/layers/NNN/      {input_norm, post_norm, attn: {...}, mlp: {router} | {gate, up, down}}
+  OUT/layers/NNN/      {input_norm, post_norm, attn: {...}, mlp: {router} | {gate, up, down}} (Qwen3-MoE)
   OUT/experts/NNN/     {"hi"|"lo": {gate|up|down: {data, scales (integer formats only)}}}
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import hashlib
 import json
 import shutil
 import sys
@@ -27,18 +29,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert import qwen3_moe_map, qwen3_next_map
-from checkpoints_convert.plan import Plan, nest
+from checkpoints_convert.plan import Plan, build_plan, nest
 from checkpoints_convert.safetensors_reader import FLOAT_DTYPES, SafetensorsCheckpoint
 from checkpoints_convert.writer import TreeWriter, check_output, staging_dir
-from dynaexq_jax.model.config import parse_hf_config
-from dynaexq_jax.errors import (CheckpointNotFoundError, ConfigError, MissingTensorError, OutputExistsError,
-                                QuantFormatError, TensorShapeError, UnexpectedTensorError, UnsupportedArchitectureError)
+from dynaexq_jax.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    MissingTensorError,
+    OutputExistsError,
+    QuantFormatError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    UnsupportedArchitectureError,
+)
+from dynaexq_jax.model.config import ModelConfig, parse_hf_config
 from dynaexq_jax.model.quant import SCALE_DTYPE, Format, parse_format, quantize
+from dynaexq_jax.serving.checkpoint import FORMAT_VERSION, TIERS, experts_dir
+from dynaexq_jax.serving.conversion import sha256_files
 
-FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.0"
-ARCHITECTURES = {m.MODEL_TYPE: m for m in (qwen3_moe_map, qwen3_next_map)}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json", "vocab.json", "merges.txt", "training.json")
 # Source dtype -> the float format "source" means (there is no f64 format: f64 becomes f32).
@@ -54,27 +63,29 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     """Convert the HF checkpoint in hf_dir into out_dir (created atomically) and return out_dir.
 
     hi/lo: expert tier formats (quant.parse_format specs, or "source" for the source float
-    format); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16")."""
+    format); an integer format without ':gN' uses its default group, or the largest smaller
+    group that divides the expert dimensions (metadata "tiers" names the group used, and
+    "tier_notes" says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16")."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
         raise OutputExistsError(f"{out}: the output would replace the source checkpoint {hf_dir}")
     check_output(out.absolute(), overwrite)
     hf_config = _read_config(hf_dir)
-    arch = ARCHITECTURES.get(hf_config.get("model_type"))
-    if arch is None:
-        raise UnsupportedArchitectureError(
-            f"{hf_dir / 'config.json'}: model_type '{hf_config.get('model_type')}' is not supported "
-            f"(supported: {', '.join(ARCHITECTURES)})")
-    cfg = parse_hf_config(hf_config)
+    try:
+        cfg = parse_hf_config(hf_config)
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"{hf_dir / 'config.json'}: {e}") from None
     src = SafetensorsCheckpoint(hf_dir)
-    plan = arch.plan(cfg, src.tensors.keys())
+    plan = build_plan(cfg, src.tensors.keys())
     _check_plan(plan, src)
     source_fmt = _source_format(plan, src)
-    tiers = {"hi": _tier_format(hi, source_fmt), "lo": _tier_format(lo, source_fmt)}
-    for fmt in tiers.values():  # gate/up reduce over H, down over I
-        if cfg.moe_layers:
-            fmt.check(cfg.hidden_size)
-            fmt.check(cfg.moe_intermediate_size)
+    tiers, notes = {}, {}
+    for tier, spec in zip(TIERS, (hi, lo)):
+        tiers[tier], note = _tier_format(spec, source_fmt, cfg)
+        if note:
+            notes[tier] = note
+            if progress:
+                print(f"{tier.upper()} tier {note}", file=sys.stderr)
     dense_fmt = _dense_format(dtype, source_fmt)
 
     files = [hf_dir / "config.json"] + src.files
@@ -94,12 +105,13 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
                 "config": cfg.to_dict(),
                 "hf_config": hf_config,
                 "tiers": {k: f.name for k, f in tiers.items()},
+                "tier_notes": notes,
                 "dtype": dense_fmt.name,
                 "source_dtype": source_fmt.name,
                 "expert_layout": plan.info.get("expert_layout"),
                 "sources": hashes.result(),
                 "skipped": [{"name": n, "reason": r} for n, r in plan.skipped],
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             }
             (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         finally:
@@ -156,8 +168,25 @@ def _source_format(plan: Plan, src: SafetensorsCheckpoint) -> Format:
     return parse_format(_SOURCE_FORMAT[max(by_dtype, key=by_dtype.get)])
 
 
-def _tier_format(spec, source_fmt: Format) -> Format:
-    return source_fmt if str(spec).strip().lower() == "source" else parse_format(spec)
+def _tier_format(spec, source_fmt: Format, cfg: ModelConfig) -> tuple[Format, str | None]:
+    """The format of one expert tier, checked against the expert input dimensions (gate/up reduce
+    over H, down over I), and a note when a default group had to shrink. A default group (no
+    ':gN' in spec) that does not divide them becomes the largest smaller group that does (and
+    holds whole bytes); an explicit one stays an error."""
+    if str(spec).strip().lower() == "source":
+        return source_fmt, None
+    fmt = parse_format(spec)
+    dims = (cfg.hidden_size, cfg.moe_intermediate_size) if cfg.moe_layers else ()
+    note = None
+    if fmt.is_int and fmt.group and isinstance(spec, str) and ":" not in spec and any(d % fmt.group for d in dims):
+        fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
+        if fits:
+            note = (f"{fmt.kind}: the default group {fmt.group} does not divide the expert dimensions "
+                    f"{' and '.join(map(str, dims))}; group {fits[0]} used")
+            fmt = dataclasses.replace(fmt, group=fits[0])
+    for d in dims:
+        fmt.check(d)
+    return fmt, note
 
 
 def _dense_format(spec, source_fmt: Format) -> Format:
@@ -188,7 +217,7 @@ def _write_groups(plan: Plan, src: SafetensorsCheckpoint, tiers: dict[str, Forma
             del flat
             if g.experts is not None:
                 stacks = g.experts.build(reader(g.experts))
-                writer.write(f"experts/{g.layer:03d}", {t: _quantize_stacks(stacks, fmt) for t, fmt in tiers.items()})
+                writer.write(experts_dir(g.layer), {t: _quantize_stacks(stacks, fmt) for t, fmt in tiers.items()})
                 del stacks
 
 
@@ -209,18 +238,4 @@ def _quantize_stacks(stacks: dict[str, np.ndarray], fmt: Format) -> dict:
             if fmt.is_int:
                 t["scales"][i:i + step] = q.scales
         out[name] = t
-    return out
-
-
-def sha256_files(files: list[Path], stop: threading.Event | None = None) -> dict[str, str]:
-    """{file name: sha256} of files (stops early, partial, once `stop` is set)."""
-    out = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 23):
-                if stop is not None and stop.is_set():
-                    return out
-                h.update(chunk)
-        out[f.name] = h.hexdigest()
     return out

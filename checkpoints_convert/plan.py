@@ -1,19 +1,25 @@
-"""What an architecture map produces: a conversion plan, checked against the checkpoint's headers
-before any tensor data is read.
+"""The conversion plan, made from the model family's schema (model/families/schema.py) and
+checked against the checkpoint's headers before any tensor data is read.
 
 A plan is a list of groups written one at a time (the dense group, then one group per layer).
 Each Entry says which HF tensors (with their expected shapes) make one parameter of ours and how
-(transpose to input-major, stack experts, split a fused tensor). Its build function pulls the
-tensors itself through a reader, so that it can drop each one as soon as it is used (stacking
-128 experts need not hold 128 separate arrays and the stack at once). A group's optional
-`experts` entry builds the float expert stacks that the converter quantizes into both tiers.
+(the schema's transform: transpose to input-major, stack experts, split a fused tensor). Its
+build function pulls the tensors itself through a reader, so that it can drop each one as soon
+as it is used (stacking 128 experts need not hold 128 separate arrays and the stack at once). A
+group's optional `experts` entry builds the float expert stacks that the converter quantizes
+into both tiers.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
+
+from dynaexq_jax.model.config import ModelConfig
+from dynaexq_jax.model.families import family, schema
+from dynaexq_jax.model.layers import HF_LM_HEAD
+from dynaexq_jax.serving.checkpoint import DENSE_DIR, layer_dir
 
 Reader = Callable[[str], np.ndarray]     # HF tensor name -> its data (read on demand)
 
@@ -48,24 +54,32 @@ class Plan:
         return {s for g in self.groups for e in g.all_entries for s in e.sources}
 
 
-def copy(target: str, name: str, shape: tuple[int, ...]) -> Entry:
-    """A tensor taken as it is (norms, biases, embeddings)."""
-    return Entry(target, (name,), (shape,), lambda read: read(name))
-
-
-def linear(target: str, name: str, shape: tuple[int, ...]) -> Entry:
-    """An HF nn.Linear weight [out, in], transposed to input-major [in, out]."""
-    return Entry(target, (name,), (shape,), lambda read: read(name).T)
-
-
-def stack(read: Reader, names) -> np.ndarray:
-    """Read tensors of one shape into one [len(names), ...] array, one tensor at a time."""
-    first = read(names[0])
-    out = np.empty((len(names),) + first.shape, first.dtype)
-    out[0] = first
-    for j, name in enumerate(names[1:], 1):
-        out[j] = read(name)
-    return out
+def build_plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
+    """The plan for a checkpoint of family cfg.model_type holding tensors `names`: every schema
+    leaf of the abstract tree, the routed experts in whichever HF layout each layer uses, and the
+    tensors the family drops on purpose (its SKIPPED rules, and the tied head's copy)."""
+    fam = family(cfg.model_type)
+    names = set(names)
+    skipped = [(n, reason) for rule, reason in fam.SKIPPED for n in sorted(names) if rule.fullmatch(n)]
+    if cfg.tie_word_embeddings and HF_LM_HEAD in names:
+        skipped.append((HF_LM_HEAD, "tie_word_embeddings=true: the output head is the embedding"))
+    entries: dict[int | None, list[Entry]] = {None: [], **{i: [] for i in range(cfg.num_layers)}}
+    experts: dict[int, Entry] = {}
+    layouts = set()
+    for layer, key, spec in schema.leaves(fam.abstract(cfg)):
+        if isinstance(spec, schema.Experts):
+            layout = spec.layout(names)
+            layouts.add(layout)
+            shapes = spec.hf_shapes(layout)
+            experts[layer] = Entry("experts", tuple(shapes), tuple(shapes.values()),
+                                   lambda read, spec=spec, layout=layout: spec.from_hf(layout, read))
+        else:
+            entries[layer].append(Entry(key, (spec.hf_name,), (spec.hf_shape,),
+                                        lambda read, spec=spec: spec.from_hf(read(spec.hf_name))))
+    groups = [Group(DENSE_DIR, tuple(entries.pop(None)))]
+    groups += [Group(layer_dir(i), tuple(e), layer=i, experts=experts.get(i)) for i, e in entries.items()]
+    info = {"expert_layout": layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else "none")}
+    return Plan(tuple(groups), tuple(skipped), info)
 
 
 def nest(flat: dict[str, object]) -> dict:

@@ -9,8 +9,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -69,7 +69,7 @@ class TreeWriter:
     def close(self) -> None:
         self._ckpt.close()
 
-    def __enter__(self) -> "TreeWriter":
+    def __enter__(self) -> TreeWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,18 +1,18 @@
 """The Python entry point: `dynaexq_jax.load(path)` -> Model with .config, .logits, .generate."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
-from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.serving.generate import GenerationResult, bucket, generate
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families import family
 from dynaexq_jax.model.moe import BACKENDS, single_tier
+from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.serving.generate import SEGMENT_LEN, GenerationResult, bucket, generate
 from dynaexq_jax.serving.sampling import Sampling
 from dynaexq_jax.serving.tokenizer import TextCodec
 
@@ -55,7 +55,7 @@ class Model:
 
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-                 max_len: int | None = None, segment_len: int = 16, on_tokens=None) -> GenerationResult:
+                 max_len: int | None = None, segment_len: int = SEGMENT_LEN, on_tokens=None) -> GenerationResult:
         """prompts: a string, a list of strings, or a list of token-id lists. The result has
         .tokens (per prompt), .texts (when a tokenizer is present) and .stats."""
         res = generate(self.params, self.config, self.codec.prompts(prompts), max_new_tokens=max_new_tokens,

@@ -7,11 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from dynaexq_jax.errors import ConfigError, DynaexqError
+from dynaexq_jax.errors import ConfigError, DynaexqError, RuntimeConfigError
 
 
 def _cmd_convert(a):
-    from checkpoints_convert import convert
+    from dynaexq_jax.serving.conversion import hf_converter
+    convert = hf_converter()
     t0 = time.perf_counter()
     out = convert(a.hf_dir, a.out_dir, hi=a.hi, lo=a.lo, dtype=a.dtype, overwrite=a.overwrite,
                   progress=not a.quiet)
@@ -19,8 +20,8 @@ def _cmd_convert(a):
 
 
 def _cmd_info(a):
-    from dynaexq_jax.serving.checkpoint import load_checkpoint
     from dynaexq_jax.model.quant import expert_nbytes
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
     ck = load_checkpoint(a.model)
     c = ck.config
     print(f"{ck.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
@@ -57,17 +58,39 @@ def _print_generation(prompts, res, stats_path=None):
 
 
 def _engine(a, batch: int, max_len: int):
+    from dynaexq_jax.runtime.config import EngineConfig
     from dynaexq_jax.runtime.engine import Engine
-    return Engine(a.model, budget_bytes=a.budget, policy=a.policy, segment_len=a.segment, batch=batch,
-                  max_len=max_len, strategy=a.strategy, transfers_in_flight=a.transfers, alpha=a.alpha,
-                  update_period=a.period, delta=a.delta, rate_limit=a.rate_limit, backend=a.backend)
+    settings = EngineConfig(policy=a.policy, segment_len=a.segment, batch=batch, max_len=max_len, strategy=a.strategy,
+                            transfers_in_flight=a.transfers, alpha=a.alpha, update_period=a.period, delta=a.delta,
+                            rate_limit=a.rate_limit, backend=a.backend)
+    return Engine(a.model, budget_bytes=a.budget, settings=settings)
+
+
+def _check_generate_options(a):
+    """generate has two paths: without --budget every expert runs in one tier (--tier), with it the
+    DynaExq runtime decides. An option of the other path is an error, never silently dropped."""
+    if a.budget is None:
+        given = [_option(name) for name in _RUNTIME_FIELDS if getattr(a, name) is not None]
+        if given:
+            raise RuntimeConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --budget "
+                                     f"(the DynaExq runtime); without it every expert runs in one tier (--tier)")
+    elif a.tier is not None:
+        raise RuntimeConfigError("--tier applies only without --budget; with it the runtime chooses each expert's tier")
+
+
+def _fill_runtime_defaults(a):
+    for name, value in _runtime_defaults().items():
+        if getattr(a, name, None) is None:
+            setattr(a, name, value)
 
 
 def _cmd_generate(a):
+    _check_generate_options(a)
+    _fill_runtime_defaults(a)
     if a.budget is None:
         import dynaexq_jax
-        model = dynaexq_jax.load(a.model, tier=a.tier, backend=a.backend)
-        res = model.generate(a.prompt, **_generate_kwargs(a))
+        model = dynaexq_jax.load(a.model, tier=a.tier or "hi", backend=a.backend)
+        res = model.generate(a.prompt, max_len=a.max_len, **_generate_kwargs(a))
     else:
         from dynaexq_jax.serving.generate import bucket
         from dynaexq_jax.serving.sampling import Sampling
@@ -81,6 +104,7 @@ def _cmd_generate(a):
 
 
 def _cmd_budget(a):
+    _fill_runtime_defaults(a)
     engine = _engine(a, a.batch, a.max_len)
     print(f"{a.model}: budget breakdown for batch {a.batch}, max_len {a.max_len}, backend {a.backend}, "
           f"tiers HI {engine.checkpoint.tiers['hi'].name} / LO {engine.checkpoint.tiers['lo'].name}")
@@ -112,50 +136,88 @@ def _csv(cast):
 
 
 def _cmd_compare(a):
-    from dynaexq_jax.experiments.compare import CompareConfig, Harness
     from dynaexq_jax.experiments import default_model
-    model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
+    from dynaexq_jax.experiments.compare import CompareConfig, Harness
+    # Built (and so checked) before the model is converted: a bad option costs no conversion.
     cfg = CompareConfig(policies=a.policies, workload=a.workload, budget=a.budget, rows=a.rows,
                         phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
                         alpha=a.alpha, transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
                         throughput_batches=a.throughput_batches, baselines=a.baselines, new_tokens=a.new_tokens,
                         seed=a.seed)
+    model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
     res = Harness(model, cfg).run(a.out)
     print(Path(a.out, "report.md").read_text())
     print(f"wrote {a.out}/results.json, results.csv, report.md and plots")
     return res
 
 
-def _add_runtime_args(p, budget_required: bool):
-    p.add_argument("--budget", required=budget_required,
-                   help="device-memory budget (e.g. 20GiB, 512MiB); runs the DynaExq runtime")
-    p.add_argument("--policy", default="dynaexq", help="dynaexq (default), static, all-hi, all-lo, random")
-    p.add_argument("--strategy", default="proportional", help="HI slots per layer: uniform, proportional, greedy")
-    p.add_argument("--period", type=int, default=200, help="decode steps between policy updates (T_u)")
-    p.add_argument("--delta", type=float, default=0.01, help="hysteresis margin")
-    p.add_argument("--rate-limit", type=int, default=None, help="max swaps per layer per update")
-    p.add_argument("--alpha", type=float, default=0.9, help="hotness EMA factor")
-    p.add_argument("--transfers", type=int, default=4, help="K: transitions (copies) in flight")
-    p.add_argument("--backend", default="xla", choices=["xla", "xla-only", "pallas"])
+# The runtime's options that only the budgeted path uses: CLI name -> EngineConfig field (which
+# holds the default). The parser stores None for an option not given, so that generate can reject
+# one given without --budget instead of dropping it; _fill_runtime_defaults then sets the others.
+_RUNTIME_FIELDS = {"policy": "policy", "strategy": "strategy", "transfers": "transfers_in_flight",
+                   "period": "update_period", "delta": "delta", "rate_limit": "rate_limit", "alpha": "alpha"}
+
+
+def _runtime_defaults() -> dict:
+    from dynaexq_jax.runtime.config import EngineConfig
+    return {name: getattr(EngineConfig, field) for name, field in _RUNTIME_FIELDS.items()}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_runtime_args(p, plan_only: bool):
+    """The runtime's options: all of them for generate, for budget (plan_only) those the plan depends
+    on (all-hi and all-lo fix the HI slots; the strategy spreads them; K sizes the staging)."""
+    from dynaexq_jax.model.moe import BACKENDS
+    from dynaexq_jax.runtime.config import EngineConfig
+    d = _runtime_defaults()
+    p.add_argument("--policy", help=f"dynaexq, static, all-hi, all-lo, random (default: {d['policy']})")
+    p.add_argument("--strategy", help=f"HI slots per layer: uniform, proportional, greedy (default: {d['strategy']})")
+    p.add_argument("--transfers", type=int, help=f"K: transitions (copies) in flight (default: {d['transfers']})")
+    p.add_argument("--backend", default=EngineConfig.backend, choices=BACKENDS,
+                   help="MoE op backend: xla (on a CPU with the C++ kernel), xla-only, pallas (GPU kernels)")
+    if plan_only:
+        return
+    p.add_argument("--period", type=int, help=f"decode steps between policy updates, T_u (default: {d['period']})")
+    p.add_argument("--delta", type=float, help=f"hysteresis margin (default: {d['delta']})")
+    p.add_argument("--rate-limit", type=int, help="max swaps per layer per update (default: no limit)")
+    p.add_argument("--alpha", type=float, help=f"hotness EMA factor (default: {d['alpha']})")
 
 
 def _add_sampling_args(p):
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--segment", type=int, default=16, help="decode steps per jitted segment")
+    from dynaexq_jax.runtime.config import EngineConfig
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens; 0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens up to probability P; 1 = no cut")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--segment", type=int, default=EngineConfig.segment_len, help="decode steps per jitted segment")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends every option's help with its default, unless the help already says it. An option whose
+    default is None (not given) or False (a flag) says in its help what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dynaexq_jax.experiments.training import TrainConfig
+    from dynaexq_jax.runtime.config import EngineConfig
     ap = argparse.ArgumentParser(prog="dynaexq", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (both expert tiers)")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    p = command("convert", "convert a Hugging Face checkpoint (both expert tiers)")
+    p.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("out_dir", help="where the converted checkpoint is written")
     p.add_argument("--hi", default="source", help="HI tier format (default: the source dtype)")
     p.add_argument("--lo", default="int4", help="LO tier format, e.g. int4, int4:g64, int2, int8 (default int4:g128)")
     p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
@@ -163,51 +225,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_convert)
 
-    p = sub.add_parser("info", help="describe a converted checkpoint")
-    p.add_argument("model")
+    p = command("info", "describe a converted checkpoint")
+    p.add_argument("model", help="a converted checkpoint directory")
     p.set_defaults(fn=_cmd_info)
 
-    p = sub.add_parser("generate", help="generate text from a converted checkpoint")
-    p.add_argument("model")
+    p = command("generate", "generate text from a converted checkpoint")
+    p.add_argument("model", help="a converted checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--tier", default="hi", help="without --budget: the tier every expert runs in, hi or lo")
-    p.add_argument("--max-len", type=int, default=None, help="cache length (default: fits the prompts)")
+    p.add_argument("--budget", help="device-memory budget (e.g. 20GiB, 512MiB, bytes): runs the DynaExq runtime "
+                                    "under it (default: no budget, every expert in the --tier tier)")
+    p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
+    p.add_argument("--max-len", type=int, help="cache length in tokens (default: fits the prompts and new tokens)")
     p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
-    _add_runtime_args(p, budget_required=False)
+    _add_runtime_args(p, plan_only=False)
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)
 
-    p = sub.add_parser("budget", help="print how a device-memory budget is spent")
-    p.add_argument("model")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--segment", type=int, default=16)
-    _add_runtime_args(p, budget_required=True)
-    p.set_defaults(fn=_cmd_budget)
+    p = command("budget", "print how a device-memory budget is spent on a converted checkpoint")
+    p.add_argument("model", help="a converted checkpoint directory")
+    p.add_argument("--budget", required=True, help="the device-memory budget to plan (e.g. 20GiB, 512MiB, bytes)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded side by side (sizes cache and workspace)")
+    p.add_argument("--max-len", type=int, default=2048, help="cache length in tokens (sizes cache and workspace)")
+    _add_runtime_args(p, plan_only=True)
+    # The plan does not depend on the segment length: no option, the Engine gets the default.
+    p.set_defaults(fn=_cmd_budget, segment=EngineConfig.segment_len)
 
-    p = sub.add_parser("plot", help="plot expert residency and hotness from a --stats file (PNG)")
-    p.add_argument("stats")
+    p = command("plot", "plot expert residency and hotness from a --stats file (PNG)")
+    p.add_argument("stats", help="a JSON file written by `dynaexq generate --budget SIZE --stats FILE`")
     p.add_argument("--out", help="output folder (default: beside the stats file)")
     p.set_defaults(fn=_cmd_plot)
 
-    p = sub.add_parser("train-tiny", help="train the small default MoE on the standard library's code and prose")
+    p = command("train-tiny", "train the small default MoE on the standard library's code and prose")
     p.add_argument("out_dir", help="where the Hugging Face directory is written")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
     p.add_argument("--batch", type=int, default=TrainConfig.batch, help="sequences per step, half per domain")
-    p.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--seq-len", type=int, default=TrainConfig.seq_len, help="tokens per training sequence")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation and data-order seed")
     p.add_argument("--limit-sources", type=int, default=None, help="use only the first N source files (quick runs)")
     p.set_defaults(fn=_cmd_train_tiny)
 
-    from dynaexq_jax.experiments.compare import BASELINES, POLICIES, CompareConfig as C
-    p = sub.add_parser("compare", help="compare precision policies and offloading baselines on the same streams")
+    from dynaexq_jax.experiments.compare import BASELINES, POLICIES
+    from dynaexq_jax.experiments.compare import CompareConfig as C
+    p = command("compare", "compare precision policies and offloading baselines on the same streams")
     p.add_argument("model", nargs="?", default=None,
                    help="a converted checkpoint or a Hugging Face directory (default: the embedded model)")
     p.add_argument("--out", default="runs/compare", help="output folder (results.json, results.csv, report.md, PNGs)")
     p.add_argument("--budget", default=C.budget, help="'20%%' (share of HI slots per layer) or bytes ('3MiB')")
-    p.add_argument("--policies", type=_csv(str), default=C.policies, help=f"comma-separated, from {','.join(POLICIES)}")
-    p.add_argument("--workload", type=_csv(str), default=C.workload, help="domains per phase, e.g. prose,code,prose")
+    # Comma-separated defaults: argparse passes a string default through `type`, and --help shows it as typed.
+    p.add_argument("--policies", type=_csv(str), default=",".join(C.policies),
+                   help=f"comma-separated, from {','.join(POLICIES)}")
+    p.add_argument("--workload", type=_csv(str), default=",".join(C.workload), help="domains per phase")
     p.add_argument("--rows", type=int, default=C.rows, help="streams scored side by side (batch)")
     p.add_argument("--phase-tokens", type=int, default=C.phase_tokens, help="positions per stream per phase")
     p.add_argument("--chunk", type=int, default=C.chunk, help="positions per jitted chunk (a decode segment)")
@@ -217,18 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=C.alpha, help="hotness EMA factor per step")
     p.add_argument("--transfers", type=int, default=C.transfers, help="K: copies in flight")
     p.add_argument("--calibration-domain", default=None, help="domain of the static ranking (default: first phase)")
-    p.add_argument("--sweep", type=_csv(float), default=C.sweep, help="HI fractions for a budget sweep, e.g. 0,0.1,0.2")
-    p.add_argument("--throughput-batches", type=_csv(int), default=C.throughput_batches, help="e.g. 1,32; empty: skip")
-    p.add_argument("--baselines", type=_csv(str), default=C.baselines, help=f"offloading baselines: {','.join(BASELINES)}")
+    p.add_argument("--sweep", type=_csv(float), default=",".join(map(str, C.sweep)),
+                   help="HI fractions for a budget sweep, e.g. 0,0.1,0.2 (default: no sweep)")
+    p.add_argument("--throughput-batches", type=_csv(int), default=",".join(map(str, C.throughput_batches)),
+                   help="batch sizes of the decode throughput runs; empty: skip")
+    p.add_argument("--baselines", type=_csv(str), default=",".join(C.baselines),
+                   help=f"offloading baselines, from {','.join(BASELINES)}")
     p.add_argument("--new-tokens", type=int, default=C.new_tokens, help="decode tokens per throughput run")
     p.add_argument("--hi", default=None, help="HI tier when MODEL is a Hugging Face directory (default int4:g64)")
     p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default int2:g64)")
-    p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--seed", type=int, default=C.seed, help="seed of the random policy's HI sets")
     p.set_defaults(fn=_cmd_compare)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the default model")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--prompt", action="append")
+    p = command("demo", "the end-to-end demo on the default model")
+    p.add_argument("--workdir", default="runs/demo", help="where the converted model, stats and plots go")
+    p.add_argument("--prompt", action="append", help="repeat for a batch (default: two built-in prompts)")
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_demo)
     return ap

@@ -1,6 +1,8 @@
 """Typed errors. Every failure a user can cause raises a subclass of DynaexqError whose message
 names the file, tensor, option or value that was wrong; the CLI prints that message on one line."""
 
+import numbers
+
 
 class DynaexqError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -68,3 +70,14 @@ class InfeasibleBudgetError(BudgetError):
 
 class RuntimeConfigError(DynaexqError):
     """A bad runtime option: unknown policy or strategy, a segment length or period that makes no sense, ..."""
+
+
+class ConverterNotInstalledError(DynaexqError):
+    """Converting a Hugging Face checkpoint needs the checkpoints_convert package, which is not installed."""
+
+
+def check_int(name: str, value, error: type[DynaexqError], *, minimum: int = 1, unit: str = "") -> None:
+    """Raise `error` unless value is an integer >= minimum (bools are not counts); `unit` follows
+    the bound in the message, e.g. " decode step"."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise error(f"{name} must be an integer >= {minimum}{unit}, got {value!r}")

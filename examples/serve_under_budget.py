@@ -11,12 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from dynaexq_jax.serving.checkpoint import load_checkpoint
-from dynaexq_jax.experiments.compare import budget_for_fraction
 from dynaexq_jax.experiments.default_model import converted_model
+from dynaexq_jax.runtime.budget import budget_for_fraction
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.plots import plot_stats
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 
 
 class LowestIds(Policy):
@@ -35,12 +36,14 @@ def main():
     conv = load_checkpoint(converted_model(a.hf_dir, out / "converted"))
 
     prompts = ["def parse(line):\n    ", "The tutorial explains how to", "import os\nimport sys\n", "In this chapter"]
-    # A budget that holds every expert LO plus HI slots for about hi_fraction of them.
-    budget = budget_for_fraction(conv, a.hi_fraction, batch=len(prompts), max_len=256, transfers=4)
+    # Every policy runs with the same settings and budget: one that holds every expert LO plus
+    # HI slots for about hi_fraction of them.
+    settings = EngineConfig(batch=len(prompts), max_len=256, segment_len=16)
+    budget = budget_for_fraction(conv, a.hi_fraction, settings)
 
     policies = {"dynaexq": DynaExqPolicy(period=32, delta=0.01), "lowest-ids": LowestIds()}
     for name, policy in policies.items():
-        engine = Engine(conv, budget_bytes=budget, policy=policy, batch=len(prompts), max_len=256, segment_len=16)
+        engine = Engine(conv, budget_bytes=budget, settings=settings.replace(policy=policy))
         engine.generate(prompts, max_new_tokens=16)                    # warm-up: compile
         res = engine.generate(prompts, max_new_tokens=a.new_tokens, stop_tokens=())
         r = res.runtime

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from dynaexq_jax.errors import BudgetError, ConfigError, RuntimeConfigError
 from dynaexq_jax.experiments.compare import CompareConfig, gap_recovery, workload_tokens
-from dynaexq_jax.errors import ConfigError
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.policies import DynaExqPolicy, OraclePolicy, RandomPolicy, StaticPolicy, swaps_toward
 from dynaexq_jax.runtime.replay import replay
 
@@ -66,10 +67,32 @@ def test_gap_recovery_and_workload_streams():
     (dict(phase_tokens=100, chunk=16), "multiples of chunk"),
     (dict(sweep=(1.5,)), "sweep fractions"),
     (dict(baselines=("magic",)), "unknown baselines"),
+    (dict(budget="150%"), "budget share"),
+    (dict(budget="lots%"), "budget share"),
+    (dict(rows=0), "rows must be an integer >= 1"),
 ])
 def test_bad_compare_options(kwargs, match):
+    """Construction checks every value, so a CLI can reject options before converting a model."""
     with pytest.raises(ConfigError, match=match):
-        CompareConfig(**kwargs).check()
+        CompareConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(budget="lots"), BudgetError, "cannot parse the budget"),
+    (dict(transfers=1), RuntimeConfigError, "transfers_in_flight must be an integer >= 2"),
+    (dict(alpha=1.0), RuntimeConfigError, "alpha"),
+])
+def test_compare_options_the_runtime_rejects_fail_on_construction(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        CompareConfig(**kwargs)
+
+
+def test_compare_engines_share_the_engine_defaults():
+    c = CompareConfig()
+    s = c.engine_settings("dynaexq", batch=4)
+    assert s == EngineConfig(policy="dynaexq", batch=4, max_len=c.window, segment_len=c.chunk,
+                             update_period=c.period, transfers_in_flight=c.transfers)
+    assert (c.alpha, c.delta, c.chunk) == (EngineConfig.alpha, EngineConfig.delta, EngineConfig.segment_len)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +111,7 @@ def compared(tmp_path_factory):
 def test_compare_writes_every_output(compared):
     out, res = compared
     for name in ("results.json", "results.csv", "report.md", "traces.npz", "perplexity.png", "hit_rate.png",
-                 "hotness.png", "sweep.png"):
+                 "routed_mass.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
     assert set(res["policies"]) == {"all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random"}
     rows = list(csv.DictReader(open(out / "results.csv")))

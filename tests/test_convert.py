@@ -10,12 +10,12 @@ import safetensors.numpy as stn
 
 import checkpoints_convert.converter as converter
 from checkpoints_convert import convert
-from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
-from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.errors import ConfigError
-from dynaexq_jax.model.families.qwen3_moe import MoE, DenseMLP
+from dynaexq_jax.model.config import parse_hf_config
+from dynaexq_jax.model.families.qwen3_moe import DenseMLP, MoE
 from dynaexq_jax.model.moe import single_tier
 from dynaexq_jax.model.quant import parse_format, quantize
+from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
 from tests.hf_models import make_tiny_qwen3_moe
 
 LO = "int4:g32"  # the tiny model's H=64, I=32: the default int4 group (128) does not divide them

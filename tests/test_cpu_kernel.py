@@ -1,6 +1,7 @@
-"""The CPU kernel of the MoE op (dynaexq_jax/csrc/moe_cpu.cc): results against the dense
-reference in every format, its place in the XLA backend (dispatch, gradients, export for CUDA),
-errors, the build cache and the fallback without a compiler."""
+"""The CPU kernel of the MoE op (dynaexq_jax/model/moe/csrc/moe_cpu.cc) beyond the conformance
+suite (test_moe_backends.py, which checks its results in every format): its place in the XLA
+backend (dispatch, gradients, export for CUDA), errors, the build cache and the fallback without
+a compiler."""
 import os
 import subprocess
 import sys
@@ -10,11 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax.model.moe import cpu_kernel
-from dynaexq_jax.model.moe import ExpertPools, moe_experts_reference, moe_experts_xla, quantize_experts, route, single_tier
+from dynaexq_jax.model.moe import (
+    KERNEL_MAX_PAIRS_PER_SLOT,
+    ExpertPools,
+    cpu_kernel,
+    moe_experts_xla,
+    quantize_experts,
+    route,
+    single_tier,
+)
 
 SEED = int.from_bytes(os.urandom(4), "little")
-FORMATS = ["f32", "bf16", "fp16", "int8:g32", "int4:g32", "int2:g16", "int4:channel"]
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler to build the CPU kernel")
 
@@ -25,24 +32,6 @@ def _raw(r, E, H, I):
 
 def _close(got, want, rtol=2e-5):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=f"seed {SEED}")
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 5, 64])
-@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_equals_the_dense_reference(fmt, T, x_dtype):
-    """One tier, every pair either served (any slot, repeats included) or left to another tier
-    (slot -1). The kernel computes in f32 whatever x's dtype: compare with the f32 reference."""
-    r = np.random.default_rng(SEED)
-    E, H, I, k = 16, 64, 32, 4
-    pool = jax.device_put(quantize_experts(*_raw(r, E, H, I), fmt))
-    x = jnp.asarray(r.standard_normal((T, H)), x_dtype)
-    ids, w, _ = route(x.astype(jnp.float32), jnp.asarray(r.standard_normal((H, E)), jnp.float32), k, True)
-    served = jnp.asarray(r.random((T, k)) < 0.7)
-    w = jnp.where(served, w, 0.0)
-    got = np.asarray(jax.jit(cpu_kernel.tier_contribution)(x, pool, jnp.where(served, ids, -1), w))
-    want = np.asarray(moe_experts_reference(x.astype(jnp.float32), ids, w, single_tier(pool)))
-    _close(got, want)
 
 
 def test_pairs_of_other_tiers_contribute_nothing():
@@ -70,19 +59,17 @@ def _op(monkeypatch, use_kernel: bool):
     return jax.jit(lambda *a: moe_experts_xla(*a))
 
 
-@pytest.mark.parametrize("T", [1, 8, 100])
-def test_xla_backend_calls_the_kernel_and_agrees_with_plain_xla(monkeypatch, T):
+@pytest.mark.parametrize("T", [1, 100, 200, 600])
+def test_xla_backend_calls_the_kernel_where_the_shape_suits_it(monkeypatch, T):
+    """Per tier, while its pairs stay within KERNEL_MAX_PAIRS_PER_SLOT per slot; never with
+    DYNAEXQ_CPU_KERNEL=0."""
     r = np.random.default_rng(SEED)
     experts = _mixed(r)
     x = jnp.asarray(r.standard_normal((T, 64)), jnp.float32)
     ids, w, _ = route(x, jnp.asarray(r.standard_normal((64, 32)), jnp.float32), 4, True)
-    with_kernel = _op(monkeypatch, True)
-    assert cpu_kernel.TARGET in with_kernel.lower(x, ids, w, experts).as_text()
-    got = np.asarray(with_kernel(x, ids, w, experts))
-    plain = _op(monkeypatch, False)
-    assert cpu_kernel.TARGET not in plain.lower(x, ids, w, experts).as_text()
-    _close(got, np.asarray(plain(x, ids, w, experts)))
-    _close(got, np.asarray(moe_experts_reference(x, ids, w, experts)))
+    calls = _op(monkeypatch, True).lower(x, ids, w, experts).as_text().count(f"@{cpu_kernel.TARGET}(")
+    assert calls == sum(T * 4 <= KERNEL_MAX_PAIRS_PER_SLOT * p.size for p in experts.pools)
+    assert cpu_kernel.TARGET not in _op(monkeypatch, False).lower(x, ids, w, experts).as_text()
 
 
 def test_gradients_through_the_kernel_come_from_the_xla_path(monkeypatch):

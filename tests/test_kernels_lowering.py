@@ -1,4 +1,5 @@
-"""The real Pallas -> Triton lowering, run on a CPU machine: export the MoE op for CUDA.
+"""The real Pallas -> Triton lowering, run on a CPU machine: export the kernels and the MoE op's
+pallas backend (dynaexq_jax/model/moe/pallas.py) for CUDA.
 
 `jax.export.export(jax.jit(f), platforms=["cuda"])` lowers every pallas_call through the Triton
 backend (jaxpr -> Triton IR, serialized into a custom call) without a GPU, and fails on anything
@@ -16,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax.model.moe import ExpertPools, TierPool
+from dynaexq_jax.model.moe import ExpertPools, TierPool, moe_experts_pallas
 from dynaexq_jax.model.quant import QTensor, parse_format
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import DECODE, PREFILL, TileConfig, default_config, down, gate_up
-from pallas_kernels.moe import moe_experts_pallas
 
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, top_k=8)
 FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int2", "int8:channel", "int4:g64")
@@ -108,9 +108,11 @@ def test_small_split_k_tiles_lower_to_triton():
     fmt = "int4:g128"
     w = _abstract_qtensor(fmt, 8, 256, 128)
     for config in (TileConfig(16, 16, 16, 4, 2), TileConfig(16, 32, 32, 4, 2)):
-        def f(x, offs, gd, gs, dd, ds):
-            h = gate_up(x, QTensor(gd, gs, w.fmt), QTensor(gd, gs, w.fmt), offs, config=config, interpret=False)
-            return down(h, QTensor(dd, ds, w.fmt), offs, jnp.ones((x.shape[0],)), config=config, interpret=False)
+        kfmt = w.fmt.kernel_format
+
+        def f(x, offs, gd, gs, dd, ds, kfmt=kfmt, config=config):
+            h = gate_up(x, gd, gd, offs, fmt=kfmt, gate_scales=gs, up_scales=gs, config=config, interpret=False)
+            return down(h, dd, offs, jnp.ones((x.shape[0],)), fmt=kfmt, scales=ds, config=config, interpret=False)
 
         wd = _abstract_qtensor(fmt, 8, 128, 256)
         with compat.cuda_lowering_target():
@@ -146,10 +148,10 @@ def test_pipeline_fits_shared_memory(fmt):
     w = _abstract_qtensor(fmt, s["experts"], s["hidden"], s["inter"])
     for config in (DECODE, PREFILL):
         for x_dtype in (jnp.bfloat16, jnp.float32):
-            plan = pallas_triton.make_plan((64, s["hidden"]), x_dtype, w, config)
+            plan = pallas_triton.make_plan((64, s["hidden"]), x_dtype, w.data, w.scales, w.fmt.kernel_format, config)
             stages = plan.num_stages(config, n_weights=2)
             x_bytes = plan.bm * plan.bkb * plan.p * plan.compute_dtype.itemsize
-            w_bytes = 2 * plan.bkb * plan.bn * np.dtype(plan.fmt.storage_dtype).itemsize
+            w_bytes = 2 * plan.bkb * plan.bn * plan.w_dtype.itemsize
             assert 1 <= stages <= config.num_stages
             assert stages * (x_bytes + w_bytes) <= pallas_triton.SMEM_BUDGET or stages == 1
             if x_dtype == jnp.bfloat16 and config == DECODE and fmt != "f32":

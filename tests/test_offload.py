@@ -5,12 +5,12 @@ import pytest
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from dynaexq_jax.serving.checkpoint import load_checkpoint
 from dynaexq_jax.errors import InfeasibleBudgetError, RuntimeConfigError
+from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 from dynaexq_jax.runtime import offload
 from dynaexq_jax.runtime.offload import ExpertCache, OffloadEngine, plan_cache
 from dynaexq_jax.runtime.pools import tree_nbytes
-from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 
 # Layer 1 is dense, so the engine's dense path and a prediction after a dense layer are covered.
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, mlp_only_layers=[1], num_attention_heads=4,
@@ -126,8 +126,10 @@ def test_tokens_equal_the_all_hi_model(ckpt, all_hi_tokens, mode):
 
 def test_budget_and_option_errors(ckpt):
     smallest = budget_for(ckpt, 1)
-    with pytest.raises(InfeasibleBudgetError, match=f"smallest feasible budget is .*{smallest:,d} B"):
+    with pytest.raises(InfeasibleBudgetError, match=f"smallest feasible budget is .*{smallest:,d} B") as e:
         OffloadEngine(ckpt, budget_bytes=smallest - 1, batch=BATCH, max_len=MAX_LEN)
+    shown = str(e.value).split("the smallest feasible budget is ")[1].split(" (")[0]
+    OffloadEngine(ckpt, budget_bytes=shown, batch=BATCH, max_len=MAX_LEN)     # as printed: rounded up, feasible
     scores = np.tile(np.arange(8.0), (2, 1))                # expert 7 hottest
     eng = OffloadEngine(ckpt, budget_bytes=smallest, batch=BATCH, max_len=MAX_LEN, calibration=scores)
     assert eng.plan.capacity == (1, 1) and [c.slot_of for c in eng.caches] == [{7: 0}, {7: 0}]

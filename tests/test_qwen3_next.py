@@ -17,10 +17,10 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
 import dynaexq_jax
 from checkpoints_convert import convert
 from dynaexq_jax.api import Model
-from dynaexq_jax.serving.checkpoint import load_checkpoint
-from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.errors import MissingTensorError, TensorShapeError
+from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.families import qwen3_next
+from dynaexq_jax.serving.checkpoint import load_checkpoint
 from tests.hf_models import make_tiny_qwen3_next
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -150,9 +150,9 @@ def test_padded_prefill_leaves_state_of_real_tokens(pair):
     lg, cache, _ = forward(ours.params, cfg, jnp.asarray(tokens), qwen3_next.init_cache(cfg, 3, 64),
                            logits_at=valid - 1, valid=valid)
     assert np.asarray(cache.lengths).tolist() == lengths
-    step_logits = []
+    step_logits, cache_t = [], cache
     for t in range(2):
-        lg_t, cache_t, _ = forward(ours.params, cfg, jnp.asarray(nxt[:, t:t + 1]), cache if t == 0 else cache_t)
+        lg_t, cache_t, _ = forward(ours.params, cfg, jnp.asarray(nxt[:, t:t + 1]), cache_t)
         step_logits.append(np.asarray(lg_t)[:, 0])
     K = cfg.linear_conv_kernel_dim
     for i, n in enumerate(lengths):

@@ -6,17 +6,22 @@ import gc
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from checkpoints_convert import convert
-from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
-from dynaexq_jax.errors import (BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError)
+from dynaexq_jax.errors import BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError
+from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 from dynaexq_jax.model.families import qwen3_moe
-from dynaexq_jax.runtime.budget import parse_bytes, plan_budget
+from dynaexq_jax.runtime.budget import budget_for_fraction, format_bytes, parse_bytes, plan_budget
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, rank
 from dynaexq_jax.runtime.pools import DevicePools
-from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
+from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
+from dynaexq_jax.serving.generate import Controller, generate
+from dynaexq_jax.serving.hotness import ema_update
+from dynaexq_jax.serving.scoring import score
 
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
@@ -31,10 +36,8 @@ def ckpt(tmp_path_factory):
 
 
 def engine_budget(ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN):
-    """A budget that gives about hi_fraction of the experts HI slots."""
-    lo = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=batch, max_len=max_len, segment_len=SEG).plan
-    need = lo.total - lo.fixed.margin + hi_fraction * TINY["num_experts"] * 3 * (lo.m_hi - lo.m_lo)
-    return int(need / 0.98) + 1     # the plan keeps a 2% safety margin
+    """The smallest budget that gives floor(hi_fraction * E) HI slots per layer."""
+    return budget_for_fraction(ckpt, hi_fraction, EngineConfig(batch=batch, max_len=max_len, segment_len=SEG))
 
 
 def prompts(seed, n=BATCH, length=9):
@@ -53,23 +56,53 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
+def test_format_bytes_rounded_up_parses_back_to_at_least_the_value():
+    """A lower bound printed with two decimals must not fall below itself when pasted back."""
+    rng = np.random.default_rng(0)
+    for n in [1, 1023, 1024, 53 * 2**20 + 1, 2**18 * 213, *rng.integers(1, 10**12, 2000).tolist()]:
+        text = format_bytes(n, round_up=True)
+        assert parse_bytes(text) >= n, (n, text)
+        value, unit = text.split()
+        if unit != "B":    # and it is the least such two-decimal text
+            lower = f"{(round(float(value) * 100) - 1) / 100:.2f} {unit}"
+            assert parse_bytes(lower) < n, (n, text)
+    assert format_bytes(56_077_844) == "53.48 MiB" and format_bytes(56_077_700, round_up=True) == "53.48 MiB"
+    assert parse_bytes("53.48MiB") == 56_077_844     # the decimal read exactly: floor(53.48 * 2**20)
+
+
 def test_infeasible_budget_says_what_is_missing(ckpt):
     with pytest.raises(InfeasibleBudgetError, match=r"B missing; the smallest feasible budget is") as e:
         Engine(ckpt, budget_bytes="1MiB", batch=BATCH, max_len=MAX_LEN)
-    smallest = int(str(e.value).split("(")[-1].split(" B)")[0].replace(",", ""))
+    shown, exact = str(e.value).split("the smallest feasible budget is ")[1].split(" (")
+    smallest = int(exact.split(" B)")[0].replace(",", ""))
     eng = Engine(ckpt, budget_bytes=smallest, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
     assert eng.plan.total <= smallest
+    with pytest.raises(InfeasibleBudgetError):
+        Engine(ckpt, budget_bytes=smallest - 1, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
+    # The value as shown (e.g. '1.23 MiB', as a user pastes it into --budget) is feasible too.
+    assert parse_bytes(shown) >= smallest
+    Engine(ckpt, budget_bytes=shown, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
     with pytest.raises(InfeasibleBudgetError, match="needs every expert HI"):
         Engine(ckpt, budget_bytes=smallest, policy="all-hi", batch=BATCH, max_len=MAX_LEN)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+def test_budget_for_fraction_is_the_smallest_with_that_many_slots(ckpt, fraction):
+    config = EngineConfig(batch=BATCH, max_len=MAX_LEN)
+    budget = budget_for_fraction(ckpt, fraction, config)
+    want = (int(fraction * TINY["num_experts"]),) * 3
+    assert Engine(ckpt, budget_bytes=budget, settings=config).plan.n_hi == want
+    if fraction > 0:
+        assert Engine(ckpt, budget_bytes=budget - 1, settings=config).plan.n_hi < want
 
 
 @settings(max_examples=40, deadline=None)
 @given(budget_mib=st.floats(1, 400), strategy=st.sampled_from(["uniform", "proportional", "greedy"]),
        batch=st.integers(1, 8), prio_seed=st.integers(0, 10**6))
 def test_budget_plan_never_exceeds_the_budget(budget_mib, strategy, batch, prio_seed):
+    from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, qwen3_moe_config
     from dynaexq_jax.model.config import parse_hf_config
     from dynaexq_jax.model.quant import parse_format
-    from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, qwen3_moe_config
     cfg = parse_hf_config(qwen3_moe_config(**BENCH_CONFIG))
     prio = np.random.default_rng(prio_seed).random((len(cfg.moe_layers), cfg.num_experts))
     kw = dict(hi=parse_format("bf16"), lo=parse_format("int4"), dense_params=20 * 2**20, batch=batch,
@@ -91,9 +124,9 @@ def test_budget_plan_never_exceeds_the_budget(budget_mib, strategy, batch, prio_
 
 
 def test_greedy_gives_slots_to_the_layers_that_need_them():
+    from dynaexq_jax.experiments.synthetic import qwen3_moe_config
     from dynaexq_jax.model.config import parse_hf_config
     from dynaexq_jax.model.quant import parse_format
-    from dynaexq_jax.experiments.synthetic import qwen3_moe_config
     cfg = parse_hf_config(qwen3_moe_config(**TINY))
     prio = np.zeros((3, 8))
     prio[1] = np.linspace(1, 0.5, 8)          # layer 1's experts matter most
@@ -159,7 +192,7 @@ class RandomSwaps(Policy):
 
     def plan(self, step, scores, hi_mask, n_hi):
         out = []
-        for l, n in enumerate(n_hi):
+        for l in range(len(n_hi)):
             his, los = np.flatnonzero(hi_mask[l]), np.flatnonzero(~hi_mask[l])
             k = min(len(his), len(los), int(self.rng.integers(0, 3)))
             out.append(list(zip(self.rng.choice(los, k, replace=False).tolist(),
@@ -318,7 +351,8 @@ def test_hot_set_follows_the_workload(ckpt):
     hi_after_a = eng.pools.hi_mask()
     eng.generate(b, max_new_tokens=48, stop_tokens=())
     hi_after_b = eng.pools.hi_mask()
-    overlap = lambda mask, tops: np.mean([len(set(np.flatnonzero(m)) & t) / len(t) for m, t in zip(mask, tops)])
+    def overlap(mask, tops):
+        return np.mean([len(set(np.flatnonzero(m)) & t) / len(t) for m, t in zip(mask, tops)])
     assert overlap(hi_after_a, top_a) > overlap(hi_after_a, top_b)
     assert overlap(hi_after_b, top_b) > overlap(hi_after_b, top_a)
     assert min(overlap(hi_after_a, top_a), overlap(hi_after_b, top_b)) >= 0.6
@@ -335,11 +369,81 @@ def test_hot_set_follows_the_workload(ckpt):
     (dict(transfers_in_flight=0), RuntimeConfigError, "transfers_in_flight"),
     (dict(budget_bytes="much"), BudgetError, "cannot parse the budget 'much'"),
     (dict(backend="cuda-magic"), RuntimeConfigError, "backend"),
+    (dict(batch=True), RuntimeConfigError, "batch must be an integer >= 1"),
+    (dict(rate_limit=0), RuntimeConfigError, "rate limit"),
+    (dict(policy="static", update_period=0), RuntimeConfigError, "update period"),   # checked for every policy
+    (dict(policy=object()), RuntimeConfigError, "policy must be"),
+    (dict(segment=16), RuntimeConfigError, r"unknown engine settings \['segment'\]"),
 ])
 def test_bad_runtime_options(ckpt, kwargs, err, match):
     kw = dict(budget_bytes=10**9, batch=BATCH, max_len=MAX_LEN) | kwargs
     with pytest.raises(err, match=match):
         Engine(ckpt, **kw)
+
+
+def test_engine_settings_one_config_or_keywords(ckpt):
+    """Engine(model, budget_bytes=..., **settings) and Engine(..., settings=EngineConfig(...)) are
+    the same engine; keywords change single settings of a given config; bad values fail before
+    any checkpoint is read."""
+    cfg = EngineConfig(policy="static", batch=BATCH, max_len=MAX_LEN, segment_len=SEG, alpha=0.5)
+    a = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), settings=cfg)
+    b = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy="static", batch=BATCH, max_len=MAX_LEN,
+               segment_len=SEG, alpha=0.5)
+    assert a.settings == b.settings == cfg and a.plan == b.plan and a.alpha == 0.5
+    c = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), settings=cfg, policy="dynaexq", update_period=8)
+    assert c.settings == cfg.replace(policy="dynaexq", update_period=8)
+    assert (c.policy.name, c.policy.period, c.policy.delta) == ("dynaexq", 8, cfg.delta)
+    with pytest.raises(RuntimeConfigError, match="transfers_in_flight"):
+        Engine("/nonexistent/checkpoint", budget_bytes=10**9, transfers_in_flight=1)
+
+
+class Recorder(Controller):
+    """Keeps what every hook received: the router mass, the scores, and the segment in flight."""
+    def __init__(self):
+        self.prefill, self.segments = None, []
+
+    def after_prefill(self, mass, scores):
+        self.prefill = (mass, scores)
+
+    def after_segment(self, step, mass, scores, in_flight):
+        host = None if in_flight is None else np.asarray(in_flight[0])     # its tokens [steps, B]
+        self.segments.append((step, mass, scores, host))
+
+
+def test_controller_receives_the_segment_in_flight(ckpt):
+    """The pipelining contract: each after_segment gets the outputs of the segment dispatched
+    before it (the next one the loop reads), None when nothing is in flight; so does scoring."""
+    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    rec = Recorder()
+    res = generate(eng.params(), ckpt.config, prompts(4), max_new_tokens=1 + 4 * SEG, stop_tokens=(),
+                   segment_len=SEG, controller=rec)
+    tokens = np.asarray(res.tokens)                                           # [B, 1 + 4 * SEG]
+    assert [s[0] for s in rec.segments] == [SEG, 2 * SEG, 3 * SEG, 4 * SEG]
+    for k, (*_, in_flight) in enumerate(rec.segments[:-1]):
+        np.testing.assert_array_equal(in_flight.T, tokens[:, 1 + (k + 1) * SEG:1 + (k + 2) * SEG])
+    assert rec.segments[-1][3] is None
+    rec = Recorder()
+    score(eng.params(), ckpt.config, np.asarray(prompts(4, length=4 * SEG + 1)), chunk=SEG, window=4 * SEG,
+          controller=rec)
+    # Chunk 0 is read like a prefill (nothing in flight), chunks 1 and 2 have their successor in flight.
+    assert [s[3] is None for s in rec.segments] == [True, False, False, True]
+
+
+def test_hotness_ema_is_one_step_per_decode_token(ckpt):
+    """The scores a generation hands the controller are the EMA of hotness.py: one step for the
+    prefill's mass, then one per decode step with that step's mass."""
+    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    rec = Recorder()
+    rec.alpha = 0.8
+    generate(eng.params(), ckpt.config, prompts(6), max_new_tokens=1 + 3 * SEG, stop_tokens=(), segment_len=SEG,
+             controller=rec)
+    mass, scores = rec.prefill
+    want = ema_update(np.zeros_like(mass), mass, 0.8)
+    np.testing.assert_allclose(scores, want, rtol=1e-6)
+    for _, mass, scores, _ in rec.segments:
+        for m in mass:
+            want = ema_update(want, m, 0.8)
+        np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-7)
 
 
 def test_batch_larger_than_the_engine_was_sized_for(ckpt):

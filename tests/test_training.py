@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dynaexq_jax.experiments import corpus
 from dynaexq_jax.errors import ConfigError
-
+from dynaexq_jax.experiments import corpus
 from tests.conftest import TINY_TRAINED as TINY
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dynaexq_jax.errors import ConfigError, check_int
 from dynaexq_jax.experiments import corpus
-from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
-from dynaexq_jax.errors import ConfigError
-from dynaexq_jax.runtime.budget import MARGIN_FRACTION, parse_bytes, plan_budget
+from dynaexq_jax.runtime.budget import budget_for_fraction, parse_bytes, plan_for
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
-from dynaexq_jax.runtime.policies import OraclePolicy
-from dynaexq_jax.runtime.pools import tree_nbytes
+from dynaexq_jax.runtime.policies import OraclePolicy, Policy, RandomPolicy
+from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
 from dynaexq_jax.serving.tokenizer import TextCodec
 
 POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random")
@@ -39,16 +39,18 @@ BASELINES = ("lru", "prefetch")
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
+    """A comparison run. Every value is checked on construction (ConfigError, or the runtime's
+    RuntimeConfigError for the engine settings), before any model is loaded or converted."""
     policies: tuple[str, ...] = POLICIES
     workload: tuple[str, ...] = ("prose", "code", "prose")
     budget: str = "20%"              # a share of HI slots per layer ("20%") or bytes ("3MiB")
     rows: int = 8                    # streams scored side by side (the batch)
     phase_tokens: int = 512          # positions per row in each workload phase
-    chunk: int = 16                  # positions per jitted chunk (= a decode segment)
+    chunk: int = EngineConfig.segment_len   # positions per jitted chunk (= a decode segment)
     window: int = 256                # positions per scoring window (the cache length)
     period: int = 64                 # policy update period, in steps (positions)
-    delta: float = 0.01
-    alpha: float = 0.9
+    delta: float = EngineConfig.delta
+    alpha: float = EngineConfig.alpha
     transfers: int = 8               # K: copies in flight
     calibration_domain: str | None = None   # default: the first workload domain
     calibration_tokens: int = 2048   # positions per row of the calibration stream
@@ -57,9 +59,14 @@ class CompareConfig:
     baselines: tuple[str, ...] = BASELINES
     new_tokens: int = 64
     prompt_tokens: int = 32
-    seed: int = 0
+    seed: int = 0                    # the random policy's HI sets
+
+    def __post_init__(self):
+        self.check()
 
     def check(self) -> None:
+        """Raise ConfigError (or the runtime's RuntimeConfigError, BudgetError) for a bad value;
+        runs on construction."""
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"unknown policies {unknown} (use {', '.join(POLICIES)})")
@@ -71,15 +78,37 @@ class CompareConfig:
             raise ConfigError(f"unknown baselines {list(self.baselines)} (use {', '.join(BASELINES)})")
         for name in ("rows", "phase_tokens", "chunk", "window", "period", "transfers", "calibration_tokens",
                      "new_tokens", "prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int(name, getattr(self, name), ConfigError)
         if self.phase_tokens % self.chunk or self.window % self.chunk or self.calibration_tokens % self.chunk:
             raise ConfigError(f"phase_tokens ({self.phase_tokens}), window ({self.window}) and calibration_tokens "
                               f"({self.calibration_tokens}) must be multiples of chunk ({self.chunk})")
         if any(not 0 <= r <= 1 for r in self.sweep):
             raise ConfigError(f"sweep fractions must be in [0, 1], got {list(self.sweep)}")
-        if any(b < 1 for b in self.throughput_batches):
-            raise ConfigError(f"throughput batches must be >= 1, got {list(self.throughput_batches)}")
+        for b in self.throughput_batches:
+            check_int("a throughput batch", b, ConfigError)
+        if self.hi_fraction is None:
+            parse_bytes(self.budget)
+        elif not 0 <= self.hi_fraction <= 1:
+            raise ConfigError(f"budget share must be between 0% and 100%, got {self.budget}")
+        self.engine_settings("dynaexq")        # the runtime's own checks (alpha, K >= 2, ...)
+
+    @property
+    def hi_fraction(self) -> float | None:
+        """The budget as a share of HI slots per layer, or None when it is a byte size."""
+        text = self.budget.strip()
+        if not text.endswith("%"):
+            return None
+        try:
+            return float(text[:-1]) / 100
+        except ValueError:
+            raise ConfigError(f"cannot read the budget share '{self.budget}' (e.g. 20%)") from None
+
+    def engine_settings(self, policy: str | Policy, batch: int | None = None, max_len: int | None = None
+                        ) -> EngineConfig:
+        """The runtime settings of every engine of the run (batch default rows, max_len default window)."""
+        return EngineConfig(policy=policy, batch=batch or self.rows, max_len=max_len or self.window,
+                            segment_len=self.chunk, update_period=self.period, delta=self.delta, alpha=self.alpha,
+                            transfers_in_flight=self.transfers)
 
 
 # ---- token streams ---------------------------------------------------------------------------------
@@ -89,7 +118,7 @@ def domain_streams(codec, split: str) -> dict[str, np.ndarray]:
     out = {}
     for d in corpus.DOMAINS:
         ids = []
-        for doc, enc in zip(sel := corpus.select(docs, d, split), codec.tokenizer.encode_batch([x.text for x in sel])):
+        for enc in codec.tokenizer.encode_batch([x.text for x in corpus.select(docs, d, split)]):
             ids.extend(enc.ids + [0])
         out[d] = np.asarray(ids, np.int32)
     return out
@@ -124,36 +153,20 @@ def corpus_check(model_dir: Path) -> dict:
     return out
 
 
-# ---- budgets ---------------------------------------------------------------------------------------
-def _plan_kwargs(ckpt: Checkpoint, batch: int, max_len: int, transfers: int) -> dict:
-    return dict(hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"], dense_params=tree_nbytes(ckpt.params), batch=batch,
-                max_len=max_len, cache_dtype=np.dtype(ckpt.params.embed.dtype), transfers_in_flight=transfers)
-
-
-def budget_for_fraction(ckpt: Checkpoint, r: float, *, batch: int, max_len: int, transfers: int) -> int:
-    """The smallest byte budget whose proportional plan gives floor(r * E) HI slots per layer."""
-    kw = _plan_kwargs(ckpt, batch, max_len, transfers)
-    probe = plan_budget(ckpt.config, budget=2**62, max_hi_fraction=r, **kw)
-    budget = int(np.ceil((probe.total - probe.fixed.margin) / (1 - MARGIN_FRACTION))) + 1
-    for _ in range(64):     # the margin is a share of the budget: step up until the plan holds
-        if plan_budget(ckpt.config, budget=budget, max_hi_fraction=r, **kw).n_hi == probe.n_hi:
-            return budget
-        budget = int(budget * 1.001) + 1
-    raise ConfigError(f"no budget found for HI fraction {r}")
-
-
-def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = 8, positions: int = 2048,
-                        chunk: int = 16, window: int = 256) -> np.ndarray:
+# ---- calibration -----------------------------------------------------------------------------------
+def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = CompareConfig.rows,
+                        positions: int = CompareConfig.calibration_tokens, chunk: int = CompareConfig.chunk,
+                        window: int = CompareConfig.window) -> np.ndarray:
     """Mean token-normalised routed mass per expert [L_moe, E] of the all-LO model on the
     calibration split of the given domains (method.md, initial HI set): rows streams per domain
     of up to `positions` positions, scored through the runtime."""
     streams = domain_streams(codec, "calibration")
+    settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2)
     masses = []
     for d in domains:
         n = min(positions, (len(streams[d]) // rows - 1) // chunk * chunk)
         tokens = workload_tokens(streams, (d,), rows, n)
-        eng = Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, 0.0, batch=rows, max_len=window, transfers=2),
-                     policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2)
+        eng = Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, 0.0, settings), settings=settings)
         eng.score(tokens)
         masses += [t["mass"] for t in eng.timeline]
     return np.mean(masses, axis=0)
@@ -180,16 +193,18 @@ def gap_recovery(ppl: float, ppl_hi: float, ppl_lo: float) -> float | None:
 
 def _recoveries(ppl: dict, hi: dict, lo: dict) -> dict:
     out = {"overall": gap_recovery(ppl["overall"], hi["overall"], lo["overall"]),
-           "per_domain": {d: gap_recovery(p, hi["per_domain"][d], lo["per_domain"][d]) for d, p in ppl["per_domain"].items()},
-           "per_phase": [gap_recovery(p, h, lo_) for p, h, lo_ in zip(ppl["per_phase"], hi["per_phase"], lo["per_phase"])]}
+           "per_domain": {d: gap_recovery(p, hi["per_domain"][d], lo["per_domain"][d])
+                          for d, p in ppl["per_domain"].items()},
+           "per_phase": [gap_recovery(p, h, lo_)
+                         for p, h, lo_ in zip(ppl["per_phase"], hi["per_phase"], lo["per_phase"])]}
     if ppl["after_first_shift"] is not None:
-        out["after_first_shift"] = gap_recovery(ppl["after_first_shift"], hi["after_first_shift"], lo["after_first_shift"])
+        out["after_first_shift"] = gap_recovery(ppl["after_first_shift"], hi["after_first_shift"],
+                                                lo["after_first_shift"])
     return out
 
 
 class Harness:
     def __init__(self, model: str | Path, cfg: CompareConfig, log=print):
-        cfg.check()
         self.cfg, self.log = cfg, log
         self.ckpt = load_checkpoint(Path(model))
         if self.ckpt.config.model_type != "qwen3_moe":
@@ -198,28 +213,19 @@ class Harness:
         if self.codec.tokenizer is None:
             raise ConfigError(f"{model}: compare needs the model's tokenizer.json")
         self.E = self.ckpt.config.num_experts
-        if cfg.budget.strip().endswith("%"):
-            self.fraction = float(cfg.budget.strip()[:-1]) / 100
-            if not 0 <= self.fraction <= 1:
-                raise ConfigError(f"budget share must be between 0% and 100%, got {cfg.budget}")
-            self.budget = self._budget(self.fraction, cfg.rows)
-        else:
-            self.budget = parse_bytes(cfg.budget)
-            self.fraction = None
-        self.n_hi = list(plan_budget(self.ckpt.config, budget=self.budget,
-                                     **_plan_kwargs(self.ckpt, cfg.rows, cfg.window, cfg.transfers)).n_hi)
+        self.fraction = cfg.hi_fraction
+        self.budget = parse_bytes(cfg.budget) if self.fraction is None else self._budget(self.fraction, cfg.rows)
+        self.n_hi = list(plan_for(self.ckpt, self.budget, cfg.engine_settings("dynaexq")).n_hi)
         self.validation = domain_streams(self.codec, "validation")
         self.corpus = corpus_check(self.ckpt.path)
         self.tokens = workload_tokens(self.validation, cfg.workload, cfg.rows, cfg.phase_tokens)
 
     def _budget(self, r: float, batch: int) -> int:
-        return budget_for_fraction(self.ckpt, r, batch=batch, max_len=self.cfg.window, transfers=self.cfg.transfers)
+        return budget_for_fraction(self.ckpt, r, self.cfg.engine_settings("dynaexq", batch))
 
     def engine(self, policy, budget: int, calibration=None, batch=None, max_len=None) -> Engine:
-        c = self.cfg
-        return Engine(self.ckpt, budget_bytes=budget, policy=policy, batch=batch or c.rows,
-                      max_len=max_len or c.window, segment_len=c.chunk, update_period=c.period, delta=c.delta,
-                      alpha=c.alpha, transfers_in_flight=c.transfers, calibration=calibration)
+        return Engine(self.ckpt, budget_bytes=budget, settings=self.cfg.engine_settings(policy, batch, max_len),
+                      calibration=calibration)
 
     def calibration(self) -> np.ndarray:
         c = self.cfg
@@ -240,7 +246,7 @@ class Harness:
             # A decision after chunk b serves from chunk b + 3 on (replay.py): 2 chunks after its step.
             eng = self.engine(OraclePolicy(oracle_trace, c.chunk, c.period, lag=2 * c.chunk), budget)
         else:
-            eng = self.engine("random", budget)
+            eng = self.engine(RandomPolicy(period=c.period, seed=c.seed), budget)
         res = eng.score(self.tokens)
         rt = res.runtime
         tl = rt["timeline"]
@@ -295,7 +301,7 @@ class Harness:
                    "policies": runs, "sweep": sweep, "throughput": throughput,
                    "traffic": traffic(traces["all-hi"], c, self.E)}
         np.savez_compressed(out / "traces.npz", **{n.replace("-", "_"): t for n, t in traces.items()})
-        write_outputs(results, traces, out)
+        write_outputs(results, out)
         return results
 
     def throughput(self, batch: int, ranking: np.ndarray) -> list[dict]:
@@ -305,16 +311,18 @@ class Harness:
         c = self.cfg
         r = self.fraction if self.fraction is not None else 0.2
         max_len = c.prompt_tokens + c.new_tokens + 16
-        budget = budget_for_fraction(self.ckpt, r, batch=batch, max_len=max_len, transfers=c.transfers)
+        settings = c.engine_settings("dynaexq", batch, max_len)
+        budget = budget_for_fraction(self.ckpt, r, settings)
         prompts = workload_tokens(self.validation, c.workload[:1], batch, c.prompt_tokens)[:, :c.prompt_tokens].tolist()
         engines = {"all-lo": self.engine("all-lo", budget, batch=batch, max_len=max_len),
                    "dynaexq": self.engine("dynaexq", budget, ranking, batch=batch, max_len=max_len)}
         for mode in c.baselines:
-            engines[f"offload-{mode}"] = OffloadEngine(self.ckpt, budget_bytes=budget, mode=mode, batch=batch,
-                                                       max_len=max_len, transfers_in_flight=c.transfers,
+            engines[f"offload-{mode}"] = OffloadEngine(self.ckpt, budget_bytes=budget, mode=mode, batch=settings.batch,
+                                                       max_len=settings.max_len, backend=settings.backend,
+                                                       transfers_in_flight=settings.transfers_in_flight,
                                                        calibration=ranking)
         best = {}
-        for name, eng in engines.items():
+        for eng in engines.values():
             eng.generate(prompts, max_new_tokens=2 * c.chunk + 1, stop_tokens=())
         for _ in range(2):
             for name, eng in engines.items():
@@ -361,7 +369,7 @@ def machine() -> dict:
 
 
 # ---- outputs ---------------------------------------------------------------------------------------
-def write_outputs(results: dict, traces: dict, out: Path) -> None:
+def write_outputs(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -374,7 +382,7 @@ def write_outputs(results: dict, traces: dict, out: Path) -> None:
             for scope, ppl, rec in rows:
                 w.writerow([name, scope, f"{ppl:.4f}", "" if rec is None else f"{rec:.4f}", f"{r['hi_hit_rate']:.4f}",
                             r["counters"]["promotions"], r["counters"]["bytes_moved"]])
-    plots = plot_results(results, traces, out)
+    plots = plot_results(results, out)
     (out / "report.md").write_text(report(results, plots))
 
 
@@ -385,7 +393,9 @@ def _fmt(x, pct=False):
 
 
 def _yes_no(flag) -> str:
-    return "unknown (no training.json)" if flag is None else "yes" if flag else "NO (other files: numbers not comparable)"
+    if flag is None:
+        return "unknown (no training.json)"
+    return "yes" if flag else "NO (other files: numbers not comparable)"
 
 
 def report(results: dict, plots: list[Path]) -> str:
@@ -394,10 +404,10 @@ def report(results: dict, plots: list[Path]) -> str:
     doms = list(dict.fromkeys(phases))
     lines = [f"# Policy comparison ({results['date']})", "",
              f"Model `{results['model']['path']}`, tiers HI {results['model']['tiers']['hi']} / LO "
-             f"{results['model']['tiers']['lo']}; budget {b['requested']} = {b['bytes']:,d} B, HI slots per layer "
-             f"{b['n_hi']} of {b['num_experts']}. Workload {' -> '.join(phases)} ({results['workload']['phase_tokens']} "
-             f"positions per phase, {results['workload']['rows']} streams). Machine: {m['processor']}, {m['cpus']} CPUs, "
-             f"jax {m['jax']}, device {m['device']}.", "",
+             f"{results['model']['tiers']['lo']}; budget {b['requested']} = {b['bytes']:,d} B, HI slots per "
+             f"layer {b['n_hi']} of {b['num_experts']}. Workload {' -> '.join(phases)} "
+             f"({results['workload']['phase_tokens']} positions per phase, {results['workload']['rows']} streams). "
+             f"Machine: {m['processor']}, {m['cpus']} CPUs, jax {m['jax']}, device {m['device']}.", "",
              f"Evaluation text: {results['workload']['corpus']['documents']} validation/calibration documents of "
              f"this machine's standard library (digest {results['workload']['corpus']['eval_digest'][:12]}), "
              f"the model's own held-out documents: {_yes_no(results['workload']['corpus']['same_as_training'])}.", "",
@@ -421,11 +431,12 @@ def report(results: dict, plots: list[Path]) -> str:
                          f"{_fmt(s['gap_recovery']['overall'], True)} | {_fmt(s['hi_hit_rate'], True)} |")
     if results["throughput"]:
         lines += ["", "## Decode throughput (same byte budget, measured side by side)", "",
-                  "| batch | engine | decode tok/s | share of all-LO | dynaexq speed-up | HI/cache hit rate | MiB moved "
-                  "| projected tok/s over PCIe 4.0 x16 (projection) |", "|" + " --- |" * 8]
+                  "| batch | engine | decode tok/s | share of all-LO | dynaexq speed-up | HI/cache hit rate "
+                  "| MiB moved | projected tok/s over PCIe 4.0 x16 (projection) |", "|" + " --- |" * 8]
         for t in results["throughput"]:
             lines.append(f"| {t['batch']} | {t['engine']} | {t['decode_tokens_per_s']:.1f} | "
-                         f"{_fmt(t['share_of_all_lo'], True)} | {_fmt(t['dynaexq_speedup'])}x | {_fmt(t['hit_rate'], True)} | "
+                         f"{_fmt(t['share_of_all_lo'], True)} | {_fmt(t['dynaexq_speedup'])}x | "
+                         f"{_fmt(t['hit_rate'], True)} | "
                          f"{t['bytes_moved'] / 2**20:.2f} | {t['projected_pcie_decode_tokens_per_s']:.1f} |")
     tr = results["traffic"]
     lines += ["", "## Router traffic (all-HI run)", "",
@@ -438,30 +449,31 @@ def report(results: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(results: dict, traces: dict, out: Path) -> list[Path]:
+def result_figures(results: dict) -> dict:
+    """{file stem: Figure} of a results dict: perplexity, hit_rate, routed_mass, and sweep when the
+    results hold a budget sweep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    figures = {}
     pols = results["policies"]
-    doms = list(dict.fromkeys(results["workload"]["phases"]))
+    phases = results["workload"]["phases"]
+    doms = list(dict.fromkeys(phases))
     scopes = doms + ["overall"]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
     width = 0.8 / len(pols)
     for i, (name, r) in enumerate(pols.items()):
         vals = [r["ppl"]["per_domain"][d] for d in doms] + [r["ppl"]["overall"]]
         ax.bar(np.arange(len(scopes)) + i * width, vals, width, label=name)
     ax.set_xticks(np.arange(len(scopes)) + 0.4 - width / 2, scopes)
     ax.set_ylabel("perplexity (teacher-forced)")
-    lo = min(min(r["ppl"]["per_domain"].values()) for r in pols.values())
-    ax.set_ylim(bottom=0.9 * lo)
+    ax.set_ylim(bottom=0)          # bar lengths compare as ratios only from zero
     ax.legend(fontsize=7, ncol=3)
-    ax.set_title("perplexity per policy and domain")
-    fig.tight_layout()
-    written.append(_save(fig, out / "perplexity.png"))
+    ax.set_title("perplexity per policy and domain (lower is better)")
+    figures["perplexity"] = fig
 
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, layout="constrained")
     phase_steps = results["workload"]["phase_tokens"]
     for name, r in pols.items():
         if name in ("all-hi", "all-lo"):
@@ -470,43 +482,48 @@ def plot_results(results: dict, traces: dict, out: Path) -> list[Path]:
         a1.plot(tl["step"], tl["hit_rate"], label=name, lw=1)
         a2.plot(tl["step"], np.cumsum(tl["swaps"]), label=name, lw=1)
     for a in (a1, a2):
-        for i in range(1, len(results["workload"]["phases"])):
+        for i in range(1, len(phases)):
             a.axvline(i * phase_steps, color="k", ls=":", lw=0.8)
     a1.set_ylabel("HI hit rate")
     a2.set_ylabel("swaps (cumulative)")
-    a2.set_xlabel("step (positions per stream); dotted: workload shifts " + " -> ".join(results["workload"]["phases"]))
+    a2.set_xlabel("step (positions per stream); dotted: workload shifts " + " -> ".join(phases))
     a1.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    written.append(_save(fig, out / "hit_rate.png"))
+    figures["hit_rate"] = fig
 
-    mass = results["traffic"]["mass"]
-    fig, axes = plt.subplots(1, len(mass), figsize=(4.5 * len(mass), 3), squeeze=False)
+    # The all-HI run's mean routed mass per expert (what a hotness EMA tracks), one shared scale.
+    mass = {d: np.asarray(m) for d, m in results["traffic"]["mass"].items()}
+    vmax = max(float(m.max()) for m in mass.values())
+    fig, axes = plt.subplots(1, len(mass), figsize=(4.5 * len(mass) + 1, 3), squeeze=False, layout="constrained")
     for ax, (d, m) in zip(axes[0], mass.items()):
-        im = ax.imshow(np.asarray(m), aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"routed mass per expert: {d}", fontsize=9)
+        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0, vmax=vmax)
+        ax.set_title(d, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    written.append(_save(fig, out / "hotness.png"))
+    fig.colorbar(im, ax=axes, fraction=0.03).set_label("mean routed mass per token")
+    fig.suptitle("routed mass per expert and domain (all-HI run)")
+    figures["routed_mass"] = fig
 
     if results["sweep"]:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig, ax = plt.subplots(figsize=(5, 3.4), layout="constrained")
         for name in dict.fromkeys(s["policy"] for s in results["sweep"]):
             pts = [(s["hi_fraction"], s["gap_recovery"]["overall"]) for s in results["sweep"] if s["policy"] == name]
-            ax.plot([p[0] * 100 for p in pts], [100 * (p[1] or 0) for p in pts], "o-", label=name)
+            ax.plot([100 * f for f, _ in pts], [np.nan if g is None else 100 * g for _, g in pts], "o-", label=name)
         ax.set_xlabel("HI slots per layer (% of experts)")
-        ax.set_ylabel("gap recovered (%)")
+        ax.set_ylabel("perplexity gap recovered (%)")
         ax.axhline(100, color="k", lw=0.5)
         ax.legend(fontsize=8)
-        ax.set_title("accuracy gap recovered vs budget")
-        fig.tight_layout()
-        written.append(_save(fig, out / "sweep.png"))
-    return written
+        ax.set_title("all-LO to all-HI perplexity gap recovered vs budget", fontsize=10)
+        figures["sweep"] = fig
+    return figures
 
 
-def _save(fig, path: Path) -> Path:
+def plot_results(results: dict, out: Path) -> list[Path]:
+    """Write result_figures(results) as PNGs into out."""
     import matplotlib.pyplot as plt
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    written = []
+    for stem, fig in result_figures(results).items():
+        fig.savefig(out / f"{stem}.png", dpi=110)
+        plt.close(fig)
+        written.append(out / f"{stem}.png")
+    return written

@@ -75,8 +75,8 @@ def _split_docstrings(source: str) -> tuple[str, list[str]]:
                 for ln in range(first.lineno, first.end_lineno + 1):
                     drop.add(ln)
                 if keep_pass:
-                    indent = lines[first.lineno - 1][: len(lines[first.lineno - 1]) - len(lines[first.lineno - 1].lstrip())]
-                    lines[first.lineno - 1] = indent + "pass\n"
+                    line = lines[first.lineno - 1]
+                    lines[first.lineno - 1] = line[: len(line) - len(line.lstrip())] + "pass\n"
                     drop.discard(first.lineno)
     code = "".join(line for i, line in enumerate(lines, 1) if i not in drop)
     return code, [d for _, d in sorted(docs) if d.strip()]

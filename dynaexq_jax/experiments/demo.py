@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynaexq_jax.serving.generate import SEGMENT_LEN
+
 DEFAULT_PROMPTS = ["def read_config(path):\n    ", "The with statement is used to"]
 
 
@@ -31,26 +33,31 @@ def run_demo(workdir: Path, prompts=None, **generate_kwargs) -> None:
     run_budgeted(conv_dir, workdir, prompts, **generate_kwargs)
 
 
-def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, segment_len=16, **sampling_kwargs):
+def run_budgeted(conv_dir: Path, workdir: Path, prompts, *, max_new_tokens=32, segment_len=SEGMENT_LEN,
+                 **sampling_kwargs):
     """The DynaExq runtime under a budget that leaves about a quarter of the experts HI."""
     import json
 
-    from dynaexq_jax.serving.checkpoint import load_checkpoint
-    from dynaexq_jax.experiments.compare import budget_for_fraction, calibration_ranking
+    from dynaexq_jax.experiments.compare import calibration_ranking
+    from dynaexq_jax.runtime.budget import budget_for_fraction
+    from dynaexq_jax.runtime.config import EngineConfig
     from dynaexq_jax.runtime.engine import Engine
     from dynaexq_jax.runtime.plots import plot_stats
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
     from dynaexq_jax.serving.sampling import Sampling
     from dynaexq_jax.serving.tokenizer import TextCodec
 
     max_len = 256
     ckpt = load_checkpoint(conv_dir)
-    budget = budget_for_fraction(ckpt, 0.25, batch=len(prompts), max_len=max_len, transfers=4)
+    settings = EngineConfig(policy="dynaexq", batch=len(prompts), max_len=max_len, segment_len=segment_len,
+                            update_period=2 * segment_len)
+    budget = budget_for_fraction(ckpt, 0.25, settings)
     # The initial HI set: the all-LO model's routed mass on the calibration split of both domains.
     ranking = calibration_ranking(ckpt, TextCodec(conv_dir), ("prose", "code"), rows=4, positions=512)
-    engine = Engine(ckpt, budget_bytes=budget, policy="dynaexq", batch=len(prompts), max_len=max_len,
-                    segment_len=segment_len, update_period=2 * segment_len, calibration=ranking)
+    engine = Engine(ckpt, budget_bytes=budget, settings=settings, calibration=ranking)
     print(f"\n[demo] DynaExq runtime, budget {budget / 2**20:.2f} MiB:")
     print("\n".join("  " + line for line in engine.plan.table().splitlines()))
+    print(f"  this plan again: dynaexq budget {conv_dir} --budget {budget} --batch {len(prompts)} --max-len {max_len}")
     seed = sampling_kwargs.pop("seed", 0)
     res = engine.generate(prompts, max_new_tokens=max(max_new_tokens, 4 * segment_len), seed=seed,
                           sampling=Sampling(sampling_kwargs.get("temperature", 0.0), sampling_kwargs.get("top_k", 0),

@@ -1,7 +1,9 @@
-"""Random Qwen3-MoE checkpoints in the Hugging Face format, written with numpy alone (no torch):
-config.json, model.safetensors (or shards + index) in the per-expert layout, and a BPE
-tokenizer.json trained on text that ships with Python. Used by the demo and the benchmarks
-until a trained model exists; the weights are random, so generated text is gibberish."""
+"""Random Hugging Face checkpoints of any registered family, written with numpy alone (no torch):
+config.json, model.safetensors (or shards + index) in the per-expert layout, with the tensor
+names and shapes of the family's schema, and a BPE tokenizer.json trained on text that ships
+with Python. They serve the benchmarks and tests that need a model of a given size (the default
+model, dynaexq_jax/assets/tiny-moe, is trained: experiments/training.py); the weights are
+random, so generated text is gibberish."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+
+from dynaexq_jax.model.config import parse_hf_config
+from dynaexq_jax.model.families import family, schema
 
 BENCH_CONFIG = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4,
@@ -29,46 +34,28 @@ def qwen3_moe_config(**overrides) -> dict:
 
 
 def random_state_dict(cfg: dict, seed: int = 0, dtype=np.float32):
-    """Yield (name, array) in HF naming and [out, in] layout, layer by layer."""
+    """Yield (name, array) for the HF config dict `cfg` of any registered family: its schema's
+    HF names and shapes, in tree order (experts per expert). Projections N(0, 1/fan_in), the
+    embedding N(0, 1), norms and offsets perturbed around their identity, so that a swapped or
+    untransposed tensor changes the model."""
     rng = np.random.default_rng(seed)
-    H, V = cfg["hidden_size"], cfg["vocab_size"]
-    nH, nKV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
 
-    def w(*shape, scale=None):
-        scale = scale if scale is not None else shape[-1] ** -0.5
-        return (rng.standard_normal(shape, np.float32) * scale).astype(dtype)
+    def w(shape, kind):
+        noise = rng.standard_normal(shape, np.float32)
+        if kind in ("weight", "residual"):
+            noise *= shape[-1] ** -0.5          # HF layouts put the fan-in last
+        elif kind == "log_decay":
+            noise = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+        elif kind != "embed":
+            noise = {"norm": 1.0, "ones": 1.0}.get(kind, 0.0) + 0.1 * noise
+        return noise.astype(dtype)
 
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n, np.float32)).astype(dtype)
-
-    yield "model.embed_tokens.weight", w(V, H, scale=1.0)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", norm(H)
-        yield p + "post_attention_layernorm.weight", norm(H)
-        yield p + "self_attn.q_proj.weight", w(nH * hd, H)
-        yield p + "self_attn.k_proj.weight", w(nKV * hd, H)
-        yield p + "self_attn.v_proj.weight", w(nKV * hd, H)
-        yield p + "self_attn.o_proj.weight", w(H, nH * hd)
-        yield p + "self_attn.q_norm.weight", norm(hd)
-        yield p + "self_attn.k_norm.weight", norm(hd)
-        moe = (i not in cfg["mlp_only_layers"] and cfg["num_experts"] > 0
-               and (i + 1) % cfg["decoder_sparse_step"] == 0)
-        if moe:
-            I = cfg["moe_intermediate_size"]
-            yield p + "mlp.gate.weight", w(cfg["num_experts"], H)
-            for e in range(cfg["num_experts"]):
-                yield p + f"mlp.experts.{e}.gate_proj.weight", w(I, H)
-                yield p + f"mlp.experts.{e}.up_proj.weight", w(I, H)
-                yield p + f"mlp.experts.{e}.down_proj.weight", w(H, I)
+    for _, _, spec in schema.leaves(family(cfg["model_type"]).abstract(parse_hf_config(cfg))):
+        if isinstance(spec, schema.Experts):
+            for name, shape in spec.hf_shapes("per_expert").items():
+                yield name, w(shape, "weight")
         else:
-            I = cfg["intermediate_size"]
-            yield p + "mlp.gate_proj.weight", w(I, H)
-            yield p + "mlp.up_proj.weight", w(I, H)
-            yield p + "mlp.down_proj.weight", w(H, I)
-    yield "model.norm.weight", norm(H)
-    if not cfg["tie_word_embeddings"]:
-        yield "lm_head.weight", w(V, H)
+            yield spec.hf_name, w(spec.hf_shape, spec.init)
 
 
 def save_safetensors(tensors, out: Path, shard_bytes: int | None = None) -> None:
@@ -95,18 +82,26 @@ def save_safetensors(tensors, out: Path, shard_bytes: int | None = None) -> None
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def write_random_qwen3_moe(out_dir, *, seed: int = 0, dtype: str = "float32", shard_bytes: int | None = None,
-                           tokenizer: bool = True, **overrides) -> Path:
-    """Write a random HF Qwen3-MoE checkpoint to out_dir; shards of about shard_bytes if given."""
+def write_random_checkpoint(out_dir, cfg: dict, *, seed: int = 0, shard_bytes: int | None = None,
+                            tokenizer: bool = True) -> Path:
+    """Write a random HF checkpoint of config dict cfg (any registered family; weights in
+    cfg["torch_dtype"], default float32) to out_dir; shards of about shard_bytes if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = qwen3_moe_config(torch_dtype=dtype, **overrides)
+    dtype = cfg.get("torch_dtype") or "float32"
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     save_safetensors(random_state_dict(cfg, seed, np_dtype), out, shard_bytes)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer:
         train_bpe_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))
     return out
+
+
+def write_random_qwen3_moe(out_dir, *, seed: int = 0, dtype: str = "float32", shard_bytes: int | None = None,
+                           tokenizer: bool = True, **overrides) -> Path:
+    """Write a random HF Qwen3-MoE checkpoint (qwen3_moe_config(**overrides)) to out_dir."""
+    return write_random_checkpoint(out_dir, qwen3_moe_config(torch_dtype=dtype, **overrides), seed=seed,
+                                   shard_bytes=shard_bytes, tokenizer=tokenizer)
 
 
 def stdlib_text_files(limit: int | None = None) -> list[Path]:

@@ -1,10 +1,11 @@
 """Training the project's own small Qwen3-MoE on the standard library's code and prose
 (dynaexq_jax.experiments.corpus), and exporting it as a Hugging Face directory.
 
-The model trained is the serving model itself: the loss runs model.families.qwen3_moe.forward with every
+The model trained is the serving model itself: the loss runs the family's forward with every
 expert in one float tier, so what is trained is exactly what the runtime later serves (after
 conversion) and what transformers loads from the export. Expert weights are trained as plain
-stacks and put into an ExpertPools inside the loss.
+stacks and put into an ExpertPools inside the loss. Init and export both follow the family's
+schema (model/families/schema.py), so they hold for every registered family.
 
 Router balance: a small Switch-style auxiliary loss on the selected probability mass keeps experts
 from collapsing without flattening the heavy tail the DynaExq method lives on.
@@ -22,15 +23,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+from flax import struct
 
-from dynaexq_jax.experiments import corpus
-from dynaexq_jax.model.config import ModelConfig, parse_hf_config
 from dynaexq_jax.errors import ConfigError
-from dynaexq_jax.model.families import qwen3_moe
-from dynaexq_jax.model.families.qwen3_moe import MoE, Attention, Layer, Params
+from dynaexq_jax.experiments import corpus
+from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
+from dynaexq_jax.model.config import ModelConfig, parse_hf_config
+from dynaexq_jax.model.families import family, schema
+from dynaexq_jax.model.layers import Params
 from dynaexq_jax.model.moe import TierPool, single_tier
 from dynaexq_jax.model.quant import QTensor, parse_format
-from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
+from dynaexq_jax.serving.checkpoint import attach_experts
 
 # The embedded default: 6 layers, 32 experts, top-4, experts 3 x 256 x 64 (so integer formats use
 # groups of at most 64). About 11.7M parameters, 23 MB in bf16: under the 25 MB the repo allows.
@@ -58,54 +61,51 @@ class TrainConfig:
     seed: int = 0
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Trainable:
     """What the optimizer updates: dense params (experts=None) and per MoE layer (gate, up, down)."""
     params: Params
     experts: dict[int, tuple[jax.Array, jax.Array, jax.Array]]
 
 
-jax.tree_util.register_dataclass(Trainable, data_fields=["params", "experts"], meta_fields=[])
 F32 = parse_format("f32")
 
 
 def init_trainable(cfg: ModelConfig, seed: int) -> Trainable:
-    """GPT-2-style init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 L), norms at 1."""
-    H, hd, E, I = cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.moe_intermediate_size
-    if cfg.model_type != "qwen3_moe" or not cfg.tie_word_embeddings or cfg.dense_layers:
-        raise ConfigError("training supports qwen3_moe with tied embeddings and MoE in every layer")
+    """GPT-2-style init of every tensor the family's schema lists: weights N(0, 0.02), those that
+    write into the residual stream scaled by 1/sqrt(2 L), norms at their identity, biases at 0."""
     rng = np.random.default_rng(seed)
-    out_scale = 0.02 / math.sqrt(2 * cfg.num_layers)
+    std = {"embed": 0.02, "weight": 0.02, "residual": 0.02 / math.sqrt(2 * cfg.num_layers)}
+    constant = {"norm": 1.0, "norm_zc": 0.0, "bias": 0.0, "ones": 1.0}
 
-    def w(*shape, std=0.02):
-        return jnp.asarray(rng.standard_normal(shape, np.float32) * std)
+    def init(shape, kind):
+        if kind in std:
+            return jnp.asarray(rng.standard_normal(shape, np.float32) * std[kind])
+        if kind == "log_decay":
+            return jnp.asarray(np.log(rng.uniform(1, 16, shape)).astype(np.float32))
+        return jnp.full(shape, constant[kind], jnp.float32)
 
-    layers, experts = [], {}
-    for i in range(cfg.num_layers):
-        attn = Attention(q=w(H, cfg.num_heads * hd), k=w(H, cfg.num_kv_heads * hd), v=w(H, cfg.num_kv_heads * hd),
-                         o=w(cfg.num_heads * hd, H, std=out_scale), q_norm=jnp.ones(hd), k_norm=jnp.ones(hd))
-        layers.append(Layer(input_norm=jnp.ones(H), attn=attn, post_norm=jnp.ones(H),
-                            mlp=MoE(router=w(H, E), experts=None)))
-        experts[i] = (w(E, H, I), w(E, H, I), w(E, I, H, std=out_scale))
-    params = Params(embed=w(cfg.vocab_size, H), layers=tuple(layers), final_norm=jnp.ones(H), lm_head=None)
+    tree = family(cfg.model_type).abstract(cfg)
+    params = jax.tree.map(lambda s: None if isinstance(s, schema.Experts) else init(s.shape, s.init), tree)
+    experts = {layer: tuple(init(shape, "residual" if proj == "down" else "weight")
+                            for proj, shape in spec.shapes.items())
+               for layer, _, spec in schema.leaves(tree) if isinstance(spec, schema.Experts)}
     return Trainable(params, experts)
 
 
 def serving_params(t: Trainable) -> Params:
     """The trainable state as the params the model's forward takes (every expert in an f32 tier)."""
-    layers = list(t.params.layers)
-    for i, (g, u, d) in t.experts.items():
-        pool = single_tier(TierPool(QTensor(g, None, F32), QTensor(u, None, F32), QTensor(d, None, F32)))
-        layers[i] = layers[i].replace(mlp=layers[i].mlp.replace(experts=pool))
-    return t.params.replace(layers=tuple(layers))
+    pools = {i: single_tier(TierPool(QTensor(g, None, F32), QTensor(u, None, F32), QTensor(d, None, F32)))
+             for i, (g, u, d) in t.experts.items()}
+    return attach_experts(t.params, pools)
 
 
 def loss_fn(t: Trainable, cfg: ModelConfig, tokens, aux_coef: float):
     """Next-token cross entropy over tokens [B, T+1] plus aux_coef x the balance loss."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     B, T = inputs.shape
-    cache = qwen3_moe.init_cache(cfg, B, T)
-    logits, _, router = qwen3_moe.forward(serving_params(t), cfg, inputs, cache)
+    fam = family(cfg.model_type)
+    logits, _, router = fam.forward(serving_params(t), cfg, inputs, fam.init_cache(cfg, B, T))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     E = cfg.num_experts
     aux = 0.0
@@ -208,26 +208,16 @@ def train(out_dir: str | Path, tc: TrainConfig = TrainConfig(), model_overrides:
 
 
 def hf_state_dict(t: Trainable, cfg: ModelConfig, dtype=ml_dtypes.bfloat16) -> dict[str, np.ndarray]:
-    """Our layout -> HF names and [out, in] layout (per-expert tensors, as transformers writes)."""
-    def a(x, transpose=False):
-        x = np.asarray(x, np.float32)
-        return np.ascontiguousarray(x.T if transpose else x).astype(dtype)
-
-    p = t.params
-    sd = {"model.embed_tokens.weight": a(p.embed), "model.norm.weight": a(p.final_norm)}
-    for i, layer in enumerate(p.layers):
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = a(layer.input_norm)
-        sd[pre + "post_attention_layernorm.weight"] = a(layer.post_norm)
-        for ours in ("q", "k", "v", "o"):
-            sd[pre + f"self_attn.{ours}_proj.weight"] = a(getattr(layer.attn, ours), transpose=True)
-        sd[pre + "self_attn.q_norm.weight"] = a(layer.attn.q_norm)
-        sd[pre + "self_attn.k_norm.weight"] = a(layer.attn.k_norm)
-        sd[pre + "mlp.gate.weight"] = a(layer.mlp.router, transpose=True)
-        for proj, stack in zip(("gate", "up", "down"), t.experts[i]):
-            stack = np.asarray(stack, np.float32)
-            for e in range(cfg.num_experts):
-                sd[pre + f"mlp.experts.{e}.{proj}_proj.weight"] = a(stack[e], transpose=True)
+    """Our layout -> HF names and layout, by the family schema's inverse transforms (experts per
+    expert, as transformers writes them)."""
+    tree = family(cfg.model_type).abstract(cfg)
+    sd = {}
+    for (layer, _, spec), value in zip(schema.leaves(tree), schema.values(tree, t.params)):
+        if isinstance(spec, schema.Experts):
+            stacks = {proj: np.asarray(x, np.float32) for proj, x in zip(schema.PROJECTIONS, t.experts[layer])}
+            sd.update((name, a.astype(dtype)) for name, a in spec.to_hf(stacks))
+        else:
+            sd[spec.hf_name] = spec.to_hf(np.asarray(value, np.float32)).astype(dtype)
     return sd
 
 

@@ -2,7 +2,8 @@
 
 Both transformers-4 and transformers-5 spellings are accepted (rope_theta vs rope_parameters,
 num_experts vs num_local_experts). One ModelConfig serves every family; the hybrid-architecture
-fields (layer_types, linear_*, shared expert, partial rotary) keep neutral defaults elsewhere."""
+fields (layer_types, linear_*, shared expert, partial rotary) keep neutral defaults elsewhere.
+Which model types exist, and their HF-side defaults, is the family registry's (model/families)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,19 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from dynaexq_jax.errors import ConfigError, UnsupportedArchitectureError
+from dynaexq_jax.model.families import family
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3_next")
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
-
-# Where a config.json omits a key, transformers falls back to the config class's default, and
-# Qwen3NextConfig's defaults differ from the generic ones below (e.g. head_dim, norm_topk_prob).
-_TYPE_DEFAULTS = {
-    "qwen3_next": dict(head_dim=256, num_key_value_heads=2, intermediate_size=5632, moe_intermediate_size=512,
-                       shared_expert_intermediate_size=512, num_experts=512, num_experts_per_tok=10,
-                       norm_topk_prob=True, linear_conv_kernel_dim=4, linear_key_head_dim=128,
-                       linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
-                       full_attention_interval=4, partial_rotary_factor=0.25),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +73,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Our own serialised form (to_dict), as stored in a converted checkpoint's metadata."""
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
@@ -104,9 +95,10 @@ def _rope_params(d: dict) -> dict:
     return {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
 
 
-def _layer_types(d: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
-    """qwen3_next: explicit layer_types, else every full_attention_interval-th layer is full attention."""
-    if model_type != "qwen3_next":
+def _layer_types(d: dict, mixers: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
+    """Hybrid families (mixers beyond full attention): explicit layer_types, else every
+    full_attention_interval-th layer is full attention; () for the others."""
+    if mixers == (FULL_ATTENTION,):
         return ()
     types = d.get("layer_types")
     if types is None:
@@ -117,17 +109,17 @@ def _layer_types(d: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
     types = tuple(types)
     if len(types) != num_layers:
         raise ConfigError(f"layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
-    bad = sorted(set(types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+    bad = sorted(set(types) - set(mixers))
     if bad:
-        raise UnsupportedArchitectureError(
-            f"layer type(s) {bad} are not supported (only {FULL_ATTENTION}, {LINEAR_ATTENTION})")
+        raise UnsupportedArchitectureError(f"layer type(s) {bad} are not supported (only {', '.join(mixers)})")
     return types
 
 
 def _rope_theta(d: dict) -> float:
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
+                 or "default")
     if rope_type != "default":
         raise UnsupportedArchitectureError(f"rope type '{rope_type}' is not supported (only 'default' RoPE)")
     theta = params.get("rope_theta", d.get("rope_theta"))
@@ -139,10 +131,8 @@ def _rope_theta(d: dict) -> float:
 def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
     """Turn a Hugging Face config dict into a ModelConfig, or raise a typed error naming the problem."""
     model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    d = {**_TYPE_DEFAULTS.get(model_type, {}), **{k: v for k, v in d.items() if v is not None}}
+    fam = family(model_type)
+    d = {**fam.HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if d.get("use_sliding_window"):
         raise UnsupportedArchitectureError("use_sliding_window=true is not supported")
     hidden = int(_get(d, "hidden_size"))
@@ -176,7 +166,7 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(_get(d, "max_position_embeddings", default=32768)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        layer_types=_layer_types(d, model_type, num_layers),
+        layer_types=_layer_types(d, fam.MIXERS, num_layers),
         partial_rotary_factor=float(_get(_rope_params(d), "partial_rotary_factor",
                                          default=_get(d, "partial_rotary_factor", default=1.0))),
         shared_expert_intermediate_size=int(_get(d, "shared_expert_intermediate_size", default=0)),
@@ -192,7 +182,8 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
 
 def _validate(c: ModelConfig) -> None:
     if c.num_heads % c.num_kv_heads:
-        raise ConfigError(f"num_attention_heads={c.num_heads} is not a multiple of num_key_value_heads={c.num_kv_heads}")
+        raise ConfigError(
+            f"num_attention_heads={c.num_heads} is not a multiple of num_key_value_heads={c.num_kv_heads}")
     if c.moe_layers and not (0 < c.num_experts_per_tok <= c.num_experts):
         raise ConfigError(f"num_experts_per_tok={c.num_experts_per_tok} must be in 1..num_experts={c.num_experts}")
     if c.moe_layers and c.moe_intermediate_size <= 0:

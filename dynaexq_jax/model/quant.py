@@ -7,9 +7,9 @@ q = clip(round(w / s), -qmax, qmax), stored offset-binary as q + 2**(bits-1).
 
 Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
 byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
-j*bits, j = 0..p-1. Unpacking a block is p shifts-and-masks that each yield an independent
-contiguous sub-tile of g/p rows (no interleave), and each block uses exactly one scale row:
-this is the layout the Pallas kernels read.
+j*bits, j = 0..p-1. That is the layout the Pallas kernels read: pallas_kernels/packing.py defines
+it with the kernels' static format metadata (Format.kernel_format) and holds the one unpacking
+(dequantize here uses it).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 from flax import struct
 
 from dynaexq_jax.errors import QuantFormatError
+from pallas_kernels import packing
 
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
@@ -65,6 +66,11 @@ class Format:
     @property
     def storage_dtype(self):
         return np.uint8 if self.is_int else _FLOAT_DTYPES[self.kind]
+
+    @property
+    def kernel_format(self) -> packing.WeightFormat:
+        """The static metadata the kernels (and dequantize) read weights of this format with."""
+        return packing.WeightFormat("int", self.bits, self.group) if self.is_int else packing.FLOAT
 
     def group_for(self, k: int) -> int:
         """The group size used for an input dimension k (per-channel formats use all of k)."""
@@ -170,23 +176,6 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
     return QTensor(packed, scales, fmt)
 
 
-def unpack_codes(data, fmt: Format, k: int, xp=jnp):
-    """uint8 [..., K/p, N] -> integer codes q (offset removed) [..., K, N], as int32."""
-    g, p = fmt.group_for(k), fmt.per_byte
-    n = data.shape[-1]
-    d = data.astype(xp.int32).reshape(*data.shape[:-2], k // g, g // p, n)
-    mask = (1 << fmt.bits) - 1
-    parts = [(d >> (j * fmt.bits)) & mask for j in range(p)]
-    q = xp.stack(parts, axis=-3)  # [..., K/g, p, g/p, N]
-    return q.reshape(*data.shape[:-2], k, n) - fmt.offset
-
-
 def dequantize(t: QTensor, dtype=jnp.float32, xp=jnp):
     """QTensor -> float [..., K, N] (jax by default; xp=np for a numpy reference)."""
-    if not t.fmt.is_int:
-        return t.data.astype(dtype)
-    k, n = t.k, t.n
-    g = t.fmt.group_for(k)
-    q = unpack_codes(t.data, t.fmt, k, xp).astype(xp.float32)
-    q = q.reshape(*q.shape[:-2], k // g, g, n) * t.scales.astype(xp.float32)[..., None, :]
-    return q.reshape(*q.shape[:-3], k, n).astype(dtype)
+    return packing.dequantize(t.data, t.scales, t.fmt.kernel_format, dtype, xp)

@@ -7,19 +7,30 @@
 M_fixed is computed, not guessed: dense parameter bytes (measured), the KV cache for the
 configured batch and max length, an activation/workspace estimate for the chosen backend, and a
 safety margin. Slot counts are fixed at start-up; at run time only WHICH experts hold them changes.
+
+The margin is the only cost that grows with the budget, so the smallest budget that holds a plan
+is found in closed form (smallest_budget); the offloading baselines' planner (offload.plan_cache)
+shares the fixed costs and that inversion.
 """
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError, check_int
 from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError
 from dynaexq_jax.model.moe import XLA_BACKENDS, block_rows
 from dynaexq_jax.model.quant import Format, expert_nbytes
+from dynaexq_jax.runtime.pools import tree_nbytes
+
+if TYPE_CHECKING:
+    from dynaexq_jax.runtime.config import EngineConfig
+    from dynaexq_jax.serving.checkpoint import Checkpoint
 
 STRATEGIES = ("uniform", "proportional", "greedy")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -27,24 +38,30 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 def parse_bytes(text: str | int) -> int:
-    """'20GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    """'20GiB', '512MiB', '1.5GB', '1000000' -> bytes (the decimal read exactly, then rounded down)."""
     if isinstance(text, (int, np.integer)):
         value = int(text)
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
         if not m or m.group(2).lower() not in _UNITS:
             raise BudgetError(f"cannot parse the budget '{text}' (examples: 20GiB, 512MiB, 1.5GB, 1000000)")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        value = math.floor(fractions.Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
     if value <= 0:
         raise BudgetError(f"the budget must be positive, got {text!r}")
     return value
 
 
-def format_bytes(n: float) -> str:
+def format_bytes(n: float, *, round_up: bool = False) -> str:
+    """Bytes in the largest binary unit that fits, with two decimals. round_up: rounded up to
+    those decimals instead of to the nearest, so that parse_bytes of the text is never below n
+    (for a lower bound such as the smallest feasible budget, which a user pastes back)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
+            if round_up:
+                hundredths = -(-math.ceil(n) * 100 // size)
+                return f"{hundredths // 100}.{hundredths % 100:02d} {unit}"
             return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    return f"{math.ceil(n) if round_up else int(n)} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +74,15 @@ class FixedCosts:
     @property
     def total(self) -> int:
         return self.dense_params + self.kv_cache + self.workspace + self.margin
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of the budget kept free of anything the runtime owns: workspace and margin."""
+        return self.workspace + self.margin
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("dense parameters", self.dense_params), ("KV cache / recurrent state", self.kv_cache),
+                ("activations / workspace", self.workspace), ("safety margin", self.margin)]
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
@@ -71,6 +97,10 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
 
 # The safety margin kept free of any plan, as a share of the budget.
 MARGIN_FRACTION = 0.02
+
+
+def margin_bytes(budget: int, margin_fraction: float = MARGIN_FRACTION) -> int:
+    return int(margin_fraction * budget)
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
@@ -95,7 +125,29 @@ def fixed_costs(cfg: ModelConfig, *, budget: int, dense_params: int, batch: int,
     """M_fixed of method.md: measured dense params, the cache, the workspace estimate, the margin."""
     return FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
                       workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
-                      int(margin_fraction * budget))
+                      margin_bytes(budget, margin_fraction))
+
+
+def smallest_budget(plan, margin_fraction: float = MARGIN_FRACTION) -> int:
+    """The smallest budget b that holds everything `plan` (a BudgetPlan or offload CachePlan)
+    holds besides its margin: b - margin(b) >= plan.total - plan.fixed.margin. b - margin(b)
+    never decreases as b grows, so the closed form b = need / (1 - margin fraction) is off only
+    by the margin's rounding down, corrected here."""
+    need = plan.total - plan.fixed.margin
+
+    def fits(b):
+        return b - margin_bytes(b, margin_fraction) >= need
+    b = math.ceil(need / (1 - margin_fraction))
+    while not fits(b):
+        b += 1
+    while fits(b - 1):
+        b -= 1
+    return b
+
+
+def smallest_budget_text(budget: int) -> str:
+    """How an error names the smallest feasible budget: rounded up, so that pasting it back works."""
+    return f"{format_bytes(budget, round_up=True)} ({budget:,d} B)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,20 +181,27 @@ class BudgetPlan:
         return sum(self.n_hi) / max(1, self.num_experts * len(self.n_hi))
 
     def rows(self) -> list[tuple[str, int]]:
-        f = self.fixed
-        return [("dense parameters", f.dense_params), ("KV cache / recurrent state", f.kv_cache),
-                ("activations / workspace", f.workspace), ("safety margin", f.margin),
-                (f"HI experts ({sum(self.n_hi)} x {format_bytes(self.m_hi)})", sum(self.n_hi) * self.m_hi),
-                (f"LO experts ({self.num_experts * len(self.n_hi) - sum(self.n_hi)} x {format_bytes(self.m_lo)})",
-                 (self.num_experts * len(self.n_hi) - sum(self.n_hi)) * self.m_lo),
-                (f"transfer staging (K={self.transfers_in_flight})", self.staging),
-                ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
+        n_lo = self.num_experts * len(self.n_hi) - sum(self.n_hi)
+        return self.fixed.rows() + [
+            (f"HI experts ({sum(self.n_hi)} x {format_bytes(self.m_hi)})", sum(self.n_hi) * self.m_hi),
+            (f"LO experts ({n_lo} x {format_bytes(self.m_lo)})", n_lo * self.m_lo),
+            (f"transfer staging (K={self.transfers_in_flight})", self.staging),
+            ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
 
     def table(self) -> str:
         lines = [f"{name:<40} {format_bytes(b):>12} {b:>16,d}" for name, b in self.rows()]
         lines.append(f"{'HI slots per MoE layer':<40} {', '.join(map(str, self.n_hi))}  "
                      f"({100 * self.hi_fraction:.1f}% of experts, strategy {self.strategy})")
         return "\n".join(lines)
+
+
+def check_plan_options(strategy: str, transfers_in_flight: int, max_hi_fraction: float) -> None:
+    if strategy not in STRATEGIES:
+        raise RuntimeConfigError(f"unknown capacity strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
+    check_int("transfers_in_flight", transfers_in_flight, RuntimeConfigError, minimum=2,
+              unit=" (a swap moves two copies)")
+    if not 0.0 <= max_hi_fraction <= 1.0:
+        raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
 
 
 def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, dense_params: int,
@@ -157,13 +216,7 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     expert has the highest priority (layer_priority [L_moe, E], e.g. a calibration ranking's
     scores, sorted per layer; equal priorities give round-robin). max_hi_fraction caps r."""
     budget = parse_bytes(budget)
-    if strategy not in STRATEGIES:
-        raise RuntimeConfigError(f"unknown capacity strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
-    if not isinstance(transfers_in_flight, int) or transfers_in_flight < 2:
-        raise RuntimeConfigError(f"transfers_in_flight must be an integer >= 2 (a swap moves two copies), "
-                                 f"got {transfers_in_flight!r}")
-    if not 0.0 <= max_hi_fraction <= 1.0:
-        raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
+    check_plan_options(strategy, transfers_in_flight, max_hi_fraction)
     E, L = cfg.num_experts, len(cfg.moe_layers)
     fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
                         prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
@@ -177,13 +230,10 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
 
     floor_plan = make([0] * L)
     if floor_plan.total > budget:
-        # The smallest feasible budget keeps the same margin fraction.
-        need = floor_plan.total - fixed.margin
-        smallest = math.ceil(need / (1 - margin_fraction))
         raise InfeasibleBudgetError(
             f"budget {format_bytes(budget)} ({budget:,d} B) cannot hold the model even with every expert in "
             f"the LO tier ({lo.name}): {floor_plan.total - budget:,d} B missing; the smallest feasible budget is "
-            f"{format_bytes(smallest)} ({smallest:,d} B)")
+            f"{smallest_budget_text(smallest_budget(floor_plan, margin_fraction))}")
     cap = int(math.floor(max_hi_fraction * E))
     if strategy == "uniform":
         n = max(k for k in range(cap + 1) if make([k] * L).total <= budget)
@@ -210,3 +260,27 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
         n[l] += 1
         spare -= step
     return make(n)
+
+
+# ---- a converted checkpoint under engine settings ----------------------------------------------------
+def checkpoint_sizes(ckpt: Checkpoint) -> dict:
+    """The plan_budget arguments a converted checkpoint fixes: both tiers, the dense parameter
+    bytes and the cache dtype (the embedding's)."""
+    return dict(hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"], dense_params=tree_nbytes(ckpt.params),
+                cache_dtype=np.dtype(ckpt.params.embed.dtype))
+
+
+def plan_for(ckpt: Checkpoint, budget: int | str, settings: EngineConfig, **overrides) -> BudgetPlan:
+    """plan_budget for a checkpoint served with `settings`; overrides replace plan_budget arguments."""
+    return plan_budget(ckpt.config, budget=budget, **(checkpoint_sizes(ckpt) | settings.plan_options() | overrides))
+
+
+def budget_for_fraction(ckpt: Checkpoint, r: float, settings: EngineConfig) -> int:
+    """The smallest byte budget whose plan for `settings` gives floor(r * E) HI slots per MoE
+    layer. Closed form: the plan capped at r under an unlimited budget, then smallest_budget of it."""
+    capped = plan_for(ckpt, 2**62, settings, max_hi_fraction=r)
+    budget = smallest_budget(capped)
+    if plan_for(ckpt, budget, settings).n_hi != capped.n_hi:
+        raise RuntimeConfigError(f"no budget gives {list(capped.n_hi)} HI slots per layer with strategy "
+                                 f"'{settings.strategy}' and max_hi_fraction {settings.max_hi_fraction}")
+    return budget

@@ -22,17 +22,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
-from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, RuntimeConfigError
-from dynaexq_jax.serving.generate import Controller, GenerationResult, generate
-from dynaexq_jax.model.moe import BACKENDS, HI, LO
-from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_budget
-from dynaexq_jax.runtime.policies import Policy, make_policy
+from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError
+from dynaexq_jax.model.moe import HI, LO
+from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_for
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
+from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
+from dynaexq_jax.serving.generate import Controller, GenerationResult, generate
 from dynaexq_jax.serving.sampling import Sampling
 from dynaexq_jax.serving.scoring import ScoreResult, score
 from dynaexq_jax.serving.tokenizer import TextCodec
-
 
 # Host-to-device copies are issued from one background thread: on a GPU device_put is already an
 # asynchronous DMA, but on the CPU backend it is a synchronous memcpy that would otherwise run on
@@ -77,10 +76,11 @@ class RuntimeCounters:
 class Engine(Controller):
     """Serve a converted checkpoint under a device-memory budget.
 
-    model: a path or a loaded Checkpoint. budget_bytes: int or '20GiB'. policy: a name
-    ('dynaexq', 'static', 'all-hi', 'all-lo') or a Policy. batch/max_len: the largest batch and
-    sequence length served (they size the KV cache inside the budget). calibration: optional
-    ranking scores [L_moe, E] for the initial HI set (and the greedy capacity strategy).
+    model: a path or a loaded Checkpoint. budget_bytes: int or '20GiB'. settings: an EngineConfig
+    (policy, segment length, the batch and max_len that size the KV cache, ...); keyword
+    arguments change single settings, e.g. Engine(model, budget_bytes="2GiB", policy="static",
+    batch=8). calibration: optional ranking scores [L_moe, E] for the initial HI set (and the
+    greedy capacity strategy).
 
     deterministic (default): the copies started at a boundary are published at the next one,
     the host waiting for them if they have not arrived; generation is pipelined, so that wait
@@ -88,42 +88,22 @@ class Engine(Controller):
     then depend only on the inputs. deterministic=False publishes only the copies that have
     arrived and defers the rest (never waits), at the price of timing-dependent decisions."""
 
-    def __init__(self, model, *, budget_bytes, policy: str | Policy = "dynaexq", segment_len: int = 16,
-                 batch: int = 1, max_len: int = 512, strategy: str = "proportional",
-                 transfers_in_flight: int = 4, alpha: float = 0.9, update_period: int = 200,
-                 delta: float = 0.01, rate_limit: int | None = None, calibration: np.ndarray | None = None,
-                 backend: str = "xla", hotness_in_prefill: bool = True, max_hi_fraction: float = 1.0,
-                 deterministic: bool = True):
-        if not isinstance(segment_len, int) or segment_len < 1:
-            raise RuntimeConfigError(f"segment_len must be an integer >= 1, got {segment_len!r}")
-        if not 0.0 <= alpha < 1.0:
-            raise RuntimeConfigError(f"hotness EMA alpha must be in [0, 1), got {alpha!r}")
-        if backend not in BACKENDS:
-            raise RuntimeConfigError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
-        for name, v in (("batch", batch), ("max_len", max_len)):
-            if not isinstance(v, int) or v < 1:
-                raise RuntimeConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        opts = {"dynaexq": dict(period=update_period, delta=delta, rate_limit=rate_limit),
-                "random": dict(period=update_period)}
-        self.policy = make_policy(policy, **(opts.get(policy, {}) if isinstance(policy, str) else {}))
+    def __init__(self, model, *, budget_bytes, settings: EngineConfig | None = None,
+                 calibration: np.ndarray | None = None, **overrides):
+        self.settings = settings = (settings or EngineConfig()).replace(**overrides)
+        self.policy = settings.make_policy()
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
         self.checkpoint, self.config = ckpt, ckpt.config
         self.codec = TextCodec(ckpt.path)
-        self.segment_len, self.batch, self.max_len, self.backend = segment_len, batch, max_len, backend
-        self.alpha, self.hotness_in_prefill = float(alpha), hotness_in_prefill
-        self.deterministic = deterministic
         cfg = self.config
         E, L = cfg.num_experts, len(cfg.moe_layers)
 
         self.dense = jax.device_put(ckpt.params)
-        dense_bytes = tree_nbytes(self.dense)
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
         fixed_frac = self.policy.fixed_hi_fraction
-        self.plan: BudgetPlan = plan_budget(
-            cfg, budget=parse_bytes(budget_bytes), hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"],
-            dense_params=dense_bytes, batch=batch, max_len=max_len, cache_dtype=self.cache_dtype,
-            backend=backend, transfers_in_flight=transfers_in_flight, strategy=strategy,
-            max_hi_fraction=max_hi_fraction if fixed_frac is None else fixed_frac, layer_priority=calibration)
+        self.plan: BudgetPlan = plan_for(
+            ckpt, parse_bytes(budget_bytes), settings, layer_priority=calibration,
+            max_hi_fraction=settings.max_hi_fraction if fixed_frac is None else fixed_frac)
         if fixed_frac is not None and any(n != round(fixed_frac * E) for n in self.plan.n_hi):
             raise InfeasibleBudgetError(
                 f"policy '{self.policy.name}' needs every expert {'HI' if fixed_frac else 'LO'}; the budget "
@@ -134,12 +114,21 @@ class Engine(Controller):
         self.pools = DevicePools(self.store, hi_sets, E)
         self.pools.warm_up()
         # Dense params and pools never change size (swaps rewrite slots in place).
-        self._resident_bytes = dense_bytes + self.pools.nbytes
+        self._resident_bytes = self.plan.fixed.dense_params + self.pools.nbytes
         self.counters = RuntimeCounters()
         self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
-        self.in_flight: list[Transition] = []
+        self.transitions: list[Transition] = []      # swap pairs whose copies are in flight
         self.queue: collections.deque = collections.deque()
         self._reset_timeline()
+
+    # The Controller settings the jitted steps read.
+    @property
+    def alpha(self) -> float:
+        return self.settings.alpha
+
+    @property
+    def hotness_in_prefill(self) -> bool:
+        return self.settings.hotness_in_prefill
 
     # ---- accounting -------------------------------------------------------------------------
     def owned_bytes(self) -> int:
@@ -147,11 +136,11 @@ class Engine(Controller):
         the KV cache and the hotness scores. Workspace and margin are reserved in the plan."""
         kv = self.plan.fixed.kv_cache
         scores = 4 * len(self.config.moe_layers) * self.config.num_experts
-        return self._resident_bytes + sum(t.nbytes for t in self.in_flight) + kv + scores
+        return self._resident_bytes + sum(t.nbytes for t in self.transitions) + kv + scores
 
     @property
     def budget_for_owned(self) -> int:
-        return self.plan.budget - self.plan.fixed.workspace - self.plan.fixed.margin
+        return self.plan.budget - self.plan.fixed.reserved
 
     def params(self):
         return attach_experts(self.dense, dict(zip(self.config.moe_layers, self.pools.expert_pools())))
@@ -160,19 +149,18 @@ class Engine(Controller):
     def _reset_timeline(self):
         self.timeline: list[dict] = []
         self._masks = []            # HI mask after each hook call (call 0 = after prefill)
-        self._step = 0
         self._last_update: int | None = None
 
     def initial_scores(self, num_layers, num_experts):
         return self.scores
 
     def after_prefill(self, mass, scores):
-        return self._boundary(0, mass[None], scores, prefill=True)
+        return self._boundary(0, mass[None], scores, None, prefill=True)
 
-    def after_segment(self, step, mass, scores):
-        return self._boundary(step, mass, scores, prefill=False)
+    def after_segment(self, step, mass, scores, in_flight):
+        return self._boundary(step, mass, scores, in_flight, prefill=False)
 
-    def _boundary(self, step, mass, scores, prefill):
+    def _boundary(self, step, mass, scores, in_flight, prefill):
         t0 = time.perf_counter()
         self.scores = scores
         # Segment k was dispatched with the params returned by hook call max(0, k - 1) (generate
@@ -181,7 +169,7 @@ class Engine(Controller):
         used = self._masks[max(0, seg - 1)] if self._masks else self.pools.hi_mask()
         total = float(mass.sum())
         hit = float((mass * used[None]).sum() / total) if total > 0 else float("nan")
-        published = self._publish_ready()
+        published = self._publish_ready(in_flight)
         if self.policy.wants_update(step, self._last_update):
             self._last_update = step
             self._plan(step, scores)
@@ -191,25 +179,27 @@ class Engine(Controller):
         mask = self.pools.hi_mask()
         self._masks.append(mask)
         self.timeline.append(dict(step=int(step), prefill=prefill, hit_rate=hit, routed_mass=total,
-                                  published=published, in_flight=len(self.in_flight), owned_bytes=owned,
+                                  published=published, in_flight=len(self.transitions), owned_bytes=owned,
                                   served_hi_mask=used.astype(np.int8).tolist(),
                                   hi_mask=mask.astype(np.int8).tolist(), scores=np.round(scores, 6).tolist(),
                                   mass=np.round(mass.mean(0), 6).tolist(),
                                   controller_s=time.perf_counter() - t0))
         return self.params() if published else None
 
-    def _publish_ready(self) -> list:
+    def _publish_ready(self, in_flight) -> list:
+        """Publish the transitions whose copies have arrived (all of them in deterministic mode).
+        in_flight: the outputs of the segment dispatched with the current slots, or None."""
         published, waiting = [], []
-        if self.in_flight and self.dispatched is not None:
+        if self.transitions and in_flight is not None:
             # Publishing rewrites pool slots in place (donated buffers). The segment already
             # dispatched still reads the old slots, and on the CPU backend an in-place write was
             # observed to overtake such an earlier reader (nondeterministic results), so let it
             # finish first. The device then idles only while the host publishes and dispatches.
             t0 = time.perf_counter()
-            jax.block_until_ready(self.dispatched)
+            jax.block_until_ready(in_flight)
             self.counters.drain_wait_s += time.perf_counter() - t0
-        for t in self.in_flight:
-            if self.deterministic and not t.ready:
+        for t in self.transitions:
+            if self.settings.deterministic and not t.ready:
                 t0 = time.perf_counter()
                 jax.block_until_ready(t.copies)
                 self.counters.copy_wait_s += time.perf_counter() - t0
@@ -223,11 +213,11 @@ class Engine(Controller):
                 waiting.append(t)
         if waiting:
             self.counters.publishes_deferred += 1
-        self.in_flight = waiting
+        self.transitions = waiting
         return published
 
     def _plan(self, step, scores):
-        busy = {(t.pos, e) for t in self.in_flight for e in (t.promote, t.demote)}
+        busy = {(t.pos, e) for t in self.transitions for e in (t.promote, t.demote)}
         swaps = self.policy.plan(step, scores, self.pools.hi_mask(), self.n_hi)
         self.counters.plans += 1
         # A new plan replaces what is still queued: its decisions are based on fresher scores.
@@ -243,7 +233,7 @@ class Engine(Controller):
         one boundary go to the copier thread as one job (one thread hand-off per boundary)."""
         K = self.plan.transfers_in_flight
         starts = []
-        while self.queue and 2 * (len(self.in_flight) + len(starts) + 1) <= K:   # a swap is two transitions
+        while self.queue and 2 * (len(self.transitions) + len(starts) + 1) <= K:   # a swap is two transitions
             pos, p, d = self.queue.popleft()
             r = self.pools.residency[pos]
             if r.tier[p] != LO or r.tier[d] != HI:
@@ -253,21 +243,22 @@ class Engine(Controller):
             return
         job = _COPIER.submit(jax.device_put, [copies for *_, copies in starts])
         for i, (pos, p, d, copies) in enumerate(starts):
-            self.in_flight.append(Transition(pos, p, d, job, i, tree_nbytes(copies), step))
+            self.transitions.append(Transition(pos, p, d, job, i, tree_nbytes(copies), step))
 
     # ---- serving ----------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
                  stop_tokens=None, on_tokens=None) -> GenerationResult:
         """prompts: text(s) or token-id lists. Returns GenerationResult with .texts and .runtime
         (counters, per-boundary timeline, budget plan)."""
+        s = self.settings
         prompts = self.codec.prompts(prompts)
-        if len(prompts) > self.batch:
-            raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={self.batch}")
+        if len(prompts) > s.batch:
+            raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={s.batch}")
         self._reset_timeline()
         before = dataclasses.replace(self.counters)
         res = generate(self.params(), self.config, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                       key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=self.max_len,
-                       segment_len=self.segment_len, backend=self.backend,
+                       key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=s.max_len,
+                       segment_len=s.segment_len, backend=s.backend,
                        cache_dtype=self.cache_dtype, on_tokens=on_tokens, controller=self)
         res.texts = self.codec.texts(res.tokens)
         res.runtime = self._summary(before, self.timeline[1:])   # boundary 0 reports the prefill
@@ -277,14 +268,15 @@ class Engine(Controller):
         """Teacher-forced scoring of token streams int [B, N + 1] (B <= batch, N a multiple of
         segment_len) in chunks of segment_len positions and windows of max_len, with the policy
         and transitions live. Returns ScoreResult (.nll [B, N], .perplexity, .runtime)."""
+        s = self.settings
         tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.shape[0] > self.batch:
-            raise GenerationError(f"score takes [batch <= {self.batch}, length] token streams, got {tokens.shape}")
+        if tokens.ndim != 2 or tokens.shape[0] > s.batch:
+            raise GenerationError(f"score takes [batch <= {s.batch}, length] token streams, got {tokens.shape}")
         self._reset_timeline()
         before = dataclasses.replace(self.counters)
-        window = self.max_len - self.max_len % self.segment_len
-        res = score(self.params(), self.config, tokens, chunk=self.segment_len, window=window,
-                    backend=self.backend, cache_dtype=self.cache_dtype, controller=self)
+        window = s.max_len - s.max_len % s.segment_len
+        res = score(self.params(), self.config, tokens, chunk=s.segment_len, window=window,
+                    backend=s.backend, cache_dtype=self.cache_dtype, controller=self)
         res.runtime = self._summary(before, self.timeline)
         return res
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -35,16 +34,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
+from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, PromptTooLongError, RuntimeConfigError, check_int
 from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, PromptTooLongError, RuntimeConfigError
-from dynaexq_jax.serving.generate import GenerationResult, GenerationStats, bucket, check_prompts
-from dynaexq_jax.model.families.qwen3_moe import attention, dense_mlp, init_cache, rms_norm
-from dynaexq_jax.model.moe import BACKENDS, HI, ExpertPools, moe_experts, route
+from dynaexq_jax.model.families.qwen3_moe import attention_block, final_logits, init_cache
+from dynaexq_jax.model.layers import dense_mlp, moe_route, rms_norm
+from dynaexq_jax.model.moe import HI, ExpertPools, moe_experts
 from dynaexq_jax.model.quant import Format, expert_nbytes
-from dynaexq_jax.runtime.budget import MARGIN_FRACTION, FixedCosts, fixed_costs, format_bytes, parse_bytes
+from dynaexq_jax.runtime.budget import (
+    FixedCosts,
+    checkpoint_sizes,
+    fixed_costs,
+    format_bytes,
+    parse_bytes,
+    smallest_budget,
+    smallest_budget_text,
+)
+from dynaexq_jax.runtime.config import EngineConfig, check_backend
 from dynaexq_jax.runtime.policies import rank
-from dynaexq_jax.runtime.pools import HostStore, write_slot, tree_nbytes
+from dynaexq_jax.runtime.pools import HostStore, tree_nbytes, write_slot
+from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
+from dynaexq_jax.serving.generate import (
+    GenerationResult,
+    GenerationStats,
+    check_prompts,
+    pad_prompts,
+    stop_ids,
+    trim_at_stop,
+)
 from dynaexq_jax.serving.sampling import Sampling, sample
 from dynaexq_jax.serving.tokenizer import TextCodec
 
@@ -75,19 +91,13 @@ class CachePlan:
 
     def budget_for(self, per_layer: int) -> int:
         """The smallest budget that gives every MoE layer per_layer cache slots (same margin fraction)."""
-        need = self.fixed.total - self.fixed.margin + self.staging + per_layer * len(self.capacity) * self.m_hi
-        b = math.ceil(need / (1 - MARGIN_FRACTION))
-        while b - 1 - int(MARGIN_FRACTION * (b - 1)) >= need:    # the margin is rounded down
-            b -= 1
-        return b
+        return smallest_budget(dataclasses.replace(self, capacity=(per_layer,) * len(self.capacity)))
 
     def rows(self) -> list[tuple[str, int]]:
-        f = self.fixed
-        return [("dense parameters", f.dense_params), ("KV cache", f.kv_cache),
-                ("activations / workspace", f.workspace), ("safety margin", f.margin),
-                (f"HI expert cache ({sum(self.capacity)} x {format_bytes(self.m_hi)})", sum(self.capacity) * self.m_hi),
-                (f"transfer staging (K={self.transfers_in_flight})", self.staging),
-                ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
+        return self.fixed.rows() + [
+            (f"HI expert cache ({sum(self.capacity)} x {format_bytes(self.m_hi)})", sum(self.capacity) * self.m_hi),
+            (f"transfer staging (K={self.transfers_in_flight})", self.staging),
+            ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
 
 
 def plan_cache(cfg: ModelConfig, *, budget: int, hi: Format, lo: Format, dense_params: int, batch: int,
@@ -103,7 +113,7 @@ def plan_cache(cfg: ModelConfig, *, budget: int, hi: Format, lo: Format, dense_p
         raise InfeasibleBudgetError(
             f"budget {format_bytes(budget)} ({budget:,d} B) cannot hold one HI expert per MoE layer besides "
             f"the fixed costs and {transfers_in_flight} staging slots; the smallest feasible budget is "
-            f"{format_bytes(smallest)} ({smallest:,d} B)")
+            f"{smallest_budget_text(smallest)}")
     return dataclasses.replace(plan, capacity=(int(per_layer),) * L)
 
 
@@ -201,25 +211,18 @@ class ExpertCache:
 
 
 # ---- jitted pieces (shapes fixed per batch and token count; the cache assignment is data) ------
-def _attention_block(layer, cfg, x, positions, start, k_cache, v_cache):
-    a, k_cache, v_cache = attention(layer.attn, cfg, rms_norm(x, layer.input_norm, cfg.rms_norm_eps),
-                                    positions, k_cache, v_cache, start)
-    x = x + a
-    return x, rms_norm(x, layer.post_norm, cfg.rms_norm_eps), k_cache, v_cache
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("k_cache", "v_cache"))
 def _attend_route(layer, cfg: ModelConfig, x, positions, start, k_cache, v_cache):
     """-> (residual x [B, T, H], router input h [B*T, H], ids int32 [B*T, k], weights [B*T, k], caches)."""
-    x, h, k_cache, v_cache = _attention_block(layer, cfg, x, positions, start, k_cache, v_cache)
+    x, h, k_cache, v_cache = attention_block(layer, cfg, x, positions, k_cache, v_cache, start)
     h = h.reshape(-1, h.shape[-1])
-    ids, w, _ = route(h, layer.mlp.router, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    ids, w, _ = moe_route(layer.mlp, cfg, h)
     return x, h, ids, w, k_cache, v_cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("k_cache", "v_cache"))
 def _dense_layer(layer, cfg: ModelConfig, x, positions, start, k_cache, v_cache):
-    x, h, k_cache, v_cache = _attention_block(layer, cfg, x, positions, start, k_cache, v_cache)
+    x, h, k_cache, v_cache = attention_block(layer, cfg, x, positions, k_cache, v_cache, start)
     return x + dense_mlp(layer.mlp, h), k_cache, v_cache
 
 
@@ -233,18 +236,17 @@ def _run_experts(acc, h, ids, w, loaded, active, pool, slot, *, backend: str):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _predict(x, post_norm, router, cfg: ModelConfig):
-    """Layer j's experts guessed from its input x [B, T, H] (its post-attention input is not
+def _predict(layer, x, cfg: ModelConfig):
+    """MoE layer j's experts guessed from its input x [B, T, H] (its post-attention input is not
     computed yet): normalised with layer j's post_norm, routed with layer j's router."""
-    h = rms_norm(x, post_norm, cfg.rms_norm_eps).reshape(-1, x.shape[-1])
-    return route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob)[0]
+    h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps).reshape(-1, x.shape[-1])
+    return moe_route(layer.mlp, cfg, h)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
-def _sample_next(final_norm, head, x, at, key, *, cfg: ModelConfig, sampling: Sampling):
-    """The next token of each sequence from x [B, T, H] at index at [B] (as qwen3_moe.forward)."""
-    x = jnp.take_along_axis(rms_norm(x, final_norm, cfg.rms_norm_eps), at[:, None, None], axis=1)[:, 0]
-    return sample((x @ head).astype(jnp.float32), key, sampling)
+def _sample_next(params, x, at, key, *, cfg: ModelConfig, sampling: Sampling):
+    """The next token of each sequence from x [B, T, H] (after the last layer) at index at [B]."""
+    return sample(final_logits(params, cfg, x, at), key, sampling)
 
 
 _write_one = jax.jit(write_slot, donate_argnums=0)
@@ -256,15 +258,14 @@ class OffloadEngine:
     with a per-layer expert cache (mode 'lru' or 'prefetch'). The initial cache of each layer
     holds the lowest expert ids, or the top of a calibration ranking [L_moe, E] when given."""
 
-    def __init__(self, model, *, budget_bytes, mode: str = "lru", batch: int = 1, max_len: int = 512,
-                 backend: str = "xla", transfers_in_flight: int = 4, calibration: np.ndarray | None = None):
+    def __init__(self, model, *, budget_bytes, mode: str = "lru", batch: int = EngineConfig.batch,
+                 max_len: int = EngineConfig.max_len, backend: str = EngineConfig.backend,
+                 transfers_in_flight: int = EngineConfig.transfers_in_flight, calibration: np.ndarray | None = None):
         if mode not in MODES:
             raise RuntimeConfigError(f"unknown offload mode '{mode}' (use one of {', '.join(MODES)})")
-        if backend not in BACKENDS:
-            raise RuntimeConfigError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
+        check_backend(backend)
         for name, v in (("batch", batch), ("max_len", max_len), ("transfers_in_flight", transfers_in_flight)):
-            if not isinstance(v, int) or v < 1:
-                raise RuntimeConfigError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, v, RuntimeConfigError)
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
         cfg = self.config = ckpt.config
         if cfg.model_type != "qwen3_moe":
@@ -276,10 +277,8 @@ class OffloadEngine:
         self.codec = TextCodec(ckpt.path)
         self.dense = jax.device_put(ckpt.params)
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
-        self.plan = plan_cache(cfg, budget=parse_bytes(budget_bytes), hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"],
-                               dense_params=tree_nbytes(self.dense), batch=batch, max_len=max_len,
-                               cache_dtype=self.cache_dtype, backend=backend,
-                               transfers_in_flight=transfers_in_flight)
+        self.plan = plan_cache(cfg, budget=parse_bytes(budget_bytes), **checkpoint_sizes(ckpt), batch=batch,
+                               max_len=max_len, backend=backend, transfers_in_flight=transfers_in_flight)
         self.store = HostStore(ckpt.experts, cfg.moe_layers)
         self.counters = OffloadCounters()
         self.caches, self.pools = [], []
@@ -297,7 +296,7 @@ class OffloadEngine:
 
     @property
     def budget_for_owned(self) -> int:
-        return self.plan.budget - self.plan.fixed.workspace - self.plan.fixed.margin
+        return self.plan.budget - self.plan.fixed.reserved
 
     # ---- copies ---------------------------------------------------------------------------------
     def _retire(self) -> None:
@@ -319,7 +318,7 @@ class OffloadEngine:
     def _prefetch(self, pos: int, layer, x, active: np.ndarray) -> int:
         """Predict MoE layer pos's experts from its input x and start copies of the missing ones,
         most-demanded first, into free staging buffers only (never waited on). Returns bytes issued."""
-        pred = np.asarray(_predict(x, layer.post_norm, layer.mlp.router, cfg=self.config))
+        pred = np.asarray(_predict(layer, x, cfg=self.config))
         counts = np.bincount(pred[active].ravel(), minlength=self.config.num_experts)
         order = [e for e in rank(counts) if counts[e] > 0]
         t0 = time.perf_counter()
@@ -373,9 +372,7 @@ class OffloadEngine:
             # The prefetch copies overlap this layer's attention; what they take beyond it is exposed.
             self.counters.prefetch_exposed_s += max(0.0, issued / PCIE_BYTES_PER_S - (time.perf_counter() - t0))
             x = self._moe_layer(pos, x, h, ids, w, active)
-        head = self.dense.embed.T if self.dense.lm_head is None else self.dense.lm_head
-        return np.asarray(_sample_next(self.dense.final_norm, head, x, jnp.asarray(at), key, cfg=cfg,
-                                       sampling=sampling))
+        return np.asarray(_sample_next(self.dense, x, jnp.asarray(at), key, cfg=cfg, sampling=sampling))
 
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
                  stop_tokens=None) -> GenerationResult:
@@ -387,15 +384,12 @@ class OffloadEngine:
         if len(prompts) > self.batch:
             raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={self.batch}")
         check_prompts(prompts, max_new_tokens, self.max_len, cfg.vocab_size)
-        B, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
-        T = bucket(int(lengths.max()))
+        tokens, lengths = pad_prompts(prompts)
+        B, T = tokens.shape
         if T > self.max_len:
             raise PromptTooLongError(f"the longest prompt ({int(lengths.max())} tokens) is padded to {T}, more than "
                                      f"max_len={self.max_len}")
-        tokens = np.zeros((B, T), np.int32)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = p
-        stop = set(cfg.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
+        stop = stop_ids(cfg, stop_tokens)
         key = jax.random.PRNGKey(seed)
         cache = init_cache(cfg, B, self.max_len, self.cache_dtype)
         self._k, self._v = list(cache.k), list(cache.v)
@@ -407,22 +401,19 @@ class OffloadEngine:
                           jax.random.fold_in(key, 0), sampling)
         stats.time_to_first_token_s = time.perf_counter() - t0
         at_decode = dataclasses.replace(self.counters)
-        done, out, n = np.isin(last, list(stop)), [last], 1
+        done, out, n = np.isin(last, stop), [last], 1
         t_dec = time.perf_counter()
         while n < max_new_tokens and not done.all():
             tok = self._step(last[:, None], lengths + n - 1, ~done[:, None], np.zeros(B, np.int32),
                              jax.random.fold_in(key, n), sampling)
             last = np.where(done, last, tok)
-            done = done | np.isin(last, list(stop))
+            done = done | np.isin(last, stop)
             out.append(last)
             n += 1
         stats.decode_s = time.perf_counter() - t_dec
         stats.decode_tokens = B * (n - 1)
 
-        result = []
-        for row in np.stack(out, axis=1).tolist():
-            hits = [i for i, t in enumerate(row) if t in stop]
-            result.append(row[: hits[0] + 1] if hits else row)
+        result = trim_at_stop(np.stack(out, axis=1), stop)
         stats.generated_tokens = sum(len(r) for r in result)
         res = GenerationResult(result, stats, texts=self.codec.texts(result))
         counters = _since(self.counters, before)

@@ -15,9 +15,13 @@ import dataclasses
 
 import numpy as np
 
-from dynaexq_jax.errors import RuntimeConfigError
+from dynaexq_jax.errors import RuntimeConfigError, check_int
 
 Swap = tuple[int, int]   # (promote, demote)
+
+# Defaults of the dynamic policies (and of the engine's settings, EngineConfig).
+UPDATE_PERIOD = 200      # decode steps between updates (T_u)
+DELTA = 0.01             # hysteresis margin of the dynaexq policy
 
 
 def rank(scores: np.ndarray) -> np.ndarray:
@@ -62,9 +66,14 @@ class AllLo(Policy):
     fixed_hi_fraction = 0.0
 
 
-def _check_period(period) -> None:
-    if not isinstance(period, int) or period < 1:
-        raise RuntimeConfigError(f"update period must be an integer >= 1 decode step, got {period!r}")
+def check_update_options(period: int, delta: float = 0.0, rate_limit: int | None = None) -> None:
+    """period: decode steps between updates; delta: hysteresis margin; rate_limit: swaps per
+    layer per update or None."""
+    check_int("update period", period, RuntimeConfigError, unit=" decode step")
+    if not delta >= 0:
+        raise RuntimeConfigError(f"hysteresis delta must be >= 0, got {delta!r}")
+    if rate_limit is not None:
+        check_int("rate limit", rate_limit, RuntimeConfigError, unit=" or None")
 
 
 def every_period(period: int, step: int, last_update: int | None, at_start: bool) -> bool:
@@ -93,25 +102,21 @@ class DynaExqPolicy(Policy):
     HI slots, ties by expert id. Hysteresis: the best outsider replaces the worst incumbent only
     if its score exceeds it by more than `delta`; pairs are taken in score order until that fails.
     `rate_limit` caps swaps per layer per update (None = no cap)."""
-    period: int = 200
-    delta: float = 0.01
+    period: int = UPDATE_PERIOD
+    delta: float = DELTA
     rate_limit: int | None = None
     update_after_prefill: bool = True
     name = "dynaexq"
 
     def __post_init__(self):
-        _check_period(self.period)
-        if not self.delta >= 0:
-            raise RuntimeConfigError(f"hysteresis delta must be >= 0, got {self.delta!r}")
-        if self.rate_limit is not None and (not isinstance(self.rate_limit, int) or self.rate_limit < 1):
-            raise RuntimeConfigError(f"rate limit must be an integer >= 1 or None, got {self.rate_limit!r}")
+        check_update_options(self.period, self.delta, self.rate_limit)
 
     def wants_update(self, step: int, last_update: int | None) -> bool:
         return every_period(self.period, step, last_update, self.update_after_prefill)
 
     def plan(self, step, scores, hi_mask, n_hi):
         out = []
-        for l, n in enumerate(n_hi):
+        for l in range(len(n_hi)):
             s = np.asarray(scores[l], np.float64)
             order = rank(s)
             inc = [int(e) for e in order[::-1] if hi_mask[l, e]]          # worst incumbent first
@@ -136,12 +141,12 @@ class OraclePolicy(Policy):
     publication delay)."""
     trace: np.ndarray
     chunk: int
-    period: int = 200
+    period: int = UPDATE_PERIOD
     lag: int = 0
     name = "oracle"
 
     def __post_init__(self):
-        _check_period(self.period)
+        check_update_options(self.period)
         self.trace = np.asarray(self.trace, np.float64)
 
     def wants_update(self, step, last_update):
@@ -163,12 +168,12 @@ class OraclePolicy(Policy):
 @dataclasses.dataclass
 class RandomPolicy(Policy):
     """A lower bound: every `period` steps a uniformly random HI set per layer (seeded)."""
-    period: int = 200
+    period: int = UPDATE_PERIOD
     seed: int = 0
     name = "random"
 
     def __post_init__(self):
-        _check_period(self.period)
+        check_update_options(self.period)
         self._rng = np.random.default_rng(self.seed)
 
     def wants_update(self, step, last_update):
@@ -185,12 +190,16 @@ POLICIES = {"dynaexq": DynaExqPolicy, "static": StaticPolicy, "all-hi": AllHi, "
             "random": RandomPolicy}
 
 
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise RuntimeConfigError(f"unknown policy '{name}' (use one of {', '.join(POLICIES)})")
+    return POLICIES[name]
+
+
 def make_policy(name: str | Policy, **options) -> Policy:
     if isinstance(name, Policy):
         return name
-    if name not in POLICIES:
-        raise RuntimeConfigError(f"unknown policy '{name}' (use one of {', '.join(POLICIES)})")
-    cls = POLICIES[name]
+    cls = policy_class(name)
     if cls in (DynaExqPolicy, RandomPolicy):
         return cls(**options)
     if options:

@@ -45,7 +45,7 @@ class HostStore:
         for pos, tiers in enumerate(self.pools):
             for t, pool in enumerate(tiers):
                 for e in range(pool.size):
-                    self._one[pos, t, e] = jax.tree.map(lambda a: put(np.asarray(a[e:e + 1])), pool)
+                    self._one[pos, t, e] = jax.tree.map(lambda a, e=e: put(np.asarray(a[e:e + 1])), pool)
 
     def expert(self, pos: int, tier: int, e: int) -> TierPool:
         """A one-slot TierPool (leading dim 1) of expert e of MoE layer pos in `tier`."""
@@ -80,7 +80,7 @@ class LayerResidency:
     holders: list[list[int]]  # holders[t][s]: the expert in slot s of tier t's pool
 
     @classmethod
-    def from_hi_set(cls, hi_set, num_experts: int) -> "LayerResidency":
+    def from_hi_set(cls, hi_set, num_experts: int) -> LayerResidency:
         hi = sorted(int(e) for e in hi_set)
         lo = [e for e in range(num_experts) if e not in set(hi)]
         tier = np.full(num_experts, LO, np.int32)

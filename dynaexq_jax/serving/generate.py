@@ -6,17 +6,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynaexq_jax.errors import GenerationError, PromptTooLongError, check_int
 from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.errors import GenerationError, PromptTooLongError
-from dynaexq_jax.serving.hotness import selected_mass
 from dynaexq_jax.model.families import family
+from dynaexq_jax.serving.hotness import ALPHA, ema_update, selected_mass
 from dynaexq_jax.serving.sampling import Sampling, sample
+
+# Decode steps per jitted segment unless a caller chooses another (the engine's default too).
+SEGMENT_LEN = 16
 
 
 def bucket(n: int, quantum: int = 16) -> int:
@@ -24,30 +27,74 @@ def bucket(n: int, quantum: int = 16) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
+# ---- prompts and stop tokens (shared with the offloading baselines) ------------------------------
+def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad prompts to one bucketed length: -> (tokens int32 [B, T], lengths int32 [B])."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), bucket(int(lengths.max()))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, lengths
+
+
+def stop_ids(cfg: ModelConfig, stop_tokens: Sequence[int] | None) -> np.ndarray:
+    """int32 [n_stop]: the given stop tokens, or the model's eos tokens when None (an empty
+    sequence: never stop)."""
+    return np.asarray(cfg.eos_token_ids if stop_tokens is None else [int(t) for t in stop_tokens], np.int32)
+
+
+def trim_at_stop(tokens: np.ndarray, stop: np.ndarray) -> list[list[int]]:
+    """tokens int [B, n] generated per sequence -> each row up to and including its first stop
+    token (rows without one are kept whole)."""
+    out = []
+    for row, hit in zip(tokens.tolist(), np.isin(tokens, stop)):
+        first = np.flatnonzero(hit)
+        out.append(row[: first[0] + 1] if len(first) else row)
+    return out
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None,
+                  vocab_size: int) -> None:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    check_int("max_new_tokens", max_new_tokens, GenerationError)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in p if not (0 <= int(t) < vocab_size)]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if max_len is not None and len(p) + max_new_tokens > max_len:
+            raise PromptTooLongError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens} cache positions but the cache holds max_len={max_len}")
+
+
+# ---- the jitted steps ------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend", "alpha"), donate_argnames=("cache",))
 def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *,
             sampling: Sampling, backend: str = "xla", alpha: float | None = None):
     """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty, scores f32 [L_moe, E]
     -> (first sampled token [B], cache, router mass f32 [L_moe, E] over the real prompt tokens,
-    scores: the hotness EMA after this step, or unchanged when alpha is None)."""
+    scores: the hotness EMA after one step with that mass, or unchanged when alpha is None)."""
     logits, cache, info = family(cfg.model_type).forward(params, cfg, tokens, cache, backend=backend,
                                                          logits_at=lengths - 1, valid=lengths)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     mass = selected_mass(info.ids, info.probs, cfg.num_experts, mask)
     first = sample(logits, jax.random.fold_in(key, 0), sampling)
     if alpha is not None:
-        scores = alpha * scores + (1 - alpha) * mass
+        scores = ema_update(scores, mass, alpha)
     return first, cache, mass, scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "backend", "alpha"),
                    donate_argnames=("cache",))
 def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop_ids, scores, *,
-                   steps: int, sampling: Sampling, backend: str = "xla", alpha: float = 0.9):
+                   steps: int, sampling: Sampling, alpha: float, backend: str = "xla"):
     """Run `steps` decode steps. last: int32 [B] the previous token of each sequence; done: bool [B];
     step0: int32 index of the first token generated here (the sampling key is fold_in(key, step),
     so tokens do not depend on how generation is cut into segments); stop_ids: int32 [n_stop];
-    scores: f32 [L_moe, E] hotness EMA, updated every step: S = alpha * S + (1 - alpha) * c.
+    scores: f32 [L_moe, E] hotness EMA, one step per decode step (hotness.py).
     Returns (tokens int32 [steps, B], done-after-token bool [steps, B], cache,
     mass f32 [steps, L_moe, E], scores)."""
 
@@ -58,7 +105,7 @@ def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop
         tok = sample(logits[:, -1], jax.random.fold_in(key, step0 + i), sampling)
         tok = jnp.where(done, last, tok)
         done = done | jnp.isin(tok, stop_ids)
-        scores = alpha * scores + (1 - alpha) * mass
+        scores = ema_update(scores, mass, alpha)
         return (cache, tok, done, scores), (tok, done, mass)
 
     (cache, _, _, scores), (toks, dones, mass) = jax.lax.scan(
@@ -66,6 +113,7 @@ def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop
     return toks, dones, cache, mass, scores
 
 
+# ---- results and the controller interface -------------------------------------------------------
 @dataclasses.dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -95,12 +143,15 @@ class GenerationResult:
 class Controller:
     """Runs on the host between jitted segments (the DynaExq runtime is one). Each hook receives
     host copies of the router statistics and returns new params (e.g. with experts swapped
-    between tiers) for the segments dispatched after it, or None to keep the current ones."""
-    alpha: float = 0.9               # hotness EMA factor used inside the jitted steps
+    between tiers) for the segments dispatched after it, or None to keep the current ones.
+
+    Pipelining contract: the loop dispatches one segment ahead, so when after_segment runs the
+    next segment may already be on the device, reading the params the hook is about to replace.
+    Its device outputs arrive as `in_flight` (None when nothing is in flight): new params take
+    effect from the segment after it, and a hook that rewrites buffers in place must first wait
+    for it (jax.block_until_ready(in_flight)). Nothing is in flight during after_prefill."""
+    alpha: float = ALPHA             # hotness EMA factor used inside the jitted steps
     hotness_in_prefill: bool = True  # whether the prefill forward counts as a hotness step
-    # Set by the loop before each hook: the outputs of the segment dispatched but not yet read
-    # (it still reads the params the hook is about to replace), or None.
-    dispatched = None
 
     def initial_scores(self, num_layers: int, num_experts: int) -> np.ndarray:
         """The hotness EMA a generation starts from, f32 [L_moe, E] (a serving engine carries
@@ -111,33 +162,32 @@ class Controller:
         """mass, scores: f32 [L_moe, E]."""
         return None
 
-    def after_segment(self, step: int, mass: np.ndarray, scores: np.ndarray):
-        """step: decode steps done so far; mass f32 [steps, L_moe, E]; scores f32 [L_moe, E]."""
+    def after_segment(self, step: int, mass: np.ndarray, scores: np.ndarray, in_flight):
+        """step: decode steps done so far; mass f32 [steps, L_moe, E]; scores f32 [L_moe, E];
+        in_flight: the dispatched segment's outputs (a pytree of device arrays) or None."""
         return None
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None,
-                  vocab_size: int) -> None:
-    if not prompts:
-        raise GenerationError("no prompts given")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise GenerationError(f"prompt {i} is empty")
-        bad = [t for t in p if not (0 <= int(t) < vocab_size)]
-        if bad:
-            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        if max_len is not None and len(p) + max_new_tokens > max_len:
-            raise PromptTooLongError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                f"{len(p) + max_new_tokens} cache positions but the cache holds max_len={max_len}")
+# ---- generation ----------------------------------------------------------------------------------
+def cache_len(lengths: np.ndarray, padded: int, max_new_tokens: int, segment_len: int, max_len: int | None) -> int:
+    """Cache positions a generation needs: the longest prompt, then whole segments (the last
+    may run past max_new_tokens), and at least the padded prompt length. max_len given: check
+    it holds that many, else round the need up."""
+    n_segments = -(-(max_new_tokens - 1) // segment_len)
+    need = max(int(lengths.max()) + 1 + n_segments * segment_len, padded)
+    if max_len is None:
+        return bucket(need, 64)
+    if need > max_len:
+        raise PromptTooLongError(
+            f"the cache (max_len={max_len}) cannot hold the longest prompt ({int(lengths.max())} tokens, padded "
+            f"to {padded}) plus {max_new_tokens} new tokens in segments of {segment_len}: needs {need}")
+    return max_len
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
              stop_tokens: Sequence[int] | None = None, max_len: int | None = None,
-             segment_len: int = 16, backend: str = "xla", cache_dtype=jnp.float32,
+             segment_len: int = SEGMENT_LEN, backend: str = "xla", cache_dtype=jnp.float32,
              on_tokens: Callable[[np.ndarray], None] | None = None,
              controller: Controller | None = None) -> GenerationResult:
     """Generate up to max_new_tokens for every prompt.
@@ -146,29 +196,16 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     results are read on the host, so the device never waits for the host: streaming
     (on_tokens(tokens int [n, B])), stop checks and the controller's work overlap the next
     segment, and the controller's new params take effect from the segment after that."""
-    if not isinstance(segment_len, int) or segment_len < 1:
-        raise GenerationError(f"segment_len must be an integer >= 1, got {segment_len!r}")
+    check_int("segment_len", segment_len, GenerationError)
     check_prompts(prompts, max_new_tokens, max_len, cfg.vocab_size)
     ctl = controller or Controller()
-    stop = jnp.asarray(np.asarray(cfg.eos_token_ids if stop_tokens is None else list(stop_tokens), np.int32))
-    stop_set = set(np.asarray(stop).tolist())
     key = jax.random.PRNGKey(0) if key is None else key
-    B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    T = bucket(int(lengths.max()))
-    n_segments = -(-(max_new_tokens - 1) // segment_len)
-    need = max(int(lengths.max()) + 1 + n_segments * segment_len, T)
-    if max_len is None:
-        max_len = bucket(need, 64)
-    elif need > max_len:
-        raise PromptTooLongError(
-            f"the cache (max_len={max_len}) cannot hold the longest prompt ({int(lengths.max())} tokens, padded "
-            f"to {T}) plus {max_new_tokens} new tokens in segments of {segment_len}: needs {need}")
-    tokens = np.zeros((B, T), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+    tokens, lengths = pad_prompts(prompts)
+    max_len = cache_len(lengths, tokens.shape[1], max_new_tokens, segment_len, max_len)
+    stop = stop_ids(cfg, stop_tokens)
+    stop_d = jnp.asarray(stop)
     stats = GenerationStats(prompt_tokens=int(lengths.sum()))
-    cache = family(cfg.model_type).init_cache(cfg, B, max_len, cache_dtype)
+    cache = family(cfg.model_type).init_cache(cfg, len(prompts), max_len, cache_dtype)
     scores = jnp.asarray(ctl.initial_scores(len(cfg.moe_layers), cfg.num_experts), jnp.float32)
 
     t0 = time.perf_counter()
@@ -177,23 +214,40 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                                          alpha=ctl.alpha if ctl.hotness_in_prefill else None)
     first_h = np.asarray(first)
     stats.time_to_first_token_s = time.perf_counter() - t0
-    out = [first_h[:, None]]
     if on_tokens:
         on_tokens(first_h[None, :])
-    ctl.dispatched = None
     params = ctl.after_prefill(np.asarray(mass), np.asarray(scores)) or params
 
     def dispatch(params, cache, last, done, step0, scores):
-        return decode_segment(params, cfg, cache, last, done, jnp.int32(step0), key, stop, scores,
+        return decode_segment(params, cfg, cache, last, done, jnp.int32(step0), key, stop_d, scores,
                               steps=segment_len, sampling=sampling, backend=backend, alpha=ctl.alpha)
 
-    done_h = np.isin(first_h, list(stop_set))
-    produced, dispatched = 1, 1
-    pending = None
-    if produced < max_new_tokens and not done_h.all():
-        pending = dispatch(params, cache, first, jnp.asarray(done_h), dispatched, scores)
-        dispatched += segment_len
     t_dec = time.perf_counter()
+    blocks = _decode_pipelined(dispatch, params, cache, first, np.isin(first_h, stop), scores, ctl=ctl,
+                               max_new_tokens=max_new_tokens, segment_len=segment_len, stats=stats,
+                               on_tokens=on_tokens)
+    stats.decode_s = time.perf_counter() - t_dec
+
+    all_tokens = np.concatenate([first_h[:, None], *blocks], axis=1)
+    result = trim_at_stop(all_tokens, stop)
+    stats.generated_tokens = sum(len(r) for r in result)
+    stats.decode_tokens = len(prompts) * (all_tokens.shape[1] - 1)
+    return GenerationResult(result, stats)
+
+
+def _decode_pipelined(dispatch, params, cache, first, done: np.ndarray, scores, *, ctl: Controller,
+                      max_new_tokens: int, segment_len: int, stats: GenerationStats,
+                      on_tokens: Callable[[np.ndarray], None] | None) -> list[np.ndarray]:
+    """The decode loop after the prefill's first token (first [B], done bool [B]): while the host
+    reads segment i, segment i+1 (dispatched from segment i's device outputs with the params of
+    before the hook) runs, and is what the hook receives as in flight. Returns the generated
+    blocks int [B, steps], in order."""
+    blocks = []
+    produced = dispatched = 1         # tokens read on the host / covered by dispatched segments
+    pending = None
+    if produced < max_new_tokens and not done.all():
+        pending = dispatch(params, cache, first, jnp.asarray(done), dispatched, scores)
+        dispatched += segment_len
     while pending is not None:
         toks, dones, cache, mass, scores = pending
         pending = None
@@ -203,24 +257,13 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         t_seg = time.perf_counter()
         toks_h, dones_h = np.asarray(toks), np.asarray(dones)
         take = min(segment_len, max_new_tokens - produced)
-        out.append(toks_h[:take].T)
+        blocks.append(toks_h[:take].T)
         if on_tokens:
             on_tokens(toks_h[:take])
         produced += take
         t_ctl = time.perf_counter()
-        ctl.dispatched = pending
-        new_params = ctl.after_segment(produced - 1, np.asarray(mass)[:take], np.asarray(scores))
-        params = new_params or params
+        params = ctl.after_segment(produced - 1, np.asarray(mass)[:take], np.asarray(scores), pending) or params
         stats.segments.append({"steps": take, "wait_s": t_ctl - t_seg, "controller_s": time.perf_counter() - t_ctl})
         if dones_h[take - 1].all():
             pending = None                # every sequence stopped: drop the speculative segment
-    stats.decode_s = time.perf_counter() - t_dec
-
-    all_toks = np.concatenate(out, axis=1)
-    result = []
-    for row in all_toks.tolist():
-        hits = [i for i, t in enumerate(row) if t in stop_set]
-        result.append(row[: hits[0] + 1] if hits else row)
-    stats.generated_tokens = sum(len(r) for r in result)
-    stats.decode_tokens = B * (produced - 1)
-    return GenerationResult(result, stats)
+    return blocks

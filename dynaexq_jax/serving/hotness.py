@@ -2,11 +2,29 @@
 
     c[l, e] = (1/N) * sum over tokens t of 1[e in topk(t)] * p[t, e]
 
-computed on the device from a forward pass's RouterInfo, for the N real (unmasked) tokens."""
+computed on the device from a forward pass's RouterInfo, for the N real (unmasked) tokens, and
+its exponential moving average, advanced one step at a time:
+
+    S <- alpha * S + (1 - alpha) * c
+
+What one step is differs by caller, each with the mass it has:
+  * decode (generate.decode_segment): one step per token position, c = that step's mass over the
+    batch's unfinished sequences;
+  * prefill (generate.prefill, when the controller counts it): one step for the whole prompt,
+    c = the mass over all its real tokens;
+  * scoring (scoring.score_chunk): one step per position, c = that position's mass averaged over
+    the batch, so a chunk of C positions advances the EMA as C decode steps would
+    (ema_over_positions);
+  * replay (runtime.replay): a recorded trace keeps only each chunk's mean mass, which is taken
+    as the mass of each of the chunk's `chunk` steps (ema_update with steps=chunk).
+ema_update is plain arithmetic (numpy or jax arrays alike); ema_over_positions runs in jax."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# The EMA factor per step unless a caller chooses another (the engine's default, EngineConfig.alpha).
+ALPHA = 0.9
 
 
 def selected_mass(ids: tuple[jax.Array, ...], probs: tuple[jax.Array, ...], num_experts: int,
@@ -20,3 +38,29 @@ def selected_mass(ids: tuple[jax.Array, ...], probs: tuple[jax.Array, ...], num_
     for i, p in zip(ids, probs):
         rows.append(jnp.zeros((num_experts,), jnp.float32).at[i.reshape(-1)].add((p * w).reshape(-1)) / n)
     return jnp.stack(rows)
+
+
+def position_mass(ids: tuple[jax.Array, ...], probs: tuple[jax.Array, ...], num_experts: int,
+                  positions: int) -> jax.Array:
+    """Per position, the selected mass averaged over the batch: ids/probs per MoE layer
+    [B, C, k] -> f32 [C, L_moe, E]."""
+    if not ids:
+        return jnp.zeros((positions, 0, num_experts), jnp.float32)
+    rows = [(jax.nn.one_hot(i, num_experts, dtype=jnp.float32) * p[..., None]).sum(2).mean(0)
+            for i, p in zip(ids, probs)]
+    return jnp.stack(rows, axis=1)
+
+
+def ema_update(scores, mass, alpha: float, steps: int = 1):
+    """`steps` EMA steps that all see the same mass: S <- alpha^steps S + (1 - alpha^steps) c.
+    scores, mass: [L_moe, E]."""
+    decay = alpha ** steps
+    return decay * scores + (1 - decay) * mass
+
+
+def ema_over_positions(scores, mass, alpha: float):
+    """One EMA step per position, mass [C, L_moe, E] in position order, in closed form:
+    S_C = alpha^C S_0 + (1 - alpha) sum_c alpha^(C-1-c) m_c."""
+    C = mass.shape[0]
+    decay = alpha ** jnp.arange(C - 1, -1, -1, dtype=jnp.float32)
+    return alpha ** C * scores + (1 - alpha) * jnp.einsum("c,cle->le", decay, mass)

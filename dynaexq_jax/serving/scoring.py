@@ -16,34 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.serving.generate import Controller
+from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families import family
-
-
-def position_mass(ids, probs, num_experts: int, positions: int) -> jax.Array:
-    """Per position, the selected probability mass averaged over the batch (method.md, hotness):
-    ids/probs per MoE layer [B, C, k] -> f32 [C, L_moe, E]."""
-    if not ids:
-        return jnp.zeros((positions, 0, num_experts), jnp.float32)
-    rows = [(jax.nn.one_hot(i, num_experts, dtype=jnp.float32) * p[..., None]).sum(2).mean(0)
-            for i, p in zip(ids, probs)]
-    return jnp.stack(rows, axis=1)
+from dynaexq_jax.serving.generate import Controller
+from dynaexq_jax.serving.hotness import ema_over_positions, position_mass
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "alpha"), donate_argnames=("cache",))
 def score_chunk(params, cfg: ModelConfig, cache, inputs, targets, scores, *, backend: str, alpha: float):
     """inputs/targets int32 [B, C] -> (nll f32 [B, C], cache, mass f32 [C, L_moe, E], scores), the
-    EMA advanced once per position: S_C = a^C S_0 + (1 - a) sum_c a^(C-1-c) m_c."""
+    hotness EMA advanced once per position (hotness.py)."""
     logits, cache, info = family(cfg.model_type).forward(params, cfg, inputs, cache, backend=backend)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    C = inputs.shape[1]
-    mass = position_mass(info.ids, info.probs, cfg.num_experts, C)
-    decay = alpha ** jnp.arange(C - 1, -1, -1, dtype=jnp.float32)
-    scores = alpha ** C * scores + (1 - alpha) * jnp.einsum("c,cle->le", decay, mass)
-    return nll, cache, mass, scores
+    mass = position_mass(info.ids, info.probs, cfg.num_experts, inputs.shape[1])
+    return nll, cache, mass, ema_over_positions(scores, mass, alpha)
 
 
 @dataclasses.dataclass
@@ -64,8 +52,9 @@ class ScoreResult:
 def score(params, cfg: ModelConfig, tokens, *, chunk: int, window: int, backend: str = "xla",
           cache_dtype=jnp.float32, controller: Controller | None = None) -> ScoreResult:
     """Score token streams tokens int [B, N + 1] (N a multiple of chunk; window a multiple of
-    chunk). Pipelined like generation: chunk 0 is read first (like a prefill), then chunk i+1
-    is dispatched before chunk i is read, so the controller's work overlaps the device's."""
+    chunk). Pipelined like generation, with the same controller contract (generate.Controller):
+    chunk 0 is read first (like a prefill), then chunk i+1 is dispatched before chunk i is read
+    and reaches the hook as in flight, so the controller's work overlaps the device's."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise GenerationError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
@@ -97,8 +86,7 @@ def score(params, cfg: ModelConfig, tokens, *, chunk: int, window: int, backend:
         if 0 < i < len(starts) - 1:
             pending = dispatch(params, cache, i + 1, scores)
         nlls.append(np.asarray(nll))
-        ctl.dispatched = pending
-        params = ctl.after_segment((i + 1) * chunk, np.asarray(mass), np.asarray(scores)) or params
+        params = ctl.after_segment((i + 1) * chunk, np.asarray(mass), np.asarray(scores), pending) or params
         if i == 0 and len(starts) > 1:
             pending = dispatch(params, cache, 1, scores)
     return ScoreResult(np.concatenate(nlls, axis=1), time.perf_counter() - t0)

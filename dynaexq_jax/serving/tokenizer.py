@@ -1,8 +1,8 @@
 """Text <-> token ids through the `tokenizers` library (tokenizer.json beside the checkpoint)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

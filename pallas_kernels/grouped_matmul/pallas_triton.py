@@ -3,9 +3,9 @@
 Grid: (row tile t, column tile j). Tile t covers rows [lo, hi) of one group (see tiling.py); the
 group is a pool slot, so every program streams the weights of one expert, K step by K step:
 
-  packed formats (uint8 [S, K/p, N], p values per byte, fp16 scales [S, K/g, N]): a step reads
+  packed formats (uint8 [S, K/p, N], p values per byte, scales [S, K/g, N]): a step reads
   `bkb` byte rows of one quantization block; shift-and-mask j of those bytes is an independent
-  sub-tile holding weight rows  block*g + j*g/p + [off, off + bkb)  (quant.py's layout), so it is
+  sub-tile holding weight rows  block*g + j*g/p + [off, off + bkb)  (packing.py's layout), so it is
   multiplied with exactly that column slice of x. The step's partial sum is scaled once by the
   block's scale row (per column), since one step never leaves one block: no interleave, no join.
   float formats (bf16/fp16/f32 [S, K, N]): a step is a plain [bk, bn] tile.
@@ -28,10 +28,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dynaexq_jax.errors import QuantFormatError
-from dynaexq_jax.model.quant import Format, QTensor
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul.tiling import TileConfig
+from pallas_kernels.packing import KernelFormatError, WeightFormat, check_weights
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -55,9 +54,10 @@ class _Plan:
     bm: int
     bn: int
     bkb: int            # stored rows per K step
-    fmt: Format
+    fmt: WeightFormat
     group: int          # logical rows per scale row (k for float formats)
     compute_dtype: np.dtype
+    w_dtype: np.dtype   # of the stored weights (uint8 for int formats)
 
     @property
     def p(self) -> int:
@@ -76,25 +76,25 @@ class _Plan:
         """Pipeline depth that fits SMEM_BUDGET: Triton keeps one copy of each K step's x and
         weight tiles in shared memory per stage."""
         x_bytes = self.bm * self.bkb * self.p * self.compute_dtype.itemsize
-        w_bytes = n_weights * self.bkb * self.bn * np.dtype(self.fmt.storage_dtype).itemsize
+        w_bytes = n_weights * self.bkb * self.bn * self.w_dtype.itemsize
         return max(1, min(config.num_stages, SMEM_BUDGET // (x_bytes + w_bytes)))
 
 
-def make_plan(x_shape, x_dtype, w: QTensor, config: TileConfig) -> _Plan:
-    """Validate shapes against the Triton constraints and pick the block sizes."""
+def make_plan(x_shape, x_dtype, w_data, w_scales, fmt: WeightFormat, config: TileConfig) -> _Plan:
+    """Validate shapes against the Triton constraints and pick the block sizes.
+    w_data/w_scales: arrays or ShapeDtypeStructs of one weight stack in fmt."""
     m, k = x_shape
-    if w.k != k:
-        raise ValueError(f"grouped matmul: x has K={k} but the weights have K={w.k}")
-    fmt, n = w.fmt, w.n
+    wk, n = check_weights(w_data, w_scales, fmt)
+    if wk != k:
+        raise ValueError(f"grouped matmul: x has K={k} but the weights have K={wk}")
     bn = _largest_pow2_divisor(n, config.block_n)
     if bn < 16:
         raise ValueError(f"grouped matmul: N={n} needs a power-of-two divisor >= 16 for the Triton kernel")
     if fmt.is_int:
-        fmt.check(k)
         group = fmt.group_for(k)
         bkb = _largest_pow2_divisor(group // fmt.per_byte, config.block_k)
         if bkb < 16:
-            raise QuantFormatError(
+            raise KernelFormatError(
                 f"format {fmt.name}: a quantization block holds {group // fmt.per_byte} byte rows; the "
                 f"Triton kernel needs a power-of-two divisor >= 16 of it (use a larger group)")
         cd = np.dtype(x_dtype)
@@ -103,14 +103,14 @@ def make_plan(x_shape, x_dtype, w: QTensor, config: TileConfig) -> _Plan:
         bkb = _largest_pow2_divisor(k, config.block_k)
         if bkb < 16:
             raise ValueError(f"grouped matmul: K={k} needs a power-of-two divisor >= 16 for the Triton kernel")
-        cd = np.dtype(jnp.promote_types(x_dtype, w.data.dtype))
-    if max(w.data.size, m * max(k, n)) >= 2**31:
+        cd = np.dtype(jnp.promote_types(x_dtype, w_data.dtype))
+    if max(int(np.prod(w_data.shape)), m * max(k, n)) >= 2**31:
         raise ValueError(f"grouped matmul: operands of 2**31 elements or more overflow the kernel's int32 "
-                         f"offsets (weights {w.data.shape}, x [{m}, {k}]); split the pool")
+                         f"offsets (weights {w_data.shape}, x [{m}, {k}]); split the pool")
     if m < config.block_m:
         raise ValueError(f"grouped matmul: {m} rows < block_m={config.block_m}; pad the rows first")
     return _Plan(m=m, k=k, n=n, bm=config.block_m, bn=bn, bkb=bkb, fmt=fmt, group=group,
-                 compute_dtype=cd)
+                 compute_dtype=cd, w_dtype=np.dtype(w_data.dtype))
 
 
 def _x_subtiles(x_ref, row0, s, plan: _Plan):
@@ -211,17 +211,22 @@ def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan):
         _store_rows(y_ref, acc * rw[:, None], row0, lo, hi, n0, plan)
 
 
-def _weight_args(w: QTensor):
-    return [w.data, w.scales] if w.fmt.is_int else [w.data]
+def _kernel_suffix(plan: _Plan) -> str:
+    """Names the specialization in profiles: int4, int8, ..., or the float weights' dtype."""
+    return f"int{plan.fmt.bits}" if plan.fmt.is_int else plan.w_dtype.name
 
 
-def gate_up(x, gate: QTensor, up: QTensor, tiles, out, *, config: TileConfig, interpret: bool):
-    """x [M, K] (M >= block_m), gate/up [S, K, N] packed, tiles int32 [3, T] (tiling.group_tiles),
-    out [M, N] x.dtype (aliased) -> out with rows of every tile set to SiLU(x@Wg) * (x@Wu)."""
-    if gate.fmt != up.fmt or gate.data.shape != up.data.shape:
-        raise ValueError("gate and up weights must share one format and shape")
-    plan = make_plan(x.shape, x.dtype, gate, config)
-    args = [tiles, x, *_weight_args(gate), *_weight_args(up), out]
+def _weight_args(w, fmt: WeightFormat):
+    data, scales = w
+    return [data, scales] if fmt.is_int else [data]
+
+
+def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool):
+    """x [M, K] (M >= block_m), gate/up (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, of one
+    shape; tiles int32 [3, T] (tiling.group_tiles), out [M, N] x.dtype (aliased) -> out with rows
+    of every tile set to SiLU(x@Wg) * (x@Wu)."""
+    plan = make_plan(x.shape, x.dtype, *gate, fmt, config)
+    args = [tiles, x, *_weight_args(gate, fmt), *_weight_args(up, fmt), out]
     return pl.pallas_call(
         functools.partial(_gate_up_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
@@ -229,15 +234,16 @@ def gate_up(x, gate: QTensor, up: QTensor, tiles, out, *, config: TileConfig, in
         input_output_aliases={len(args) - 1: 0},
         compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=2)),
         interpret=interpret,
-        name=f"moe_gate_up_{plan.fmt.kind}",
+        name=f"moe_gate_up_{_kernel_suffix(plan)}",
     )(*args)
 
 
-def down(h, w: QTensor, tiles, row_weights, out, *, config: TileConfig, interpret: bool):
-    """h [M, K] (M >= block_m), w [S, K, N] packed, tiles int32 [3, T], row_weights f32 [M],
-    out [M, N] f32 (aliased) -> out with rows of every tile set to row_weight * (h@Wd)."""
-    plan = make_plan(h.shape, h.dtype, w, config)
-    args = [tiles, h, *_weight_args(w), row_weights.astype(jnp.float32), out]
+def down(h, w, tiles, row_weights, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool):
+    """h [M, K] (M >= block_m), w (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, tiles int32
+    [3, T], row_weights f32 [M], out [M, N] f32 (aliased) -> out with rows of every tile set to
+    row_weight * (h@Wd)."""
+    plan = make_plan(h.shape, h.dtype, *w, fmt, config)
+    args = [tiles, h, *_weight_args(w, fmt), row_weights.astype(jnp.float32), out]
     return pl.pallas_call(
         functools.partial(_down_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
@@ -245,5 +251,5 @@ def down(h, w: QTensor, tiles, row_weights, out, *, config: TileConfig, interpre
         input_output_aliases={len(args) - 1: 0},
         compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=1)),
         interpret=interpret,
-        name=f"moe_down_{plan.fmt.kind}",
+        name=f"moe_down_{_kernel_suffix(plan)}",
     )(*args)

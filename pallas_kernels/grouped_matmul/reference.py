@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.model.quant import QTensor
+from pallas_kernels.packing import WeightFormat, dequantize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -22,28 +22,29 @@ def row_groups(group_offsets: jax.Array, rows: int):
     return jnp.minimum(g, group_offsets.shape[0] - 2), inside
 
 
-def _grouped_dot(x, w: QTensor, group_offsets):
+def _grouped_dot(x, data, scales, fmt: WeightFormat, group_offsets):
     """x [M, K] @ w[group(row)] -> f32 [M, N] (the dequantized slot of each row's group)."""
     g, inside = row_groups(group_offsets, x.shape[0])
-    w_rows = w.dequantize(jnp.float32)[g]                                  # [M, K, N]
+    w_rows = dequantize(data, scales, fmt)[g]                              # [M, K, N]
     y = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), w_rows, precision=_HIGHEST)
     return y, inside
 
 
-def gate_up_reference(x, gate: QTensor, up: QTensor, group_offsets, out=None):
-    """x [M, K], gate/up [S, K, N] (any format), offsets int32 [S+1] -> SiLU(x@Wg) * (x@Wu) [M, N],
-    x.dtype."""
-    g, inside = _grouped_dot(x, gate, group_offsets)
-    u, _ = _grouped_dot(x, up, group_offsets)
+def gate_up_reference(x, gate, up, group_offsets, *, fmt: WeightFormat, gate_scales=None, up_scales=None,
+                      out=None):
+    """x [M, K], gate/up [S, K/p, N] in fmt (+ scales [S, K/g, N]), offsets int32 [S+1]
+    -> SiLU(x@Wg) * (x@Wu) [M, N], x.dtype."""
+    g, inside = _grouped_dot(x, gate, gate_scales, fmt, group_offsets)
+    u, _ = _grouped_dot(x, up, up_scales, fmt, group_offsets)
     h = (jax.nn.silu(g) * u).astype(x.dtype)
     out = jnp.zeros(h.shape, x.dtype) if out is None else out
     return jnp.where(inside[:, None], h, out)
 
 
-def down_reference(h, down: QTensor, group_offsets, row_weights, out=None):
-    """h [M, K], down [S, K, N], offsets int32 [S+1], row_weights [M] -> row_weights * (h@Wd)
-    [M, N], f32."""
-    y, inside = _grouped_dot(h, down, group_offsets)
+def down_reference(h, w, group_offsets, row_weights, *, fmt: WeightFormat, scales=None, out=None):
+    """h [M, K], w [S, K/p, N] in fmt (+ scales [S, K/g, N]), offsets int32 [S+1], row_weights [M]
+    -> row_weights * (h@Wd) [M, N], f32."""
+    y, inside = _grouped_dot(h, w, scales, fmt, group_offsets)
     y = y * row_weights.astype(jnp.float32)[:, None]
     out = jnp.zeros(y.shape, jnp.float32) if out is None else out
     return jnp.where(inside[:, None], y, out)

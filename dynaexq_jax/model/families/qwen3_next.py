@@ -2,9 +2,10 @@
 
 A hybrid stack: each layer's token mixer is either gated full attention or a Gated DeltaNet
 (linear attention with a recurrent state), chosen by cfg.layer_types; each layer's MLP is dense
-or routed experts plus a sigmoid-gated shared expert. Weights are input-major ([in, out]) as in
-qwen3_moe, whose pieces (RMSNorm, RoPE, the attention core, the routed-expert MLP) are reused.
-Unlike Qwen3-MoE, every model-level RMSNorm here is zero-centred: x_hat * (1 + w).
+or routed experts plus a sigmoid-gated shared expert. Weights are input-major ([in, out]); the
+shared decoder pieces (layers.py: RMSNorm, RoPE, the attention core, the MLPs, the logits tail)
+and Qwen3-MoE's attention parameters are reused. Unlike Qwen3-MoE, every model-level RMSNorm here
+is zero-centred: x_hat * (1 + w). `abstract(cfg)` describes the parameter tree once (schema.py).
 
 The linear layers follow the reference's torch fallbacks (torch_chunk_gated_delta_rule,
 torch_recurrent_gated_delta_rule, causal_conv1d_update): a chunked delta rule for multi-token
@@ -13,15 +14,47 @@ the per-token recurrence for single-token decode.
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.model.families.qwen3_moe import (Attention, DenseMLP, MoE, Params, RouterInfo, _linear, attend,
-                                          dense_mlp, moe_mlp, rms_norm, rope)
+from dynaexq_jax.model.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
+from dynaexq_jax.model.families import qwen3_moe
+from dynaexq_jax.model.families.qwen3_moe import Attention
+from dynaexq_jax.model.families.schema import CONV, LINEAR, Tensor
+from dynaexq_jax.model.layers import (
+    DenseMLP,
+    MoE,
+    Params,
+    RouterInfo,
+    attend,
+    dense_mlp,
+    dense_mlp_schema,
+    linear,
+    logits,
+    moe_mlp,
+    params_schema,
+    rms_norm,
+    rms_norm_zero_centred,
+    rope,
+)
 
 CHUNK_SIZE = 64   # the reference's chunk length for the chunked delta rule
+
+# Where a config.json omits a key, transformers falls back to Qwen3NextConfig's defaults, which
+# differ from config.py's generic ones (e.g. head_dim, norm_topk_prob).
+HF_DEFAULTS = dict(head_dim=256, num_key_value_heads=2, intermediate_size=5632, moe_intermediate_size=512,
+                   shared_expert_intermediate_size=512, num_experts=512, num_experts_per_tok=10,
+                   norm_topk_prob=True, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                   linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                   full_attention_interval=4, partial_rotary_factor=0.25)
+MIXERS = (FULL_ATTENTION, LINEAR_ATTENTION)
+# The multi-token-prediction head (`mtp.*`, in the released checkpoints) is not used for ordinary
+# decoding; the skipped names land in the converted checkpoint's metadata.
+SKIPPED = qwen3_moe.SKIPPED + ((re.compile(r"mtp\..+"), "multi-token-prediction (MTP) head: not used for decoding"),)
 
 
 @struct.dataclass
@@ -45,8 +78,10 @@ class SharedMoE(MoE):
 
 @struct.dataclass
 class Layer:
+    """Exactly one of attn / linear_attn is set (cfg.layer_types[i])."""
     input_norm: jax.Array                # [H] zero-centred
-    mixer: Attention | GatedDeltaNet     # Attention.q is [H, nH*2*hd]: per head [query hd | gate hd]
+    attn: Attention | None               # Attention.q is [H, nH*2*hd]: per head [query hd | gate hd]
+    linear_attn: GatedDeltaNet | None
     post_norm: jax.Array                 # [H] zero-centred
     mlp: DenseMLP | SharedMoE
 
@@ -73,6 +108,43 @@ def conv_dim(cfg: ModelConfig) -> int:
             + cfg.linear_num_value_heads * cfg.linear_value_head_dim)
 
 
+def _gated_delta_net_schema(cfg: ModelConfig, prefix: str) -> GatedDeltaNet:
+    """Projections are only transposed to input-major: the fused in_proj_qkvz / in_proj_ba keep the
+    reference's per-key-head grouping, which gated_delta_net splits."""
+    H, nK, nV = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    return GatedDeltaNet(
+        in_qkvz=Tensor((H, 2 * nK * dk + 2 * nV * dv), prefix + "in_proj_qkvz.weight", LINEAR),
+        in_ba=Tensor((H, 2 * nV), prefix + "in_proj_ba.weight", LINEAR),
+        conv=Tensor((cfg.linear_conv_kernel_dim, conv_dim(cfg)), prefix + "conv1d.weight", CONV),
+        dt_bias=Tensor((nV,), prefix + "dt_bias", init="ones"),
+        A_log=Tensor((nV,), prefix + "A_log", init="log_decay"),
+        norm=Tensor((dv,), prefix + "norm.weight", init="norm"),
+        out=Tensor((nV * dv, H), prefix + "out_proj.weight", LINEAR, "residual"))
+
+
+def abstract(cfg: ModelConfig) -> Params:
+    """The parameter tree with schema leaves (see schema.py)."""
+    H = cfg.hidden_size
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        linear_layer = i in cfg.linear_layers
+        if cfg.is_moe_layer(i):
+            routed = qwen3_moe.moe_schema(cfg, p + "mlp.")
+            mlp = SharedMoE(router=routed.router, experts=routed.experts,
+                            shared=dense_mlp_schema(p + "mlp.shared_expert.", H, cfg.shared_expert_intermediate_size),
+                            shared_gate=Tensor((H, 1), p + "mlp.shared_expert_gate.weight", LINEAR))
+        else:
+            mlp = dense_mlp_schema(p + "mlp.", H, cfg.intermediate_size)
+        layers.append(Layer(
+            input_norm=Tensor((H,), p + "input_layernorm.weight", init="norm_zc"),
+            attn=None if linear_layer else qwen3_moe.attention_schema(cfg, p + "self_attn.", 2, "norm_zc"),
+            linear_attn=_gated_delta_net_schema(cfg, p + "linear_attn.") if linear_layer else None,
+            post_norm=Tensor((H,), p + "post_attention_layernorm.weight", init="norm_zc"), mlp=mlp))
+    return params_schema(cfg, tuple(layers), norm_init="norm_zc")
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> HybridCache:
     kv = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     conv = (batch, cfg.linear_conv_kernel_dim - 1, conv_dim(cfg))
@@ -84,13 +156,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
                        tuple(jnp.zeros(conv, dtype) for _ in range(n_lin)),
                        tuple(jnp.zeros(state, jnp.float32) for _ in range(n_lin)),
                        jnp.zeros((batch,), jnp.int32))
-
-
-def rms_norm_zc(x, w, eps):
-    """Zero-centred RMSNorm (Qwen3NextRMSNorm): normalise and scale by (1 + w) in f32, then cast."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
 def gated_rms_norm(x, z, w, eps):
@@ -107,14 +172,14 @@ def gated_attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cac
     the attention output is multiplied by sigmoid(gate) before o_proj."""
     B, T, _ = x.shape
     nH, nKV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qg = _linear(x, p.q, p.q_bias).reshape(B, T, nH, 2 * hd)
+    qg = linear(x, p.q, p.q_bias).reshape(B, T, nH, 2 * hd)
     q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
-    k = _linear(x, p.k, p.k_bias).reshape(B, T, nKV, hd)
-    v = _linear(x, p.v, p.v_bias).reshape(B, T, nKV, hd)
-    q = rope(rms_norm_zc(q, p.q_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
-    k = rope(rms_norm_zc(k, p.k_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
+    k = linear(x, p.k, p.k_bias).reshape(B, T, nKV, hd)
+    v = linear(x, p.v, p.v_bias).reshape(B, T, nKV, hd)
+    q = rope(rms_norm_zero_centred(q, p.q_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
+    k = rope(rms_norm_zero_centred(k, p.k_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
     out, k_cache, v_cache = attend(q, k, v, positions, k_cache, v_cache, start)
-    return _linear(out * jax.nn.sigmoid(gate), p.o, p.o_bias), k_cache, v_cache
+    return linear(out * jax.nn.sigmoid(gate), p.o, p.o_bias), k_cache, v_cache
 
 
 def causal_conv(x, w, conv_state, n_valid):
@@ -189,9 +254,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE
     strict = jnp.tril(jnp.ones((C, C), bool), -1)
     # (I + L) with L the strictly lower part of (k_beta k^T) * decay: the UT system.
     ut = jnp.where(strict, (k_beta @ jnp.swapaxes(k, -1, -2)) * decay, 0.0) + jnp.eye(C, dtype=k.dtype)
-    solve = lambda b: solve_unit_lower(ut, b)
-    u = solve(v_beta)                                                        # [B, h, N, C, dv] new values
-    w = solve(k_beta * jnp.exp(cum)[..., None])                              # [B, h, N, C, dk] decayed keys read from S
+    u = solve_unit_lower(ut, v_beta)                                         # [B, h, N, C, dv] new values
+    w = solve_unit_lower(ut, k_beta * jnp.exp(cum)[..., None])               # [B, h, N, C, dk] decayed keys read from S
     attn = (q @ jnp.swapaxes(k, -1, -2)) * decay                             # [B, h, N, C, C] intra-chunk
     q_dec = q * jnp.exp(cum)[..., None]
     k_dec = k * jnp.exp(cum[..., -1:] - cum)[..., None]
@@ -267,19 +331,19 @@ def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, bac
     x = params.embed[tokens]
     ks, vs, convs, states, r_ids, r_probs = [], [], [], [], [], []
     for layer in params.layers:
-        h = rms_norm_zc(x, layer.input_norm, eps)
-        if isinstance(layer.mixer, GatedDeltaNet):
+        h = rms_norm_zero_centred(x, layer.input_norm, eps)
+        if layer.linear_attn is not None:
             j = len(convs)
-            a, conv, state = gated_delta_net(layer.mixer, cfg, h, cache.conv[j], cache.state[j], n_valid, real)
+            a, conv, state = gated_delta_net(layer.linear_attn, cfg, h, cache.conv[j], cache.state[j], n_valid, real)
             convs.append(conv)
             states.append(state)
         else:
             j = len(ks)
-            a, kc, vc = gated_attention(layer.mixer, cfg, h, positions, cache.k[j], cache.v[j], start)
+            a, kc, vc = gated_attention(layer.attn, cfg, h, positions, cache.k[j], cache.v[j], start)
             ks.append(kc)
             vs.append(vc)
         x = x + a
-        h = rms_norm_zc(x, layer.post_norm, eps)
+        h = rms_norm_zero_centred(x, layer.post_norm, eps)
         if isinstance(layer.mlp, SharedMoE):
             m, ids, probs = shared_moe_mlp(layer.mlp, cfg, h, backend)
             r_ids.append(ids)
@@ -287,10 +351,6 @@ def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, bac
         else:
             m = dense_mlp(layer.mlp, h)
         x = x + m
-    x = rms_norm_zc(x, params.final_norm, eps)
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = (x @ head).astype(jnp.float32)
     new_cache = HybridCache(tuple(ks), tuple(vs), tuple(convs), tuple(states), start + n_valid)
-    return logits, new_cache, RouterInfo(tuple(r_ids), tuple(r_probs))
+    out = logits(params, x, functools.partial(rms_norm_zero_centred, eps=eps), logits_at)
+    return out, new_cache, RouterInfo(tuple(r_ids), tuple(r_probs))

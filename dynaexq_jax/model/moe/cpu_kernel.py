@@ -1,5 +1,7 @@
 """The CPU kernel of the MoE op (csrc/moe_cpu.cc): one tier's routed experts, each streamed
-once from its pool slot and dequantized on the fly, called from XLA as an FFI custom call.
+once from its pool slot and dequantized on the fly, called from XLA as an FFI custom call. The
+"xla" backend (xla.py) calls it per tier where the shape suits it, with XLA's gradients;
+moe_experts_cpu_kernel runs every tier through it (forward only).
 
 It is compiled on first use with the machine's C++ compiler against the XLA FFI headers that
 jaxlib ships, cached by a hash of everything that shapes the binary, and registered for the
@@ -23,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from dynaexq_jax.model.moe.base import ExpertPools, tier_pairs
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 TARGET = "dynaexq_moe_tier"
@@ -75,13 +79,13 @@ def available() -> bool:
     """Whether the kernel is built and registered (once per process)."""
     cxx = _compiler()
     if cxx is None:
-        warnings.warn("no C++ compiler found: the MoE op runs on the (slower) XLA path on the CPU")
+        warnings.warn("no C++ compiler found: the MoE op runs on the (slower) XLA path on the CPU", stacklevel=2)
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build(cxx)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynaexqMoeTier), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"the CPU MoE kernel could not be built, using the XLA path: {e}")
+        warnings.warn(f"the CPU MoE kernel could not be built, using the XLA path: {e}", stacklevel=2)
         return False
     return True
 
@@ -104,3 +108,15 @@ def tier_contribution(x, pool, slots, weights):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, slots.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), *args,
                 kind=np.int32(kind), bits=np.int32(fmt.bits if fmt.is_int else 0), group=np.int32(fmt.group))
+
+
+def moe_experts_cpu_kernel(x, ids, weights, experts: ExpertPools):
+    """The MoE op with every tier through the kernel, whatever the shape: x [T, H] (f32 or bf16),
+    ids/weights [T, k] -> [T, H] in x.dtype. CPU only and not differentiable (the "xla" backend
+    is both where it matters)."""
+    if not available():
+        raise RuntimeError("the CPU MoE kernel is not built (no C++ compiler, or the build failed)")
+    out = jnp.zeros(x.shape, jnp.float32)
+    for pool, slots, w, on_tier in tier_pairs(ids, weights, experts):
+        out = out + tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w)
+    return out.astype(x.dtype)

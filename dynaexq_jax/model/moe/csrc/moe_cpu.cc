@@ -6,11 +6,11 @@
 // needs. This kernel streams each routed expert's weights exactly once, dequantizing rows on
 // the fly, and computes only the rows (tokens) routed to it.
 //
-// Inputs (see dynaexq_jax/cpu_kernel.py): x [T, H] f32 or bf16; slots int32 [P] (P = T * k,
+// Inputs (see cpu_kernel.py beside csrc/): x [T, H] f32 or bf16; slots int32 [P] (P = T * k,
 // pair p belongs to token p / k; -1: the pair is served by another tier); w f32 [P] routing
 // weights; gate, up [S, H(/p), I] and down [S, I(/p), H] in the tier's format, each with its
 // scales (fp16 [S, K/group, N]; a dummy for float formats). Output: f32 [T, H], this tier's
-// contribution. Weight layout and packing are those of dynaexq_jax/quant.py.
+// contribution. Weight layout and packing: pallas_kernels/packing.py (written by model/quant.py).
 #include <algorithm>
 #include <atomic>
 #include <cmath>

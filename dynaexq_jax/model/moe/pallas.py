@@ -1,6 +1,6 @@
-"""The mixed-tier MoE expert op on the grouped Pallas kernels.
+"""The Pallas backend of the MoE op: the adapter from ExpertPools to the grouped kernels of
+pallas_kernels (plain arrays, static format metadata).
 
-Same signature and semantics as dynaexq_jax.model.moe.moe_experts_reference:
   x [T, H], ids/weights [T, k], experts: ExpertPools  ->  [T, H] in x.dtype
 
   1. flatten the T*k (token, expert) pairs and look up (tier, slot) of each expert;
@@ -12,19 +12,31 @@ Same signature and semantics as dynaexq_jax.model.moe.moe_experts_reference:
   4. un-sort with a gather and sum the k contributions of each token in f32 (a gather and a
      fixed-order sum rather than a scatter-add, so results are deterministic).
 Pairs whose expert sits on a tier that is out of range or has an empty pool contribute nothing,
-and slots are clipped into the pool, exactly as in the reference.
+and slots are clipped into the pool (base.py's contract).
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.model.moe import ExpertPools
+from dynaexq_jax.errors import QuantFormatError
+from dynaexq_jax.model.moe.base import ExpertPools
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import api
-from pallas_kernels.grouped_matmul.tiling import TileConfig, default_config
+from pallas_kernels.grouped_matmul import TileConfig, default_config, down, gate_up
+from pallas_kernels.packing import KernelFormatError
+
+INTERPRET_WARNING = ("the pallas MoE backend found no GPU and runs the Pallas kernels in the interpreter, "
+                     "orders of magnitude slower than on a GPU (about 10 tokens/s on the default model); "
+                     "on a CPU use the default backend, xla")
+
+
+@functools.cache
+def _warn_interpreted() -> None:
+    """Once per process: the interpreter is a correctness tool, not a way to serve."""
+    warnings.warn(INTERPRET_WARNING, stacklevel=2)
 
 
 def sort_pairs(ids, experts: ExpertPools):
@@ -66,9 +78,12 @@ def _configs(tiles, rows: int, num_experts: int) -> tuple[TileConfig, TileConfig
 @functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
 def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool | None = None, tiles=None):
     """x [T, H], ids int32 [T, k], weights [T, k] -> [T, H] (x.dtype).
-    interpret: None = interpret mode unless the default backend is a GPU.
-    tiles: None (chosen per shape), a TileConfig for both kernels, or (gate_up, down) configs."""
-    interpret = compat.default_interpret() if interpret is None else interpret
+    interpret: None = interpret mode (with a warning, once per process) unless the default backend
+    is a GPU. tiles: None (chosen per shape), a TileConfig for both kernels, or (gate_up, down)."""
+    if interpret is None:
+        interpret = compat.default_interpret()
+        if interpret:
+            _warn_interpreted()
     t_tokens, hidden = x.shape
     k = ids.shape[1]
     pairs = t_tokens * k
@@ -76,21 +91,27 @@ def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool
     rows = max(pairs, cfg_gu.block_m, cfg_dn.block_m)       # Pallas tiles need >= block_m rows
 
     order, offsets = sort_pairs(ids, experts)
+    if all(offs is None for offs in offsets):
+        return jnp.zeros_like(x)
     src = jnp.zeros((rows,), jnp.int32).at[:pairs].set(order)                  # padding rows: pair 0
     x_sorted = x[src // k]                                                       # [rows, H]
     row_w = jnp.zeros((rows,), jnp.float32).at[:pairs].set(weights.reshape(-1).astype(jnp.float32)[order])
 
-    if all(offs is None for offs in offsets):
-        return jnp.zeros_like(x)
     inter = next(p.gate.n for p in experts.pools if p.size)
     h = jnp.zeros((rows, inter), x.dtype)
-    for pool, offs in zip(experts.pools, offsets):
-        if offs is not None:
-            h = api.gate_up(x_sorted, pool.gate, pool.up, offs, out=h, config=cfg_gu, interpret=interpret)
     y = jnp.zeros((rows, hidden), jnp.float32)
-    for pool, offs in zip(experts.pools, offsets):
-        if offs is not None:
-            y = api.down(h, pool.down, offs, row_w, out=y, config=cfg_dn, interpret=interpret)
+    try:
+        for pool, offs in zip(experts.pools, offsets):
+            if offs is not None:
+                h = gate_up(x_sorted, pool.gate.data, pool.up.data, offs, fmt=pool.fmt.kernel_format,
+                            gate_scales=pool.gate.scales, up_scales=pool.up.scales, out=h, config=cfg_gu,
+                            interpret=interpret)
+        for pool, offs in zip(experts.pools, offsets):
+            if offs is not None:
+                y = down(h, pool.down.data, offs, row_w, fmt=pool.fmt.kernel_format, scales=pool.down.scales,
+                         out=y, config=cfg_dn, interpret=interpret)
+    except KernelFormatError as e:          # a format the kernels cannot read: the model's typed error
+        raise QuantFormatError(str(e)) from e
 
     inverse = jnp.zeros((pairs,), jnp.int32).at[order].set(jnp.arange(pairs, dtype=jnp.int32))
     return y[inverse].reshape(t_tokens, k, hidden).sum(axis=1).astype(x.dtype)

@@ -1,0 +1,20 @@
+"""The MoE op's entry point: one signature, dispatched to a backend by name."""
+from __future__ import annotations
+
+from dynaexq_jax.model.moe.base import ExpertPools
+from dynaexq_jax.model.moe.pallas import moe_experts_pallas
+from dynaexq_jax.model.moe.xla import moe_experts_xla
+
+BACKENDS = ("xla", "xla-only", "pallas")
+XLA_BACKENDS = ("xla", "xla-only")    # the XLA op, with or without the CPU kernel
+
+
+def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla"):
+    """The mixed-tier MoE op: tokens x [T, H] routed to ids/weights [T, k] -> [T, H] in x.dtype.
+    backend: "xla" (XLA, with the CPU kernel for the routed experts on a CPU), "xla-only" (XLA
+    everywhere) or "pallas" (the Pallas kernels; interpreted, slowly, without a GPU)."""
+    if backend in XLA_BACKENDS:
+        return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla")
+    if backend == "pallas":
+        return moe_experts_pallas(x, ids, weights, experts)
+    raise ValueError(f"unknown MoE backend '{backend}' (use one of {BACKENDS})")

@@ -1,0 +1,87 @@
+"""What every MoE backend shares: the router, the expert pools with their precision assignment,
+and how a tier sees the routed (token, expert) pairs.
+
+An MoE layer's resident experts are an ExpertPools: one TierPool per tier (tier 0 = HI,
+tier 1 = LO, ...), each a stack of `size` slots in one Format, plus the assignment: for every
+expert e, tier[e] and slot[e] say which pool slot holds it. Pool sizes are static (fixed by the
+budget); the assignment is data, so changing it never recompiles.
+
+The op's contract, for every backend: a pair whose expert sits on a tier that is out of range
+or whose pool is empty contributes nothing; a slot outside its pool is clipped into it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dynaexq_jax.model.quant import Format, QTensor, quantize
+
+HI, LO = 0, 1
+
+
+@struct.dataclass
+class TierPool:
+    """`size` expert slots of one format: gate/up [S, H, I], down [S, I, H] (input-major)."""
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+
+    @property
+    def size(self) -> int:
+        return self.gate.data.shape[0]
+
+    @property
+    def fmt(self) -> Format:
+        return self.gate.fmt
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+
+@struct.dataclass
+class ExpertPools:
+    """One MoE layer's resident experts. pools[t] is tier t's pool; tier/slot: int32 [E]."""
+    pools: tuple[TierPool, ...]
+    tier: jax.Array
+    slot: jax.Array
+
+    @property
+    def num_experts(self) -> int:
+        return self.tier.shape[0]
+
+
+def quantize_experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format | str) -> TierPool:
+    """Float expert weights (input-major, [E, H, I], [E, H, I], [E, I, H]) -> a TierPool in fmt."""
+    return TierPool(quantize(gate, fmt), quantize(up, fmt), quantize(down, fmt))
+
+
+def single_tier(pool: TierPool) -> ExpertPools:
+    """Every expert resident in one tier, expert e in slot e."""
+    e = pool.size
+    return ExpertPools((pool,), jnp.zeros((e,), jnp.int32), jnp.arange(e, dtype=jnp.int32))
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
+    """Exactly the HF Qwen3-MoE router: logits in x's dtype, softmax in f32 over all experts,
+    top-k, renormalise only if norm_topk_prob, weights cast back to x's dtype.
+    x: [T, H], router: [H, E] -> ids int32 [T, k], weights [T, k] (x.dtype), probs f32 [T, k]."""
+    logits = x @ router.astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top_p, ids = jax.lax.top_k(probs, top_k)
+    w = top_p / top_p.sum(-1, keepdims=True) if norm_topk_prob else top_p
+    return ids.astype(jnp.int32), w.astype(x.dtype), top_p
+
+
+def tier_pairs(ids, weights, experts: ExpertPools):
+    """The routed pairs ids/weights [T, k] as each tier with a non-empty pool sees them: yields
+    (pool, slots int32 [T, k] clipped into the pool, w f32 [T, k] (0 where the pair is not this
+    tier's), on_tier bool [T, k])."""
+    for t, pool in enumerate(experts.pools):
+        if pool.size == 0:
+            continue
+        on_tier = experts.tier[ids] == t
+        slots = jnp.clip(experts.slot[ids], 0, pool.size - 1)
+        yield pool, slots, jnp.where(on_tier, weights.astype(jnp.float32), 0.0), on_tier

@@ -1,0 +1,22 @@
+"""The dense reference of the MoE op: every backend is tested against it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dynaexq_jax.model.moe.base import ExpertPools, tier_pairs
+
+
+def moe_experts_reference(x, ids, weights, experts: ExpertPools):
+    """Dequantize every expert at its assigned tier and slot, run every slot on every token, combine.
+    x: [T, H], ids/weights: [T, k] -> [T, H] (f32 accumulation, x.dtype out)."""
+    out = jnp.zeros(x.shape, jnp.float32)
+    xf = x.astype(jnp.float32)
+    for pool, slots, w, _ in tier_pairs(ids, weights, experts):
+        # combine[t, s]: routing weight of token t for the expert held in slot s of this tier.
+        combine = jnp.zeros((x.shape[0], pool.size), jnp.float32).at[jnp.arange(x.shape[0])[:, None], slots].add(w)
+        g = jnp.einsum("th,shi->tsi", xf, pool.gate.dequantize(jnp.float32))
+        u = jnp.einsum("th,shi->tsi", xf, pool.up.dequantize(jnp.float32))
+        h = jax.nn.silu(g) * u * combine[..., None]
+        out = out + jnp.einsum("tsi,sih->th", h, pool.down.dequantize(jnp.float32))
+    return out.astype(x.dtype)

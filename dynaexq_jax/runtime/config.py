@@ -1,0 +1,74 @@
+"""The budgeted runtime's settings: one frozen EngineConfig that holds every default and checks
+every value, used by the Engine, the CLI, the demo, the comparison harness and the examples.
+
+Defaults that lower levels need as well are defined there and only referenced here: the hotness
+EMA factor (serving.hotness.ALPHA), the segment length (serving.generate.SEGMENT_LEN) and the
+dynamic policies' update period and hysteresis (runtime.policies)."""
+from __future__ import annotations
+
+import dataclasses
+
+from dynaexq_jax.errors import RuntimeConfigError, check_int
+from dynaexq_jax.model.moe import BACKENDS
+from dynaexq_jax.runtime.budget import check_plan_options
+from dynaexq_jax.runtime.policies import DELTA, UPDATE_PERIOD, Policy, check_update_options, make_policy, policy_class
+from dynaexq_jax.serving.generate import SEGMENT_LEN
+from dynaexq_jax.serving.hotness import ALPHA
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise RuntimeConfigError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the runtime serves a model under a budget (the model, the budget and a calibration
+    ranking are the Engine's own arguments). Every value is checked on construction, so a bad
+    setting fails before anything is loaded."""
+    policy: str | Policy = "dynaexq"   # a name ('dynaexq', 'static', 'all-hi', 'all-lo', 'random') or a Policy
+    segment_len: int = SEGMENT_LEN     # decode steps per jitted segment, = positions per scoring chunk
+    batch: int = 1                     # the largest batch served (sizes the KV cache inside the budget)
+    max_len: int = 512                 # the longest sequence served (sizes the KV cache; the scoring window)
+    strategy: str = "proportional"     # HI slots per layer: uniform, proportional or greedy (budget.plan_budget)
+    transfers_in_flight: int = 4       # K: copies in flight (a swap moves two)
+    alpha: float = ALPHA               # hotness EMA factor per step
+    update_period: int = UPDATE_PERIOD  # T_u: decode steps between policy updates (dynaexq, random)
+    delta: float = DELTA               # hysteresis margin (dynaexq)
+    rate_limit: int | None = None      # swaps per layer per update, None = no cap (dynaexq)
+    backend: str = "xla"               # the MoE op's backend: xla, xla-only or pallas
+    hotness_in_prefill: bool = True    # whether the prefill counts as one hotness step
+    max_hi_fraction: float = 1.0       # a cap on the share of HI slots per layer
+    deterministic: bool = True         # publish at the next boundary, waiting for copies (Engine)
+
+    def __post_init__(self):
+        if isinstance(self.policy, str):
+            policy_class(self.policy)
+        elif not isinstance(self.policy, Policy):
+            raise RuntimeConfigError(f"policy must be a policy name or a Policy, got {self.policy!r}")
+        for name in ("segment_len", "batch", "max_len"):
+            check_int(name, getattr(self, name), RuntimeConfigError)
+        check_plan_options(self.strategy, self.transfers_in_flight, self.max_hi_fraction)
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0):
+            raise RuntimeConfigError(f"hotness EMA alpha must be in [0, 1), got {self.alpha!r}")
+        check_update_options(self.update_period, self.delta, self.rate_limit)
+        check_backend(self.backend)
+
+    def replace(self, **settings) -> EngineConfig:
+        """A copy with some settings changed (checked again); unknown names are an error."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise RuntimeConfigError(f"unknown engine settings {unknown} (EngineConfig has "
+                                     f"{', '.join(f.name for f in dataclasses.fields(self))})")
+        return dataclasses.replace(self, **settings)
+
+    def make_policy(self) -> Policy:
+        """The policy object: a given Policy as is, a name with the settings it takes."""
+        options = {"dynaexq": dict(period=self.update_period, delta=self.delta, rate_limit=self.rate_limit),
+                   "random": dict(period=self.update_period)}
+        return make_policy(self.policy, **(options.get(self.policy, {}) if isinstance(self.policy, str) else {}))
+
+    def plan_options(self) -> dict:
+        """The budget.plan_budget arguments these settings fix."""
+        return dict(batch=self.batch, max_len=self.max_len, backend=self.backend, strategy=self.strategy,
+                    transfers_in_flight=self.transfers_in_flight, max_hi_fraction=self.max_hi_fraction)

@@ -1,0 +1,266 @@
+"""The MoE op's conformance suite: every backend on the same cases against the dense reference.
+
+Backends: "xla" (XLA plus the CPU kernel where the shape suits it), "xla-only", the CPU kernel
+for every tier (moe_experts_cpu_kernel) and "pallas" (interpret mode on a CPU). Cases: every
+format in one pool and in two, an empty pool, spare slots, invalid tiers and slots (they
+contribute nothing / are clipped, base.py's contract), uniform, skewed and single-expert routing,
+decode (T = 1..8) and prefill shapes that reach every XLA strategy and both Pallas tile configs.
+Inputs are random on every run (DYNAEXQ_TEST_SEED reproduces one); the seed is in every message.
+Backend-specific tests (kernel build and dispatch, tiling, lowering) live beside each backend's
+other tests; the Pallas adapter's own (pair sorting, the interpreter warning) are at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaexq_jax.errors import QuantFormatError
+from dynaexq_jax.model.moe import (
+    ExpertPools,
+    cpu_kernel,
+    moe_experts,
+    moe_experts_cpu_kernel,
+    moe_experts_pallas,
+    moe_experts_reference,
+    quantize_experts,
+    route,
+    xla_strategy,
+)
+from dynaexq_jax.model.moe.pallas import INTERPRET_WARNING, sort_pairs
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul import DECODE, PREFILL, default_config
+
+SEED = int(os.environ.get("DYNAEXQ_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+H, I = 64, 64          # int2:g64 needs 64 input rows; the Pallas tiles need powers of two >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    tiers: tuple[tuple[str, int], ...]    # (format, experts resident in that tier) per tier
+    T: int
+    k: int = 2
+    x_dtype: str = "float32"
+    routing: str = "uniform"              # "uniform" | "skewed" | "one-expert"
+    spare: int = 0                        # unassigned slots at the end of the last pool
+    invalid: bool = False                 # experts on tiers 5 and -1, a slot past its pool
+
+    @property
+    def num_experts(self) -> int:
+        return sum(n for _, n in self.tiers)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    # every format alone, all experts resident, decode T = 1..8
+    Case("f32", (("f32", 8),), T=1),
+    Case("bf16", (("bf16", 8),), T=8),
+    Case("fp16", (("fp16", 8),), T=2),
+    Case("int8", (("int8:g32", 8),), T=5),
+    Case("int4", (("int4:g32", 8),), T=1),
+    Case("int2", (("int2:g64", 8),), T=3),
+    Case("int8-channel", (("int8:channel", 8),), T=4),
+    # two tiers (HI + LO), decode
+    Case("bf16+int4", (("bf16", 5), ("int4:g32", 11)), T=2),
+    Case("int8+int2 spare slot", (("int8:g32", 6), ("int2:g64", 10)), T=6, spare=1),
+    Case("f32+int4-channel k=4", (("f32", 3), ("int4:channel", 13)), T=7, k=4),
+    Case("bf16+int4 bf16-x", (("bf16", 4), ("int4:g32", 4)), T=4, x_dtype="bfloat16"),
+    # degenerate pools and assignments
+    Case("empty LO pool", (("int8:g32", 6), ("bf16", 0)), T=5, invalid=True),
+    Case("invalid tiers and slots", (("bf16", 3), ("int4:g32", 5)), T=8, invalid=True),
+    # routing shapes
+    Case("skewed", (("bf16", 4), ("int2:g64", 12)), T=40, routing="skewed"),
+    Case("all on one expert", (("int4:g32", 2), ("int8:g32", 6)), T=12, k=1, routing="one-expert"),
+    # prefill: the XLA grouped path and the Pallas prefill tiles, the dense product
+    Case("prefill grouped", (("int4:g32", 8),), T=128),
+    Case("prefill two tiers", (("bf16", 3), ("int4:g32", 5)), T=64),
+    Case("prefill bf16-x", (("fp16", 2), ("int8:g32", 6)), T=128, x_dtype="bfloat16"),
+]
+
+
+def _experts(rng, case: Case) -> ExpertPools:
+    """Random float experts split between the tiers as the case says, a random slot order in each
+    pool; invalid cases move experts onto tiers 5 and -1, onto an empty pool, and past their pool."""
+    E = case.num_experts
+    raw = [(rng.standard_normal(s) * 0.1).astype(np.float32) for s in [(E, H, I), (E, H, I), (E, I, H)]]
+    perm = rng.permutation(E)
+    tier, slot = np.zeros(E, np.int32), np.zeros(E, np.int32)
+    pools, start = [], 0
+    for t, (spec, n) in enumerate(case.tiers):
+        members = perm[start:start + n]
+        start += n
+        tier[members], slot[members] = t, np.arange(n)
+        pick = np.concatenate([members, rng.integers(0, E, case.spare if t == len(case.tiers) - 1 else 0)])
+        pools.append(quantize_experts(*[w[pick.astype(int)] for w in raw], spec))
+    if case.invalid:
+        tier[perm[0]], tier[perm[1]] = 5, -1
+        slot[perm[2]] = 99                                        # clipped into its pool
+        empty = [t for t, p in enumerate(pools) if p.size == 0]
+        if empty:
+            tier[perm[3:5]] = empty[0]
+    return jax.device_put(ExpertPools(tuple(pools), jnp.asarray(tier), jnp.asarray(slot)))
+
+
+def _routing(rng, case: Case):
+    """ids int32 [T, k] (distinct per token), weights [T, k] positive, summing to 1 per token."""
+    E, T, k = case.num_experts, case.T, case.k
+    if case.routing == "one-expert":
+        ids = np.full((T, k), rng.integers(E))
+    else:
+        p = np.ones(E)
+        if case.routing == "skewed":                             # two hot experts, a quarter never chosen
+            p[rng.choice(E, 2, replace=False)] = 50.0
+            p[rng.choice(np.flatnonzero(p == 1), E // 4, replace=False)] = 0.0
+        ids = np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(T)])
+    w = rng.random((T, k)) + 0.05
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(w / w.sum(1, keepdims=True), case.x_dtype)
+
+
+def _xla(backend):
+    def run(x, ids, w, experts, monkeypatch):
+        monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1")            # "xla-only" must not call it anyway
+        return jax.jit(lambda *a: moe_experts(*a, backend=backend))(x, ids, w, experts)
+    return run
+
+
+def _cpu_kernel(x, ids, w, experts, monkeypatch):
+    if jax.default_backend() != "cpu" or not cpu_kernel.available():
+        pytest.skip("the CPU kernel runs on a CPU with a C++ compiler")
+    return jax.jit(moe_experts_cpu_kernel)(x, ids, w, experts)
+
+
+def _pallas(x, ids, w, experts, monkeypatch):
+    # Interpret mode on a CPU, the compiled kernels on a GPU; said explicitly, so no warning.
+    return moe_experts_pallas(x, ids, w, experts, interpret=compat.default_interpret())
+
+
+BACKENDS = {"xla": _xla("xla"), "xla-only": _xla("xla-only"), "cpu-kernel": _cpu_kernel, "pallas": _pallas}
+
+
+def _assert_close(got, want, x_dtype, what):
+    got, want = np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(jnp.asarray(want, jnp.float32))
+    assert np.isfinite(got).all(), f"{what}: NaN/inf (seed={SEED})"
+    scale = max(float(np.abs(want).max()), 1e-3)
+    # f32: accumulation order only. bf16 activations: backends round the dequantized weights
+    # and/or h = SiLU(g) * u to bf16 between the matmuls (the reference stays in f32).
+    tol = (2e-4 if x_dtype == "float32" else 3 * float(jnp.finfo(jnp.bfloat16).eps)) * scale
+    err = float(np.abs(got - want).max())
+    assert err <= tol, f"{what}: max |err| {err:.3g} > {tol:.3g} (scale {scale:.3g}, seed={SEED})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
+    rng = np.random.default_rng([SEED, CASES.index(case)])
+    experts = _experts(rng, case)
+    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    ids, w = _routing(rng, case)
+    got = BACKENDS[backend](x, ids, w, experts, monkeypatch)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    what = f"{backend} on '{case}' (tier={np.asarray(experts.tier).tolist()}, ids={np.asarray(ids).tolist()})"
+    _assert_close(got, moe_experts_reference(x, ids, w, experts), case.x_dtype, what)
+
+
+def test_cases_reach_every_xla_strategy_and_both_pallas_tile_configs():
+    """The suite is only as good as the paths its shapes reach: this fails when a change of the
+    thresholds leaves one untested."""
+    strategies, configs = set(), set()
+    for case in CASES:
+        pools = [n + (case.spare if t == len(case.tiers) - 1 else 0) for t, (_, n) in enumerate(case.tiers)]
+        strategies |= {xla_strategy(case.T, case.k, s, case.num_experts) for s in pools if s}
+        configs.add(default_config(case.T * case.k, case.num_experts))
+    assert strategies == {"routed", "grouped", "dense"} and configs == {DECODE, PREFILL}
+
+
+def test_reference_equals_a_loop_over_pairs():
+    """The reference itself, against the op's definition written as plainly as possible: each
+    pair adds weight * SwiGLU of its expert, dequantized from its tier and (clipped) slot."""
+    case = CASES[[c.name for c in CASES].index("invalid tiers and slots")]
+    rng = np.random.default_rng(SEED)
+    experts = _experts(rng, case)
+    x = jnp.asarray(rng.standard_normal((case.T, H)), jnp.float32)
+    ids, w = _routing(rng, case)
+    tier, slot = np.asarray(experts.tier), np.asarray(experts.slot)
+    want = np.zeros((case.T, H), np.float32)
+    for t in range(case.T):
+        for j in range(case.k):
+            e = int(ids[t, j])
+            if not 0 <= tier[e] < len(experts.pools) or experts.pools[tier[e]].size == 0:
+                continue
+            pool = experts.pools[tier[e]]
+            s = min(slot[e], pool.size - 1)
+            g, u, d = (np.asarray(q.dequantize())[s] for q in (pool.gate, pool.up, pool.down))
+            a = np.asarray(x[t]) @ g
+            want[t] += float(w[t, j]) * ((a / (1 + np.exp(-a)) * (np.asarray(x[t]) @ u)) @ d)
+    got = np.asarray(moe_experts_reference(x, ids, w, experts))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
+
+
+def test_route_is_softmax_then_top_k():
+    rng = np.random.default_rng(SEED)
+    x, router = jnp.asarray(rng.standard_normal((5, H)), jnp.float32), jnp.asarray(rng.standard_normal((H, 8)))
+    for norm in (False, True):
+        ids, w, probs = route(x, router, 3, norm)
+        p = np.asarray(jax.nn.softmax(x @ router, axis=-1))
+        top = np.argsort(-p, axis=1)[:, :3]
+        assert np.array_equal(np.asarray(ids), top)
+        want = np.take_along_axis(p, top, 1)
+        np.testing.assert_allclose(np.asarray(probs), want, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(w), want / want.sum(1, keepdims=True) if norm else want, rtol=1e-5)
+
+
+# The Pallas adapter (dynaexq_jax/model/moe/pallas.py).
+
+def test_sort_pairs_groups_by_tier_then_slot():
+    rng = np.random.default_rng(SEED)
+    experts = _experts(rng, Case("sort", (("bf16", 4), ("int4:g32", 6)), T=7, k=3))
+    ids = jnp.asarray(rng.integers(0, 10, (7, 3)), jnp.int32)
+    order, offsets = sort_pairs(ids, experts)
+    e = np.asarray(ids).reshape(-1)[np.asarray(order)]
+    tier, slot = np.asarray(experts.tier)[e], np.asarray(experts.slot)[e]
+    for t, offs in enumerate(offsets):
+        offs = np.asarray(offs)
+        for s in range(len(offs) - 1):
+            assert np.all((tier[offs[s]:offs[s + 1]] == t) & (slot[offs[s]:offs[s + 1]] == s)), f"seed={SEED}"
+    assert np.asarray(offsets[-1])[-1] == ids.size, f"seed={SEED}"
+
+
+def test_a_format_the_kernels_cannot_read_is_a_quant_format_error():
+    """int2 in groups of 32 leaves 8 byte rows per block; the Triton kernel needs 16."""
+    rng = np.random.default_rng(SEED)
+    experts = _experts(rng, Case("int2:g32", (("int2:g32", 4),), T=2))
+    x = jnp.zeros((2, H), jnp.float32)
+    ids, w = _routing(rng, Case("int2:g32", (("int2:g32", 4),), T=2))
+    with pytest.raises(QuantFormatError, match="int2:g32"):
+        moe_experts_pallas(x, ids, w, experts, interpret=True)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernels compile; nothing to warn about")
+def test_pallas_backend_on_a_cpu_warns_once_that_it_interprets():
+    """`--backend pallas` without a GPU used to run the interpreter (~10 tokens/s) silently."""
+    code = ("import warnings, jax.numpy as jnp, numpy as np\n"
+            "from dynaexq_jax.model.moe import moe_experts, quantize_experts, single_tier\n"
+            "r = np.random.default_rng(0)\n"
+            "e = single_tier(quantize_experts(*(r.standard_normal(s).astype(np.float32) for s in\n"
+            "    [(4, 32, 32), (4, 32, 32), (4, 32, 32)]), 'bf16'))\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for t in (1, 2, 1):                   # two shapes: two traces, still one warning\n"
+            "        moe_experts(jnp.ones((t, 32)), jnp.zeros((t, 2), jnp.int32), jnp.ones((t, 2)), e, 'pallas')\n"
+            "        moe_experts(jnp.ones((t, 32)), jnp.zeros((t, 2), jnp.int32), jnp.ones((t, 2)), e, 'xla')\n"
+            "for w in caught:\n"
+            "    print('WARNING', w.category.__name__, w.message)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warned = [line for line in out.stdout.splitlines() if line.startswith("WARNING")]
+    assert warned == [f"WARNING UserWarning {INTERPRET_WARNING}"], out.stdout
