@@ -8,7 +8,10 @@ converter gives the baseline (Python + jax + orbax).
 Peak RSS is the child's ru_maxrss (from wait4), cross-checked with its own VmHWM. Linux carries
 the parent's high-water mark into a child's ru_maxrss across fork+exec, so this parent stays
 small: it imports nothing heavy and writes the checkpoints from a subprocess too.
-Sources are freshly written, so they are read from the page cache: MB/s is the CPU-side rate.
+Sources are freshly written, so they are read from the page cache: MB/s of those rows is the
+CPU-side rate. For the largest checkpoint the benchmark then evicts its files from the page
+cache (fsync + posix_fadvise DONTNEED: only these files, not the machine's whole cache), times
+a plain sequential read of them (the disk read rate) and converts once more from the cold cache.
 Writes benchmarks/results/convert.json."""
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,39 +70,73 @@ def dir_bytes(d: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
 
 
+def evict(d: Path) -> None:
+    """Drop d's files from the page cache (written back first: dirty pages cannot be dropped)."""
+    for f in (p for p in d.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_rate(d: Path) -> float:
+    """Bytes per second of a sequential read of d's safetensors files (8 MiB reads)."""
+    t, total = time.perf_counter(), 0
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(1 << 23):
+                total += len(chunk)
+    return total / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="4,8,16", help="comma-separated layer counts")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert.json"))
+    ap.add_argument("--tmp", default=None, help="where the checkpoints are written (default: the system's temp dir; "
+                                                "it must be a disk-backed filesystem for the cold-cache row)")
     a = ap.parse_args()
     MB = 1e6
     _, baseline = run_child(CHILD_BASELINE)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="dynaexq-bench-convert-") as tmp:
-        for n in (int(x) for x in a.layers.split(",")):
+    layers = [int(x) for x in a.layers.split(",")]
+    with tempfile.TemporaryDirectory(prefix="dynaexq-bench-convert-", dir=a.tmp) as tmp:
+        for n in layers:
             hf = Path(tmp) / f"hf{n}"
             run_child(CHILD_WRITE, str(hf), json.dumps({**MODEL, "num_hidden_layers": n}))
             size = dir_bytes(hf, "*.safetensors")
-            out = Path(tmp) / f"out{n}"
-            child, peak = run_child(CHILD_CONVERT, str(hf), str(out))
-            rows.append(dict(layers=n, checkpoint_mb=size / MB, shards=len(list(hf.glob("*.safetensors"))),
-                             layer_mb=(size / n) / MB, output_mb=dir_bytes(out) / MB,
-                             peak_rss_mb=peak / MB, vm_hwm_mb=child["vm_hwm"] / MB,
-                             above_baseline_mb=(peak - baseline) / MB,
-                             seconds=child["seconds"], mb_per_s=size / MB / child["seconds"]))
-            for d in (hf, out):
-                subprocess.run(["rm", "-rf", str(d)], check=True)
+            runs = ["warm"] + (["cold"] if n == max(layers) else [])
+            for cache in runs:
+                out = Path(tmp) / f"out{n}"
+                disk = None
+                if cache == "cold":
+                    evict(hf)
+                    disk = read_rate(hf)
+                    evict(hf)
+                child, peak = run_child(CHILD_CONVERT, str(hf), str(out))
+                rows.append(dict(layers=n, cache=cache, checkpoint_mb=size / MB,
+                                 shards=len(list(hf.glob("*.safetensors"))), layer_mb=(size / n) / MB,
+                                 output_mb=dir_bytes(out) / MB, peak_rss_mb=peak / MB, vm_hwm_mb=child["vm_hwm"] / MB,
+                                 above_baseline_mb=(peak - baseline) / MB, seconds=child["seconds"],
+                                 mb_per_s=size / MB / child["seconds"],
+                                 disk_read_mb_per_s=None if disk is None else disk / MB))
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+            subprocess.run(["rm", "-rf", str(hf)], check=True)
 
     print(f"baseline RSS (python + jax + orbax imported): {baseline / MB:.0f} MB")
-    head = ("layers", "ckpt MB", "shards", "MB/layer", "out MB", "peak RSS MB", "VmHWM MB", "above base MB", "s",
-            "MB/s")
+    head = ("layers", "cache", "ckpt MB", "shards", "MB/layer", "out MB", "peak RSS MB", "VmHWM MB", "above base MB",
+            "s", "MB/s", "disk MB/s")
     print(" | ".join(f"{h:>13}" for h in head))
     for r in rows:
-        vals = (r["layers"], r["checkpoint_mb"], r["shards"], r["layer_mb"], r["output_mb"], r["peak_rss_mb"],
-                r["vm_hwm_mb"], r["above_baseline_mb"], r["seconds"], r["mb_per_s"])
+        vals = (r["layers"], r["cache"], r["checkpoint_mb"], r["shards"], r["layer_mb"], r["output_mb"],
+                r["peak_rss_mb"], r["vm_hwm_mb"], r["above_baseline_mb"], r["seconds"], r["mb_per_s"],
+                r["disk_read_mb_per_s"] or "")
         print(" | ".join(f"{v:>13.1f}" if isinstance(v, float) else f"{v:>13}" for v in vals))
     result = dict(benchmark="convert", created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count()),
+                  machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
+                               cores_used=len(os.sched_getaffinity(0))),
                   model=MODEL, dtype="bf16", tiers={"hi": "source (bf16)", "lo": "int4:g128"},
                   baseline_rss_mb=baseline / MB, rows=rows)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 
   CPU: times the default "xla" backend (dynaexq_jax.model.moe.moe_experts_xla, which calls the CPU
        kernel, dynaexq_jax/model/moe/csrc/moe_cpu.cc, for the routed experts) beside "xla-only" (plain XLA).
-  GPU: times the Pallas op (dynaexq_jax.model.moe.moe_experts_pallas) per tier and, for bf16, an
+  GPU: times the Pallas op (dynaexq_jax.model.moe.moe_experts_pallas) per tier beside the "xla"
+       backend (plain XLA there: gathers, grouped blocks or the dense product) and, for bf16, an
        equivalent op on jax.lax.ragged_dot; checks each Pallas result against the dense reference.
 
 Decode is memory-bound, so the figure of merit is the bytes of routed expert weights (unique
@@ -156,6 +157,7 @@ def main(argv=None):
         if pallas:
             backends["pallas"] = lambda x, ids, w, ex: moe_experts_pallas(
                 x, ids, w, ex, interpret=args.pallas_interpret, tiles=tiles)
+            backends["xla"] = moe_experts_xla
             if fmt.kind == "bf16":
                 backends["ragged_dot"] = lambda x, ids, w, ex: moe_ragged_dot(
                     x, ids, w, ex.pools[0].gate.data, ex.pools[0].up.data, ex.pools[0].down.data)
@@ -186,16 +188,18 @@ def main(argv=None):
                 print(f"{fmt.name:10} {batch:5d} {name:12} {row['ms']:9.3f} {unique:7.1f} {nbytes / 1e6:8.1f} "
                       f"{row['bytes_per_s'] / 1e9:8.1f} {100 * row['fraction_of_copy_bw']:6.1f}% {e:>11}")
 
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"moe_kernels_{device_name()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(
+    result = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
         jaxlib=importlib.metadata.version("jaxlib"), host_cpus=os.cpu_count(), host_load_average=os.getloadavg(),
         quick=args.quick, pallas_interpret=args.pallas_interpret,
         shapes=dict(experts=experts, hidden=h, inter=i, top_k=k), iters=iters, reps=reps,
-        tiles=None if tiles is None else tiles.__dict__, copy_bytes_per_s=copy_bw, results=rows), indent=1) + "\n")
+        tiles=None if tiles is None else tiles.__dict__, copy_bytes_per_s=copy_bw, results=rows)
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"moe_kernels_{device_name()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

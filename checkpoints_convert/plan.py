@@ -5,9 +5,8 @@ A plan is a list of groups written one at a time (the dense group, then one grou
 Each Entry says which HF tensors (with their expected shapes) make one parameter of ours and how
 (the schema's transform: transpose to input-major, stack experts, split a fused tensor). Its
 build function pulls the tensors itself through a reader, so that it can drop each one as soon
-as it is used (stacking 128 experts need not hold 128 separate arrays and the stack at once). A
-group's optional `experts` entry builds the float expert stacks that the converter quantizes
-into both tiers.
+as it is used. A group's optional `experts` entry builds the float expert stacks of a range of
+experts (the converter quantizes a few experts at a time into both tiers, on every core).
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ class Entry:
     target: str                           # dotted path in the group's tree, e.g. "attn.q"
     sources: tuple[str, ...]              # the HF tensors build may read (and must all be present)
     shapes: tuple[tuple[int, ...], ...]   # the expected HF shape of each source
-    build: Callable[[Reader], object]     # read -> our array (or, for experts, a dict of stacks)
+    build: Callable[..., object]          # read -> our array; experts: (read, range) -> stacks of that range
+    spec: schema.Experts | None = None    # experts only: the layer's E, H, I
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Group:
     name: str                             # output sub-directory: "dense" or "layers/007"
     entries: tuple[Entry, ...]
     layer: int | None = None
-    experts: Entry | None = None          # -> {"gate": [E,H,I], "up": [E,H,I], "down": [E,I,H]}
+    experts: Entry | None = None          # -> {"gate": [e,H,I], "up": [e,H,I], "down": [e,I,H]} of e experts
 
     @property
     def all_entries(self) -> tuple[Entry, ...]:
@@ -72,7 +72,7 @@ def build_plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
             layouts.add(layout)
             shapes = spec.hf_shapes(layout)
             experts[layer] = Entry("experts", tuple(shapes), tuple(shapes.values()),
-                                   lambda read, spec=spec, layout=layout: spec.from_hf(layout, read))
+                                   lambda read, rng, spec=spec, layout=layout: spec.from_hf(layout, read, rng), spec)
         else:
             entries[layer].append(Entry(key, (spec.hf_name,), (spec.hf_shape,),
                                         lambda read, spec=spec: spec.from_hf(read(spec.hf_name))))

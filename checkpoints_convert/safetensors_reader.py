@@ -1,136 +1,63 @@
-"""A validating, one-tensor-at-a-time reader of Hugging Face safetensors checkpoints.
+"""A validating reader of Hugging Face safetensors checkpoints (one file, or shards + index).
 
-The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
-data_offsets: [start, end]}, "__metadata__": {...}}, then the data; offsets are relative to the
-data section. Headers are parsed and fully validated up front (so a bad file fails before any
-work is done); tensor data is read later with seek + readinto, one tensor at a time, so memory
-holds only the tensors the converter is working on.
+Headers are parsed and validated up front (dynaexq_jax.serving.safetensors_io, which also reads
+the converted checkpoint's expert files), so a bad file fails before any work is done. Tensor
+data is read later with positional reads into fresh arrays, a tensor or a range of its rows at a
+time, from any thread: memory holds only what the converter is working on, and the OS page
+cache, not this process, holds what was read.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from dynaexq_jax.errors import CheckpointNotFoundError, CorruptCheckpointError, MissingTensorError
+from dynaexq_jax.serving.safetensors_io import TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the reference implementation enforces
-
-DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what the converter accepts as weights
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str                 # safetensors spelling: "BF16", "F32", ...
-    shape: tuple[int, ...]
-    offset: int                # absolute byte offset in the file
-    nbytes: int
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
 
 
 def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: {what}")
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse and validate one .safetensors file's header -> ({name: TensorInfo}, __metadata__)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: safetensors file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, f"file is {size} bytes, too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
-            raise _corrupt(path, f"header length {n} is impossible for a {size}-byte file "
-                                 "(not a safetensors file, or truncated)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start, data_size = 8 + n, size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
-    # The data section must be exactly covered by the tensors, in order, without gaps or overlap
-    # (as the reference implementation requires); anything else means a damaged file.
-    pos = 0
-    for t in sorted(tensors.values(), key=lambda t: t.offset):
-        if t.offset - data_start != pos:
-            raise _corrupt(path, f"tensor '{t.name}' starts at data offset {t.offset - data_start}, "
-                                 f"expected {pos} (overlapping or non-contiguous tensors)")
-        pos += t.nbytes
-    if pos != data_size:
-        raise _corrupt(path, f"data section is {data_size} bytes but its tensors cover {pos}")
-    return tensors, metadata
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor not read yet. ref[a:b] reads only rows a..b of its leading axis (one expert range
+    of a fused expert tensor); np.asarray(ref) reads all of it. read(info, rows) does the reading."""
+    info: TensorInfo
+    read: Callable[[TensorInfo, slice], np.ndarray]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
 
-def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise _corrupt(path, f"tensor '{name}': header entry needs dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise _corrupt(path, f"tensor '{name}': unknown dtype '{dtype}'")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise _corrupt(path, f"tensor '{name}': bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise _corrupt(path, f"tensor '{name}': bad data_offsets {offsets!r}")
-    start, end = offsets
-    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-    if end - start != nbytes:
-        raise _corrupt(path, f"tensor '{name}': data_offsets {offsets} span {end - start} bytes but "
-                             f"{dtype}{shape} needs {nbytes}")
-    if end > data_size:
-        raise _corrupt(path, f"tensor '{name}' ends at data offset {end} but the file's data section "
-                             f"is only {data_size} bytes (file truncated?)")
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + start, nbytes)
+    @property
+    def dtype(self) -> np.dtype:
+        return self.info.np_dtype
 
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"tensor '{self.info.name}': only a range of rows can be read, not {rows!r}")
+        return self.read(self.info, rows)
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor's data into a fresh, owned numpy array."""
-    out = np.empty(info.shape, info.np_dtype)
-    try:
-        with open(info.file, "rb") as f:
-            f.seek(info.offset)
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-    except OSError as e:
-        raise _corrupt(info.file, f"tensor '{info.name}': read failed ({e})") from None
-    if got != info.nbytes:
-        raise _corrupt(info.file, f"tensor '{info.name}': read {got} of {info.nbytes} bytes "
-                                  "(file truncated since it was opened?)")
-    return out
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.read(self.info, slice(None))
+        return a if dtype is None else a.astype(dtype, copy=False)
 
 
 class SafetensorsCheckpoint:
     """Every tensor of a HF checkpoint directory: model.safetensors, or the shards that
     model.safetensors.index.json lists. `tensors` maps name -> TensorInfo; `files` lists the
-    files read (index first)."""
+    files read (index first). Close it (or use it as a context manager) to close the files."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -158,6 +85,8 @@ class SafetensorsCheckpoint:
                 self.tensors[name] = info
         if index.exists():
             self._check_index(index)
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _read_index(self, index: Path) -> list[Path]:
         try:
@@ -186,4 +115,53 @@ class SafetensorsCheckpoint:
         return name in self.tensors
 
     def read(self, name: str) -> np.ndarray:
-        return read_tensor(self.tensors[name])
+        return self.read_rows(self.tensors[name], slice(None))
+
+    def read_rows(self, info: TensorInfo, rows: slice) -> np.ndarray:
+        """Rows `rows` of a tensor's leading axis (all of them for slice(None)), into a fresh array."""
+        n_rows = info.shape[0] if info.shape else 1          # a scalar is one row
+        start, stop, _ = rows.indices(n_rows)
+        stop = max(start, stop)
+        row_bytes = info.nbytes // n_rows if n_rows else 0
+        out = np.empty((stop - start,) + info.shape[1:] if info.shape else (), info.np_dtype)
+        buf, pos = memoryview(out.reshape(-1).view(np.uint8)), info.offset + start * row_bytes
+        try:
+            fd = self._fd(info.file)
+            while buf:
+                n = os.preadv(fd, [buf], pos)
+                if n == 0:
+                    break
+                buf, pos = buf[n:], pos + n
+        except OSError as e:
+            raise _corrupt(info.file, f"tensor '{info.name}': read failed ({e})") from None
+        if buf:
+            raise _corrupt(info.file, f"tensor '{info.name}': read {out.nbytes - len(buf)} of {out.nbytes} bytes "
+                                      "(file truncated since it was opened?)")
+        return out
+
+    def ref(self, name: str, on_read: Callable[[TensorInfo, int], None] | None = None) -> TensorRef:
+        """A TensorRef of tensor `name`, reading through this checkpoint (and telling on_read)."""
+        def read(info: TensorInfo, rows: slice) -> np.ndarray:
+            a = self.read_rows(info, rows)
+            if on_read is not None:
+                on_read(info, a.nbytes)
+            return a
+        return TensorRef(self.tensors[name], read)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

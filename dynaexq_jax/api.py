@@ -67,5 +67,6 @@ class Model:
 
 
 def load(path, *, tier: str = "hi", backend: str = "xla") -> Model:
-    """Load a converted checkpoint (see `dynaexq convert`)."""
+    """Load a converted checkpoint (see `dynaexq convert`): its dense params and one expert tier
+    (the other tier's files are never read)."""
     return Model(load_checkpoint(path), tier=tier, backend=backend)

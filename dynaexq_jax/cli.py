@@ -21,16 +21,22 @@ def _cmd_convert(a):
 
 def _cmd_info(a):
     from dynaexq_jax.model.quant import expert_nbytes
-    from dynaexq_jax.serving.checkpoint import load_checkpoint
-    ck = load_checkpoint(a.model)
-    c = ck.config
-    print(f"{ck.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
+    from dynaexq_jax.serving.checkpoint import read_info, verify_checkpoint
+    info = read_info(a.model)         # metadata only: no tensor is read
+    c = info.config
+    print(f"{info.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
           f"{c.num_experts} experts top-{c.num_experts_per_tok}, moe_intermediate {c.moe_intermediate_size}, "
           f"vocab {c.vocab_size}")
-    for name, fmt in ck.tiers.items():
+    print(f"  dense:   {info.dense_format.name:<12} {info.dense_nbytes / 2**20:8.1f} MiB (all but the routed experts)")
+    for name, fmt in info.tiers.items():
         b = expert_nbytes(fmt, c.hidden_size, c.moe_intermediate_size)
         print(f"  tier {name}: {fmt.name:<12} {b / 2**20:8.3f} MiB per expert, "
               f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
+    if a.verify:
+        t0 = time.perf_counter()
+        n, size = verify_checkpoint(info)
+        print(f"  verified: {n} files, {size / 2**30:.2f} GiB, match the sha256 written at conversion "
+              f"({time.perf_counter() - t0:.1f}s)")
 
 
 def _generate_kwargs(a):
@@ -50,7 +56,8 @@ def _print_generation(prompts, res, stats_path=None):
         print(f"--- policy {r['policy']}, HI slots per layer {r['n_hi']}, HI hit rate {r['hi_hit_rate']:.3f}, "
               f"promotions {c['promotions']}, demotions {c['demotions']}, moved {c['bytes_moved'] / 2**20:.2f} MiB, "
               f"publishes deferred {c['publishes_deferred']}, device stalls {c['device_stalls']}, "
-              f"controller {1e3 * r['controller_s']:.1f} ms")
+              f"controller {1e3 * r['controller_work_s']:.1f} ms work, "
+              f"{1e3 * r['device_wait_s']:.1f} ms waiting for the device")
     if stats_path:
         Path(stats_path).write_text(json.dumps({"prompts": prompts, "tokens": res.tokens, "texts": res.texts,
                                                 "stats": s.to_dict(), "runtime": res.runtime}, indent=1))
@@ -104,11 +111,26 @@ def _cmd_generate(a):
 
 
 def _cmd_budget(a):
+    """The plan from metadata alone: a converted checkpoint's, or for a Hugging Face model the
+    checkpoint its conversion would write (no weight is read, no engine is built)."""
+    import jax
+
+    from dynaexq_jax.runtime.budget import budget_report, model_info, plan_for, resolve_budget
+    from dynaexq_jax.runtime.config import EngineConfig
     _fill_runtime_defaults(a)
-    engine = _engine(a, a.batch, a.max_len)
-    print(f"{a.model}: budget breakdown for batch {a.batch}, max_len {a.max_len}, backend {a.backend}, "
-          f"tiers HI {engine.checkpoint.tiers['hi'].name} / LO {engine.checkpoint.tiers['lo'].name}")
-    print(engine.plan.table())
+    settings = EngineConfig(policy=a.policy, batch=a.batch, max_len=a.max_len, prefill_chunk=a.prefill_chunk,
+                            strategy=a.strategy, transfers_in_flight=a.transfers, backend=a.backend)
+    info = model_info(a.model, hi=a.hi, lo=a.lo, dtype=a.dtype)
+    platform = "gpu" if a.backend == "pallas" else a.platform or jax.default_backend()
+    if a.json:
+        print(json.dumps(budget_report(info, a.budget, settings, platform=platform), indent=1))
+        return
+    plan = plan_for(info, resolve_budget(a.budget, info, settings, platform=platform), settings, platform=platform)
+    source = "converted checkpoint" if info.metadata else "Hugging Face config, before conversion"
+    print(f"{a.model} ({source}): budget breakdown for batch {a.batch}, max_len {a.max_len}, prefill chunk "
+          f"{a.prefill_chunk}, backend {a.backend} on {platform}, tiers HI {info.tiers['hi'].name} / "
+          f"LO {info.tiers['lo'].name}, dense {info.dense_format.name}")
+    print(plan.table())
 
 
 def _cmd_plot(a):
@@ -161,6 +183,10 @@ _RUNTIME_FIELDS = {"policy": "policy", "strategy": "strategy", "transfers": "tra
 def _runtime_defaults() -> dict:
     from dynaexq_jax.runtime.config import EngineConfig
     return {name: getattr(EngineConfig, field) for name, field in _RUNTIME_FIELDS.items()}
+
+
+# How --budget may be given, in every command that takes one (runtime.budget.resolve_budget).
+_BUDGET_FORMS = "a size (20GiB, 512MiB, 1.5GB, bytes) or a share of each layer's experts in HI (25%%)"
 
 
 def _option(name: str) -> str:
@@ -225,15 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_convert)
 
-    p = command("info", "describe a converted checkpoint")
+    p = command("info", "describe a converted checkpoint (reads its metadata only)")
     p.add_argument("model", help="a converted checkpoint directory")
+    p.add_argument("--verify", action="store_true",
+                   help="also recompute every file's sha256 and compare with those written at conversion "
+                        "(exit status 2 naming a damaged file)")
     p.set_defaults(fn=_cmd_info)
 
     p = command("generate", "generate text from a converted checkpoint")
     p.add_argument("model", help="a converted checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--budget", help="device-memory budget (e.g. 20GiB, 512MiB, bytes): runs the DynaExq runtime "
-                                    "under it (default: no budget, every expert in the --tier tier)")
+    p.add_argument("--budget", help=f"device-memory budget, {_BUDGET_FORMS}: runs the DynaExq runtime under it "
+                                    "(default: no budget, every expert in the --tier tier)")
     p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
     p.add_argument("--max-len", type=int, help="cache length in tokens (default: fits the prompts and new tokens)")
     p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
@@ -241,11 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)
 
-    p = command("budget", "print how a device-memory budget is spent on a converted checkpoint")
-    p.add_argument("model", help="a converted checkpoint directory")
-    p.add_argument("--budget", required=True, help="the device-memory budget to plan (e.g. 20GiB, 512MiB, bytes)")
+    p = command("budget", "print how a device-memory budget is spent, from a converted checkpoint's metadata or "
+                          "a Hugging Face config (before converting)")
+    p.add_argument("model", help="a converted checkpoint directory, or a Hugging Face model directory or its "
+                                 "config.json (planned as `dynaexq convert` with --hi/--lo/--dtype would write it)")
+    p.add_argument("--budget", required=True, help=f"the device-memory budget to plan: {_BUDGET_FORMS}")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded side by side (sizes cache and workspace)")
     p.add_argument("--max-len", type=int, default=2048, help="cache length in tokens (sizes cache and workspace)")
+    p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
+                   help="prompt tokens per prefill forward (sizes the workspace)")
+    p.add_argument("--hi", help="for a Hugging Face config: HI tier format, as in `dynaexq convert` (default: source)")
+    p.add_argument("--lo", help="for a Hugging Face config: LO tier format, as in `dynaexq convert` (default: int4)")
+    p.add_argument("--dtype", help="for a Hugging Face config: dense parameter dtype, as in `dynaexq convert` "
+                                   "(default: source)")
+    p.add_argument("--platform", choices=("cpu", "gpu"),
+                   help="where the plan is served: sizes the workspace (default: this machine's; gpu for pallas)")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON (bytes as integers; an infeasible budget is reported, not an error)")
     _add_runtime_args(p, plan_only=True)
     # The plan does not depend on the segment length: no option, the Engine gets the default.
     p.set_defaults(fn=_cmd_budget, segment=EngineConfig.segment_len)
@@ -271,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="a converted checkpoint or a Hugging Face directory (default: the embedded model)")
     p.add_argument("--out", default="runs/compare", help="output folder (results.json, results.csv, report.md, PNGs)")
-    p.add_argument("--budget", default=C.budget, help="'20%%' (share of HI slots per layer) or bytes ('3MiB')")
+    p.add_argument("--budget", default=C.budget, help=f"the device-memory budget of every engine: {_BUDGET_FORMS}")
     # Comma-separated defaults: argparse passes a string default through `type`, and --help shows it as typed.
     p.add_argument("--policies", type=_csv(str), default=",".join(C.policies),
                    help=f"comma-separated, from {','.join(POLICIES)}")

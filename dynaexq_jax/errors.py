@@ -20,6 +20,10 @@ class CorruptCheckpointError(CheckpointError):
     """A file exists but cannot be read: bad header, offsets outside the file, truncated data."""
 
 
+class CheckpointVersionError(CheckpointError):
+    """A converted checkpoint in a format version this reader does not read (reconvert it)."""
+
+
 class OutputExistsError(CheckpointError):
     """The output directory of a conversion already exists (pass overwrite=True to replace it)."""
 

@@ -106,7 +106,7 @@ def assert_pool_equals_quantized(pool, stacks, fmt):
 def test_round_trip(tiny, tmp_path, monkeypatch):
     name, hf_dir, model = tiny
     # Quantize two experts at a time so the chunked path is checked against whole-stack quantize.
-    monkeypatch.setattr(converter, "_QUANT_CHUNK_ELEMS", 2 * 64 * 32)
+    monkeypatch.setattr(converter, "_CHUNK_ELEMS", 2 * 3 * 64 * 32)
     out = convert(hf_dir, tmp_path / "out", lo=LO, progress=False)
     assert out == tmp_path / "out"
     ckpt = load_checkpoint(out)
@@ -125,7 +125,7 @@ def test_round_trip(tiny, tmp_path, monkeypatch):
         np.testing.assert_array_equal(ckpt.experts[i]["hi"].gate.data, stacks["gate"])  # hi=source is exact
 
     meta = ckpt.metadata
-    assert meta["format_version"] == 1 and meta["model_type"] == "qwen3_moe"
+    assert meta["format_version"] == 2 and meta["model_type"] == "qwen3_moe"
     assert meta["tiers"] == {"hi": "f32", "lo": "int4:g32"} and meta["dtype"] == "f32"
     assert meta["config"] == cfg.to_dict() or meta["config"] == json.loads(json.dumps(cfg.to_dict()))
     assert meta["expert_layout"] == CASES[name].get("layout", "per_expert")

@@ -10,11 +10,11 @@ import pytest
 import safetensors.numpy as stn
 
 from checkpoints_convert import convert
-from checkpoints_convert.safetensors_reader import read_header
 from checkpoints_convert.writer import TreeWriter
 from dynaexq_jax.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointVersionError,
     CorruptCheckpointError,
     MissingTensorError,
     OutputExistsError,
@@ -24,6 +24,7 @@ from dynaexq_jax.errors import (
     UnsupportedArchitectureError,
 )
 from dynaexq_jax.serving.checkpoint import load_checkpoint
+from dynaexq_jax.serving.safetensors_io import FileWriter, read_header
 from tests.hf_models import make_tiny_qwen3_moe
 
 LO = "int4:g32"
@@ -203,20 +204,22 @@ def test_bad_formats_fail_before_writing(work, single):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_failure_mid_write_leaves_nothing(work, single, monkeypatch, overwrite):
-    """An error after some layers were written removes the temp dir (and any parents it made);
-    with overwrite, the existing output is untouched."""
+@pytest.mark.parametrize("writer", [TreeWriter, FileWriter])
+def test_failure_mid_write_leaves_nothing(work, single, monkeypatch, overwrite, writer):
+    """An error after some files were written, in the main thread (a dense tree) or in a worker
+    (an expert chunk), removes the temp dir (and any parents it made); with overwrite, the
+    existing output is untouched."""
     tmp, copy = work
     hf = copy(single)
     calls = []
-    real_write = TreeWriter.write
+    real_write = writer.write
 
-    def failing_write(self, rel, tree):
-        calls.append(rel)
+    def failing_write(self, *args):
+        calls.append(args[0])
         if len(calls) == 4:
             raise OSError("disk full (simulated)")
-        real_write(self, rel, tree)
-    monkeypatch.setattr(TreeWriter, "write", failing_write)
+        real_write(self, *args)
+    monkeypatch.setattr(writer, "write", failing_write)
     if overwrite:
         (tmp / "out").mkdir()
         (tmp / "out" / "keep.txt").write_text("precious")
@@ -224,7 +227,7 @@ def test_failure_mid_write_leaves_nothing(work, single, monkeypatch, overwrite):
     target = tmp / "out" if overwrite else tmp / "new" / "deeper" / "out"
     with pytest.raises(OSError, match="disk full"):
         convert(hf, target, lo=LO, progress=False, overwrite=overwrite)
-    assert len(calls) == 4
+    assert len(calls) >= 4
     assert sorted(p.name for p in tmp.iterdir()) == before
     if overwrite:
         assert [p.name for p in (tmp / "out").iterdir()] == ["keep.txt"]
@@ -266,21 +269,52 @@ def test_load_checkpoint_errors(tmp_path, single):
         load_checkpoint(tmp_path / "missing")
     out = convert(single, tmp_path / "out", lo=LO, progress=False)
     load_checkpoint(out)
+    pristine = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+
+    def restore():
+        shutil.rmtree(out)
+        for f, data in pristine.items():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data)
 
     shutil.rmtree(out / "layers" / "002")
-    with pytest.raises(CorruptCheckpointError, match=r"layers/002: missing"):
+    with pytest.raises(CorruptCheckpointError, match=r"layers/002/.*: missing from the converted checkpoint"):
         load_checkpoint(out)
+    restore()
 
-    out = convert(single, tmp_path / "out2", lo=LO, progress=False)
-    for f in (out / "experts" / "001").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:
-            f.write_bytes(b"\0" * 100)
-    with pytest.raises(CorruptCheckpointError, match=r"experts/001"):
+    # Truncated files are found from their sizes before anything reads them.
+    for rel in ("experts/001.lo.safetensors", "dense/_METADATA"):
+        f = out / rel
+        f.write_bytes(pristine[f][:-10])
+        n = len(pristine[f])
+        with pytest.raises(CorruptCheckpointError, match=rf"{rel}: {n - 10} bytes, but {n} were written"):
+            load_checkpoint(out)
+        f.write_bytes(pristine[f])
+
+    # A tier file, listed in the metadata with its size, that holds the wrong tensors.
+    f = out / "experts" / "001.hi.safetensors"
+    tensors, _ = read_header(f)
+    swapped = {n: (t.shape[:1] + t.shape[1:][::-1], t.np_dtype) for n, t in tensors.items()}
+    FileWriter(f, swapped).close()
+    meta = json.loads((out / "metadata.json").read_text())
+    meta["files"]["experts/001.hi.safetensors"]["bytes"] = f.stat().st_size
+    (out / "metadata.json").write_text(json.dumps(meta))
+    wrong = r"001\.hi\.safetensors: tensor 'gate\.data' is float32\[8, 32, 64\], expected float32\[8, 64, 32\] \(f32\)"
+    with pytest.raises(CorruptCheckpointError, match=wrong):
         load_checkpoint(out)
+    restore()
 
     meta = json.loads((out / "metadata.json").read_text())
-    (out / "metadata.json").write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(CorruptCheckpointError, match="format_version 99"):
+    older = ("format_version 1, this reader reads 2: an older converter wrote it; reconvert the Hugging Face "
+             "checkpoint: dynaexq convert HF_DIR .*out --overwrite")
+    for version, error, match in [(1, CheckpointVersionError, older),
+                                  (99, CheckpointVersionError, "format_version 99, .* a newer converter wrote it"),
+                                  ("2", CorruptCheckpointError, "format_version '2' is not a format version")]:
+        (out / "metadata.json").write_text(json.dumps({**meta, "format_version": version}))
+        with pytest.raises(error, match=match):
+            load_checkpoint(out)
+    (out / "metadata.json").write_text(json.dumps({**meta, "files": None}))
+    with pytest.raises(CorruptCheckpointError, match=r"metadata\.json: bad or missing field"):
         load_checkpoint(out)
     (out / "metadata.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="metadata.json: not valid JSON"):

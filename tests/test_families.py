@@ -86,12 +86,13 @@ def test_restore_of_a_converted_checkpoint_equals_the_source(hf, tmp_path):
     assert n_experts == len(cfg.moe_layers) == len(ckpt.experts) > 0
 
 
-def test_disk_keys_stay_those_of_format_version_1(tmp_path):
-    """The tree path of a leaf is its key on disk; these keys are format version 1's and must not move."""
+def test_disk_keys_of_the_dense_trees_stay_those_of_format_version_1(tmp_path):
+    """The tree path of a leaf is its key on disk; these keys are format version 1's (version 2 moved only the
+    experts) and must not move."""
     import orbax.checkpoint as ocp
     hf_dir, _ = make_tiny_qwen3_next(tmp_path, seed=23, num_hidden_layers=2, full_attention_interval=2, noise=False)
     out = convert(hf_dir, tmp_path / "conv", lo="int4:g16", progress=False)
-    assert json.loads((out / "metadata.json").read_text())["format_version"] == 1
+    assert json.loads((out / "metadata.json").read_text())["format_version"] == 2
 
     def keys(tree, prefix=""):
         return sorted(k for n, v in tree.items() for k in (keys(v, f"{prefix}{n}.") if isinstance(v, dict)

@@ -1,6 +1,6 @@
 """The MoE op's conformance suite: every backend on the same cases against the dense reference.
 
-Backends: "xla" (XLA plus the CPU kernel where the shape suits it), "xla-only", the CPU kernel
+Backends: "xla" (XLA plus the CPU kernel for every tier), "xla-only", the CPU kernel
 for every tier (moe_experts_cpu_kernel) and "pallas" (interpret mode on a CPU). Cases: every
 format in one pool and in two, an empty pool, spare slots, invalid tiers and slots (they
 contribute nothing / are clipped, base.py's contract), uniform, skewed and single-expert routing,

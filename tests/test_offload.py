@@ -8,6 +8,7 @@ from checkpoints_convert import convert
 from dynaexq_jax.errors import InfeasibleBudgetError, RuntimeConfigError
 from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 from dynaexq_jax.runtime import offload
+from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.offload import ExpertCache, OffloadEngine, plan_cache
 from dynaexq_jax.runtime.pools import tree_nbytes
 from dynaexq_jax.serving.checkpoint import load_checkpoint
@@ -40,7 +41,7 @@ def all_hi_tokens(conv):
 def budget_for(ckpt, per_layer):
     plan = plan_cache(ckpt.config, budget=10**9, hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"],
                       dense_params=tree_nbytes(ckpt.params), batch=BATCH, max_len=MAX_LEN,
-                      cache_dtype=np.float32, backend="xla", transfers_in_flight=4)
+                      cache_dtype=np.float32, backend="xla", transfers_in_flight=EngineConfig.transfers_in_flight)
     return plan.budget_for(per_layer)
 
 

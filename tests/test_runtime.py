@@ -1,5 +1,5 @@
-"""The DynaExq runtime: budget, pools, policies, transitions, and the invariants of
-architecture.md (budget never exceeded, only fully written experts read, determinism, no
+"""The DynaExq runtime: budget, pools, policies, transitions, and the invariants listed in the
+README (budget never exceeded, only fully written experts read, determinism, no
 recompilation after warm-up)."""
 import gc
 
@@ -35,9 +35,10 @@ def ckpt(tmp_path_factory):
     return load_checkpoint(convert(hf, tmp / "conv", lo="int4:g32", progress=False))
 
 
-def engine_budget(ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN):
+def engine_budget(ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN, **settings):
     """The smallest budget that gives floor(hi_fraction * E) HI slots per layer."""
-    return budget_for_fraction(ckpt, hi_fraction, EngineConfig(batch=batch, max_len=max_len, segment_len=SEG))
+    return budget_for_fraction(ckpt, hi_fraction, EngineConfig(batch=batch, max_len=max_len, segment_len=SEG,
+                                                               **settings))
 
 
 def prompts(seed, n=BATCH, length=9):
@@ -205,7 +206,7 @@ class RandomSwaps(Policy):
 def test_owned_device_bytes_never_exceed_the_budget(ckpt, seed, hi_fraction, transfers):
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    budget = engine_budget(ckpt, hi_fraction)
+    budget = engine_budget(ckpt, hi_fraction, transfers_in_flight=transfers)
     eng = Engine(ckpt, budget_bytes=budget, policy=RandomSwaps(seed), batch=BATCH, max_len=MAX_LEN,
                  segment_len=SEG, transfers_in_flight=transfers)
     live_peak = []

@@ -158,7 +158,7 @@ def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = Compare
                         positions: int = CompareConfig.calibration_tokens, chunk: int = CompareConfig.chunk,
                         window: int = CompareConfig.window) -> np.ndarray:
     """Mean token-normalised routed mass per expert [L_moe, E] of the all-LO model on the
-    calibration split of the given domains (method.md, initial HI set): rows streams per domain
+    calibration split of the given domains (the method's offline initial HI set): rows streams per domain
     of up to `positions` positions, scored through the runtime."""
     streams = domain_streams(codec, "calibration")
     settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dynaexq_jax.errors import CheckpointNotFoundError
 from dynaexq_jax.model.quant import parse_format
+from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
 from dynaexq_jax.serving.conversion import hf_converter, sha256_files
 
 HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
@@ -20,7 +21,7 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
                     progress: bool = True) -> Path:
     """A converted checkpoint for `model`: returned as is when it already is one; a Hugging Face
     directory (default: the embedded model) is converted into conv_dir with tiers hi/lo, reusing
-    an earlier conversion of the same source files with the same tiers."""
+    an earlier conversion of the same source files with the same tiers in this format version."""
     src = Path(model) if model is not None else HF_DIR
     if (src / "metadata.json").is_file():
         return src
@@ -35,7 +36,7 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
         want = {t: meta.get("source_dtype") if f == "source" else parse_format(f).name
                 for t, f in (("hi", hi), ("lo", lo))}
-        if same and meta.get("tiers") == want:
+        if same and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.
     return hf_converter()(src, conv_dir, hi=hi, lo=lo, dtype="f32", overwrite=True, progress=progress)

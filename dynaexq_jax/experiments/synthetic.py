@@ -60,24 +60,31 @@ def random_state_dict(cfg: dict, seed: int = 0, dtype=np.float32):
 
 def save_safetensors(tensors, out: Path, shard_bytes: int | None = None) -> None:
     """(name, array) pairs -> out/model.safetensors, or shards of about shard_bytes plus
-    model.safetensors.index.json (the Hugging Face layout) when they do not fit in one."""
-    shards, cur, size = [], {}, 0
+    model.safetensors.index.json (the Hugging Face layout) when they do not fit in one. Each
+    shard is written as soon as it is full (its final name, which holds the shard count, is
+    given at the end), so at most one shard is in memory: tensors may be a generator."""
+    written, cur, size, total = [], {}, 0, 0      # written: (temporary path, tensor names) per shard
+
+    def flush():
+        path = out / f".shard-{len(written):05d}.tmp"
+        save_file(cur, str(path), metadata={"format": "pt"})
+        written.append((path, list(cur)))
     for name, arr in tensors:
         if shard_bytes and cur and size + arr.nbytes > shard_bytes:
-            shards.append(cur)
+            flush()
             cur, size = {}, 0
         cur[name] = arr
         size += arr.nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        total += arr.nbytes
+    if not written:
+        save_file(cur, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
-    for k, sh in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in sh})
-        total += sum(a.nbytes for a in sh.values())
+    flush()
+    weight_map = {}
+    for k, (path, names) in enumerate(written):
+        fname = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out / fname)
+        weight_map.update({n: fname for n in names})
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 

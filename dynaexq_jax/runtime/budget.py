@@ -1,12 +1,18 @@
-"""Device-memory budget -> number of HI slots per MoE layer (method.md section 2).
+"""Device-memory budget -> number of HI slots per MoE layer (DynaExq, arXiv 2511.15015: capacity).
 
     M_resident = sum_l [ n_hi[l] * m_hi + (E - n_hi[l]) * m_lo ]
     M_trans    = K * max expert size                  (K transfers in flight)
     M_resident + M_trans <= budget - M_fixed
 
-M_fixed is computed, not guessed: dense parameter bytes (measured), the KV cache for the
-configured batch and max length, an activation/workspace estimate for the chosen backend, and a
-safety margin. Slot counts are fixed at start-up; at run time only WHICH experts hold them changes.
+M_fixed is computed, not guessed: the dense parameter bytes (the family schema's shapes in the
+dense dtype), the KV cache for the configured batch and max length, the workspace of the compiled
+prefill chunk and decode segment for the chosen backend and platform (workspace_bytes, checked
+against XLA's memory analysis: measured_workspace), and a safety margin. Slot counts are fixed at
+start-up; at run time only WHICH experts hold them changes.
+
+Everything a plan needs is metadata: a converted checkpoint's (read_info) or, before converting,
+a Hugging Face config's (planned_checkpoint); model_info takes either. A budget is bytes or a
+share of each layer's experts in HI ('25%', resolve_budget).
 
 The margin is the only cost that grows with the budget, so the smallest budget that holds a plan
 is found in closed form (smallest_budget); the offloading baselines' planner (offload.plan_cache)
@@ -16,21 +22,34 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import json
 import math
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
-from dynaexq_jax.errors import BudgetError, InfeasibleBudgetError, RuntimeConfigError, check_int
-from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.model.moe import XLA_BACKENDS, block_rows
-from dynaexq_jax.model.quant import Format, expert_nbytes
-from dynaexq_jax.runtime.pools import tree_nbytes
+from dynaexq_jax.errors import (
+    BudgetError,
+    CheckpointNotFoundError,
+    ConfigError,
+    InfeasibleBudgetError,
+    QuantFormatError,
+    RuntimeConfigError,
+    check_int,
+)
+from dynaexq_jax.model.config import ModelConfig, load_hf_config
+from dynaexq_jax.model.families import family, schema
+from dynaexq_jax.model.moe import ExpertPools, TierPool, cpu_kernel
+from dynaexq_jax.model.moe import xla as xla_moe
+from dynaexq_jax.model.quant import SCALE_DTYPE, Format, QTensor, expert_nbytes, parse_format
+from dynaexq_jax.serving.checkpoint import METADATA_FILE, CheckpointInfo, read_info
+from dynaexq_jax.serving.generate import SEGMENT_LEN
 
 if TYPE_CHECKING:
     from dynaexq_jax.runtime.config import EngineConfig
-    from dynaexq_jax.serving.checkpoint import Checkpoint
 
 STRATEGIES = ("uniform", "proportional", "greedy")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -88,9 +107,6 @@ class FixedCosts:
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
     """Bytes of the family's decode cache (KV, and conv + recurrent state for hybrid models),
     read off its abstract shapes so that every family is counted exactly."""
-    import jax
-
-    from dynaexq_jax.model.families import family
     shapes = jax.eval_shape(lambda: family(cfg.model_type).init_cache(cfg, batch, max_len, dtype))
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
@@ -103,28 +119,150 @@ def margin_bytes(budget: int, margin_fraction: float = MARGIN_FRACTION) -> int:
     return int(margin_fraction * budget)
 
 
-def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
-                    hi: Format, lo: Format) -> int:
-    """Peak transient device memory of one forward, estimated from the shapes. The XLA backend
-    gathers and dequantizes (f32) the weights of every block of its grouped path (at most one
-    block per b routed pairs plus one per expert); the Pallas kernels dequantize in registers, so
-    only activations count."""
-    tokens = batch * max(prefill_len, 1)
+# ---- the workspace: what the compiled prefill chunk and decode segment need -----------------------
+# Written from the code each term models and checked against XLA's memory analysis of both programs
+# (measured_workspace, tests/test_budget.py). "widen": XLA CPU multiplies 16-bit floats in f32, so
+# it widens 16-bit weights and caches into f32 copies for its dots (not on a GPU).
+def _attention_bytes(cfg: ModelConfig, B: int, C: int, S: int, q_out: int, item: int, widen: bool) -> int:
+    """A full-attention layer on C new tokens per row over a cache of S positions (layers.attend):
+    q/k/v before and after norm + RoPE, the scores f32 [B*nKV, rep*C, S] and the probabilities
+    (in place when f32), the output; widened, the layer's K and V caches in f32 while written."""
+    N, kv = B * C, cfg.num_kv_heads * cfg.head_dim
+    probs = item if item < 4 else 0
+    return (N * (2 * (q_out + 2 * kv) + cfg.num_heads * cfg.head_dim) * item
+            + B * cfg.num_heads * C * S * (4 + probs) + (4 * B * kv * S * 4 if widen else 0))
+
+
+def _linear_attention_bytes(cfg: ModelConfig, B: int, C: int, item: int) -> int:
+    """A Gated DeltaNet layer on C tokens per row (qwen3_next.gated_delta_net): the fused
+    projections and the conv in the activation dtype and f32, then for the chunked delta rule
+    about sixteen f32 [B, C, nV, d] tensors and three f32 [64, 64] blocks per 64 tokens and value
+    head (the per-token recurrence of decode: the state's updates)."""
+    nK, nV, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)
+    N = B * C
+    conv = 2 * nK * dk + nV * dv
+    proj = N * (2 * nK * dk + 2 * nV * dv + 2 * nV) * item + N * conv * (2 * item + 4)
+    if C == 1:
+        return proj + B * nV * (4 * dk + 4 * dv + 2 * dk * dv) * 4
+    chunk = min(64, C)
+    padded = B * -(-C // chunk) * chunk
+    return proj + 4 * padded * nV * (16 * max(dk, dv) + 3 * chunk)
+
+
+def _moe_bytes(cfg: ModelConfig, tokens: int, backend: str, hi: Format, lo: Format, dtype, kernel: bool,
+               widen: bool) -> int:
+    """The MoE MLP on `tokens` tokens: the router's softmax and top-k, the routed experts' op of
+    the backend (the CPU kernel's: its f32 outputs and its own scratch for each tier, XLA's: its
+    largest group of dequantized blocks, Pallas's: the sorted pairs' rows), the shared expert."""
     H, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
-    act = 4 * tokens * (4 * H + 3 * k * I + 2 * cfg.num_heads * max_len + cfg.vocab_size)
-    if backend in XLA_BACKENDS and E:
-        b = block_rows(tokens * k, E)
-        rows = (-(-tokens * k // b) + E) * b
-        act += 4 * (rows // b) * 3 * H * I + 4 * rows * (2 * I + 2 * H)
-    return act
+    P, item = tokens * k, np.dtype(dtype).itemsize
+    routing = 2 * tokens * E * 4 + 6 * P * 4
+    if backend == "pallas":
+        op = P * (H * item + I * item + 2 * H * 4) + 4 * P * 4
+    elif kernel:
+        op = 2 * (cpu_kernel.scratch_bytes(tokens, k, H, I) + tokens * H * 4)
+    else:
+        op = xla_moe.workspace_bytes(hi, lo, tokens, k, E, H, I, dtype, len(cfg.moe_layers), widen)
+    return routing + op + 3 * tokens * cfg.shared_expert_intermediate_size * item
+
+
+def _forward_bytes(cfg: ModelConfig, B: int, C: int, S: int, backend: str, hi: Format, lo: Format, dtype,
+                   kernel: bool, widen: bool) -> int:
+    """One forward of C tokens per row over a cache of S positions: the residual stream and the
+    largest of a layer's phases (its token mixer, its MLP), then the logits of one position per
+    row (layers.logits with logits_at) and their selection."""
+    N, H, V, item = B * C, cfg.hidden_size, cfg.vocab_size, np.dtype(dtype).itemsize
+    q_out = max((spec.shape[1] for _, key, spec in schema.leaves(family(cfg.model_type).abstract(cfg))
+                 if key == "attn.q"), default=0)
+    phases = [_attention_bytes(cfg, B, C, S, q_out, item, widen) if cfg.attention_layers else 0,
+              _linear_attention_bytes(cfg, B, C, item) if cfg.linear_layers else 0,
+              _moe_bytes(cfg, N, backend, hi, lo, dtype, kernel, widen) if cfg.moe_layers else 0,
+              3 * N * cfg.intermediate_size * item if cfg.dense_layers else 0]
+    return 4 * N * H * item + max(phases) + 3 * B * V * 4
+
+
+def uses_cpu_kernel(backend: str, platform: str) -> bool:
+    """Whether the routed experts run through the CPU kernel (xla.moe_experts_xla's choice)."""
+    return backend == "xla" and platform == "cpu" and cpu_kernel.enabled()
+
+
+def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
+                    hi: Format, lo: Format, dtype=np.float32, dense_params: int = 0,
+                    platform: str | None = None) -> int:
+    """Peak transient device memory of serving: the larger of the compiled prefill chunk (batch x
+    min(prefill_len, max_len) tokens over a max_len cache) and the decode segment (batch tokens a
+    step: sampling over the vocabulary; the segment's stacked outputs, some KB of router mass,
+    are left to the margin, so that the plan does not depend on the segment length). dtype: the
+    activations' (the dense parameters'). platform: where it runs (default: JAX's default
+    backend; "pallas" runs on a GPU): the CPU kernel's scratch counts where it serves, and on the
+    CPU with 16-bit dense weights (dense_params bytes) the decode loop holds f32 copies of all of
+    them, which XLA widens once per segment, outside the step loop."""
+    platform = "gpu" if backend == "pallas" else (platform or jax.default_backend())
+    kernel = uses_cpu_kernel(backend, platform)
+    widen = platform == "cpu" and np.dtype(dtype).itemsize < 4
+    # Widened, the prefill chunk holds an f32 copy of the head (of other weights, one layer's at a
+    # time) and the decode loop f32 copies of every dense weight.
+    prefill = (_forward_bytes(cfg, batch, min(prefill_len, max_len), max_len, backend, hi, lo, dtype, kernel, widen)
+               + (4 * cfg.hidden_size * cfg.vocab_size if widen else 0))
+    decode = (_forward_bytes(cfg, batch, 1, max_len, backend, hi, lo, dtype, kernel, widen)
+              + 4 * batch * cfg.vocab_size * 4 + (2 * dense_params if widen else 0))
+    return max(prefill, decode)
+
+
+def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, dtype, batch: int, max_len: int,
+                       prefill_len: int, backend: str, segment_len: int = SEGMENT_LEN) -> dict[str, int]:
+    """What XLA's memory analysis says the compiled prefill chunk and decode segment need at these
+    shapes, lowered from abstract arrays (nothing is allocated; seconds at any model size):
+    {"prefill": bytes, "decode": bytes}, each the program's temporaries plus its outputs that do
+    not alias an input (the cache is donated). workspace_bytes bounds both; the CPU kernel's own
+    scratch is not in them (XLA does not see it)."""
+    from dynaexq_jax.serving.generate import decode_segment, prefill_chunk
+    from dynaexq_jax.serving.sampling import Sampling
+
+    def array(shape, dt):
+        return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt))
+
+    def pool(fmt: Format, slots: int, spec: schema.Experts) -> TierPool:
+        def weight(k, n):
+            scales = array((slots, k // fmt.group_for(k), n), SCALE_DTYPE) if fmt.is_int else None
+            return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt)
+        H, I = spec.hidden, spec.inter
+        return TierPool(weight(H, I), weight(H, I), weight(I, H))
+
+    def leaf(spec):
+        if isinstance(spec, schema.Experts):
+            E = spec.num_experts
+            return ExpertPools((pool(hi, n_hi, spec), pool(lo, E - n_hi, spec)), array((E,), np.int32),
+                               array((E,), np.int32))
+        return array(spec.shape, dtype)
+    fam = family(cfg.model_type)
+    params = jax.tree.map(leaf, fam.abstract(cfg))
+    cache = jax.eval_shape(lambda: fam.init_cache(cfg, batch, max_len, dtype))
+    scores = array((len(cfg.moe_layers), cfg.num_experts), np.float32)
+    C = min(prefill_len, max_len)
+    prefill = prefill_chunk.lower(params, cfg, array((batch, C), np.int32), array((batch,), np.int32),
+                                  array((), np.int32), cache, array((batch, cfg.vocab_size), np.float32), scores,
+                                  backend=backend)
+    decode = decode_segment.lower(params, cfg, cache, array((batch,), np.int32), array((batch,), bool),
+                                  array((), np.int32), jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+                                  array((1,), np.int32), scores, steps=segment_len, sampling=Sampling(),
+                                  alpha=0.5, backend=backend)
+
+    def need(lowered) -> int:
+        m = lowered.compile().memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    return {"prefill": need(prefill), "decode": need(decode)}
 
 
 def fixed_costs(cfg: ModelConfig, *, budget: int, dense_params: int, batch: int, max_len: int,
                 prefill_len: int | None, cache_dtype, backend: str, hi: Format, lo: Format,
-                margin_fraction: float = MARGIN_FRACTION) -> FixedCosts:
-    """M_fixed of method.md: measured dense params, the cache, the workspace estimate, the margin."""
+                margin_fraction: float = MARGIN_FRACTION, platform: str | None = None) -> FixedCosts:
+    """M_fixed of the method: the dense params, the cache, the workspace (prefill_len: tokens per
+    sequence in one prefill forward, None: a whole max_len prompt at once), the margin."""
     return FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
-                      workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo),
+                      workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo, cache_dtype,
+                                      dense_params, platform),
                       margin_bytes(budget, margin_fraction))
 
 
@@ -208,19 +346,20 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
                 batch: int, max_len: int, prefill_len: int | None = None, cache_dtype=np.float32,
                 backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = MARGIN_FRACTION,
                 strategy: str = "proportional", max_hi_fraction: float = 1.0,
-                layer_priority: np.ndarray | None = None) -> BudgetPlan:
+                layer_priority: np.ndarray | None = None, platform: str | None = None) -> BudgetPlan:
     """Fix the number of HI slots per MoE layer for a budget.
 
     uniform: the same n for every layer; proportional: n_hi[l] = floor(r * E_l) with the largest
     ratio r that fits (binary search); greedy: add HI slots one at a time to the layer whose next
     expert has the highest priority (layer_priority [L_moe, E], e.g. a calibration ranking's
-    scores, sorted per layer; equal priorities give round-robin). max_hi_fraction caps r."""
+    scores, sorted per layer; equal priorities give round-robin). max_hi_fraction caps r.
+    platform: where the plan is served (workspace_bytes; default: this process's JAX backend)."""
     budget = parse_bytes(budget)
     check_plan_options(strategy, transfers_in_flight, max_hi_fraction)
     E, L = cfg.num_experts, len(cfg.moe_layers)
     fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
                         prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
-                        margin_fraction=margin_fraction)
+                        margin_fraction=margin_fraction, platform=platform)
     m_hi, m_lo = (expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size) for f in (hi, lo))
     if m_hi < m_lo:
         raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")
@@ -262,25 +401,148 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     return make(n)
 
 
-# ---- a converted checkpoint under engine settings ----------------------------------------------------
-def checkpoint_sizes(ckpt: Checkpoint) -> dict:
-    """The plan_budget arguments a converted checkpoint fixes: both tiers, the dense parameter
-    bytes and the cache dtype (the embedding's)."""
-    return dict(hi=ckpt.tiers["hi"], lo=ckpt.tiers["lo"], dense_params=tree_nbytes(ckpt.params),
-                cache_dtype=np.dtype(ckpt.params.embed.dtype))
+# ---- a model under engine settings: a converted checkpoint, its metadata, or a Hugging Face config -------
+# Where `dynaexq convert` says "source" (the source checkpoint's dtype), a config says it in torch_dtype
+# (transformers 5: dtype); the converter's defaults, for a plan made before converting.
+_CONFIG_DTYPES = {"float32": "f32", "float64": "f32", "bfloat16": "bf16", "float16": "fp16"}
+CONVERT_DEFAULTS = dict(hi="source", lo="int4", dtype="source")
 
 
-def plan_for(ckpt: Checkpoint, budget: int | str, settings: EngineConfig, **overrides) -> BudgetPlan:
-    """plan_budget for a checkpoint served with `settings`; overrides replace plan_budget arguments."""
-    return plan_budget(ckpt.config, budget=budget, **(checkpoint_sizes(ckpt) | settings.plan_options() | overrides))
+def checkpoint_sizes(info: CheckpointInfo) -> dict:
+    """The plan_budget arguments a converted checkpoint fixes, from its metadata alone: both tiers,
+    the dense parameter bytes (the family schema's shapes in its dense dtype) and the cache dtype
+    (the dense parameters')."""
+    return dict(hi=info.tiers["hi"], lo=info.tiers["lo"], dense_params=info.dense_nbytes,
+                cache_dtype=np.dtype(info.dense_format.storage_dtype))
 
 
-def budget_for_fraction(ckpt: Checkpoint, r: float, settings: EngineConfig) -> int:
+def planned_checkpoint(source: str | Path, *, hi: str = CONVERT_DEFAULTS["hi"], lo: str = CONVERT_DEFAULTS["lo"],
+                       dtype: str = CONVERT_DEFAULTS["dtype"]) -> CheckpointInfo:
+    """What `dynaexq convert` with these tiers and dense dtype would write, from a Hugging Face
+    model directory or its config.json alone (no weight is read): a CheckpointInfo without
+    metadata. Raises the typed errors of a bad config or format."""
+    f = Path(source) / "config.json" if Path(source).is_dir() else Path(source)
+    cfg = load_hf_config(f)
+    hf = json.loads(f.read_text())
+    declared = hf.get("torch_dtype") or hf.get("dtype")
+
+    def resolve(spec: str, what: str) -> Format:
+        if str(spec).strip().lower() != "source":
+            return parse_format(spec)
+        if declared not in _CONFIG_DTYPES:
+            raise ConfigError(f"{f}: {what} 'source' is the model's dtype, but its torch_dtype is {declared!r}; "
+                              f"name a format instead (e.g. bf16)")
+        return parse_format(_CONFIG_DTYPES[declared])
+
+    def tier(spec: str, what: str) -> Format:
+        # As the converter does: a default group (no ':gN' given) that does not divide the expert
+        # dimensions becomes the largest smaller one that does and holds whole bytes.
+        fmt, dims = resolve(spec, what), (cfg.hidden_size, cfg.moe_intermediate_size)
+        if fmt.is_int and fmt.group and ":" not in str(spec) and any(d % fmt.group for d in dims):
+            fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
+            fmt = dataclasses.replace(fmt, group=fits[0]) if fits else fmt
+        expert_nbytes(fmt, *dims)                              # checks the group divides H and I
+        return fmt
+    tiers = {"hi": tier(hi, "--hi"), "lo": tier(lo, "--lo")}
+    dense = resolve(dtype, "--dtype")
+    if dense.is_int:
+        raise QuantFormatError(f"dtype '{dtype}': dense parameters need a float dtype (source, f32, bf16, fp16)")
+    return CheckpointInfo(Path(source), cfg, hf, tiers, dense, metadata={})
+
+
+def model_info(path: str | Path, **conversion) -> CheckpointInfo:
+    """A converted checkpoint's metadata (read_info: no tensor is read), or for a Hugging Face model
+    directory or config.json the checkpoint a conversion with `conversion` (hi, lo, dtype; None:
+    the converter's defaults) would write (planned_checkpoint)."""
+    path = Path(path)
+    given = {k: v for k, v in conversion.items() if v is not None}
+    if (path / METADATA_FILE).is_file():
+        if given:
+            raise RuntimeConfigError(f"{path} is a converted checkpoint: its tiers and dtype are fixed, so "
+                                     f"{', '.join('--' + k for k in given)} (for a Hugging Face config) do not apply")
+        return read_info(path)
+    if path.is_file() or (path / "config.json").is_file():
+        return planned_checkpoint(path, **given)
+    raise CheckpointNotFoundError(f"{path}: neither a converted checkpoint ({METADATA_FILE}) nor a Hugging Face "
+                                  f"model directory or config.json")
+
+
+def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, **overrides) -> BudgetPlan:
+    """plan_budget for a model served with `settings`; overrides replace plan_budget arguments.
+    A policy that fixes every expert's tier (all-hi, all-lo) caps the HI share at its own and,
+    unless an override sets the cap, needs every layer to get it."""
+    fixed = settings.make_policy().fixed_hi_fraction
+    options = checkpoint_sizes(model) | settings.plan_options()
+    if fixed is not None:
+        options["max_hi_fraction"] = fixed
+    plan = plan_budget(model.config, budget=budget, **(options | overrides))
+    want = None if fixed is None else round(fixed * model.config.num_experts)
+    if want is not None and "max_hi_fraction" not in overrides and any(n != want for n in plan.n_hi):
+        smallest = budget_for_fraction(model, fixed, settings, **overrides)
+        raise InfeasibleBudgetError(
+            f"policy '{settings.make_policy().name}' needs every expert {'HI' if fixed else 'LO'}; the budget "
+            f"{plan.budget:,d} B fits only {list(plan.n_hi)} HI slots per layer; the smallest that fits "
+            f"{want} is {smallest_budget_text(smallest)}")
+    return plan
+
+
+def budget_for_fraction(model: CheckpointInfo, r: float, settings: EngineConfig, **overrides) -> int:
     """The smallest byte budget whose plan for `settings` gives floor(r * E) HI slots per MoE
     layer. Closed form: the plan capped at r under an unlimited budget, then smallest_budget of it."""
-    capped = plan_for(ckpt, 2**62, settings, max_hi_fraction=r)
+    capped = plan_for(model, 2**62, settings, **(overrides | {"max_hi_fraction": r}))
     budget = smallest_budget(capped)
-    if plan_for(ckpt, budget, settings).n_hi != capped.n_hi:
+    if plan_for(model, budget, settings, **(overrides | {"max_hi_fraction": settings.max_hi_fraction})).n_hi \
+            != capped.n_hi:
         raise RuntimeConfigError(f"no budget gives {list(capped.n_hi)} HI slots per layer with strategy "
                                  f"'{settings.strategy}' and max_hi_fraction {settings.max_hi_fraction}")
     return budget
+
+
+def parse_share(text) -> float | None:
+    """'25%' -> 0.25 (a share of each MoE layer's experts in HI); None for anything else (a size)."""
+    if not isinstance(text, str) or not text.strip().endswith("%"):
+        return None
+    try:
+        r = float(text.strip()[:-1]) / 100
+    except ValueError:
+        raise BudgetError(f"cannot read the budget share '{text}' (e.g. 25%)") from None
+    if not 0 <= r <= 1:
+        raise BudgetError(f"a budget share must be between 0% and 100%, got '{text}'")
+    return r
+
+
+def resolve_budget(budget: int | str, model: CheckpointInfo, settings: EngineConfig, **overrides) -> int:
+    """A budget as bytes ('20GiB', '1.5GB', 10**9) or as a share of each MoE layer's experts in HI
+    ('25%': the smallest budget whose plan for `settings` gives floor(0.25 E) HI slots a layer)."""
+    r = parse_share(budget)
+    return parse_bytes(budget) if r is None else budget_for_fraction(model, r, settings, **overrides)
+
+
+def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConfig, **overrides) -> dict:
+    """The plan for `budget` as plain data (what `dynaexq budget --json` prints): every fixed cost,
+    the HI slots per layer and the resident expert bytes (None where infeasible, with the error),
+    and the smallest feasible budget (for a policy that fixes every tier, the smallest that holds
+    it), rounded up to a byte. Bytes are exact integers."""
+    fixed = settings.make_policy().fixed_hi_fraction
+    smallest = budget_for_fraction(model, fixed or 0.0, settings, **overrides)
+    budget = resolve_budget(budget, model, settings, **overrides)
+    try:
+        plan, error = plan_for(model, budget, settings, **overrides), None
+        costs = plan.fixed
+    except InfeasibleBudgetError as e:
+        # Only the margin depends on the budget: the other costs are the smallest feasible plan's.
+        plan, error = None, str(e)
+        costs = dataclasses.replace(plan_for(model, smallest, settings, **overrides).fixed,
+                                    margin=margin_bytes(budget))
+    cfg, sizes = model.config, checkpoint_sizes(model)
+    return dict(model=str(model.path), model_type=cfg.model_type, moe_layers=len(cfg.moe_layers),
+                num_experts=cfg.num_experts, hi=sizes["hi"].name, lo=sizes["lo"].name,
+                dense_dtype=model.dense_format.name, budget_bytes=budget, feasible=plan is not None, error=error,
+                hi_slots_per_layer=list(plan.n_hi) if plan else None, min_feasible_bytes=smallest,
+                dense_bytes=costs.dense_params, kv_cache_bytes=costs.kv_cache, workspace_bytes=costs.workspace,
+                margin_bytes=costs.margin,
+                expert_hi_bytes=expert_nbytes(sizes["hi"], cfg.hidden_size, cfg.moe_intermediate_size),
+                expert_lo_bytes=expert_nbytes(sizes["lo"], cfg.hidden_size, cfg.moe_intermediate_size),
+                expert_bytes=plan.resident if plan else None, staging_bytes=plan.staging if plan else None,
+                total_bytes=plan.total if plan else None,
+                settings=dict(policy=settings.make_policy().name, **settings.plan_options(), **overrides))

@@ -2,8 +2,9 @@
 every value, used by the Engine, the CLI, the demo, the comparison harness and the examples.
 
 Defaults that lower levels need as well are defined there and only referenced here: the hotness
-EMA factor (serving.hotness.ALPHA), the segment length (serving.generate.SEGMENT_LEN) and the
-dynamic policies' update period and hysteresis (runtime.policies)."""
+EMA factor (serving.hotness.ALPHA), the segment length and the prefill chunk
+(serving.generate.SEGMENT_LEN, PREFILL_CHUNK) and the dynamic policies' update period and
+hysteresis (runtime.policies)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ from dynaexq_jax.errors import RuntimeConfigError, check_int
 from dynaexq_jax.model.moe import BACKENDS
 from dynaexq_jax.runtime.budget import check_plan_options
 from dynaexq_jax.runtime.policies import DELTA, UPDATE_PERIOD, Policy, check_update_options, make_policy, policy_class
-from dynaexq_jax.serving.generate import SEGMENT_LEN
+from dynaexq_jax.serving.generate import PREFILL_CHUNK, SEGMENT_LEN
 from dynaexq_jax.serving.hotness import ALPHA
 
 
@@ -30,8 +31,14 @@ class EngineConfig:
     segment_len: int = SEGMENT_LEN     # decode steps per jitted segment, = positions per scoring chunk
     batch: int = 1                     # the largest batch served (sizes the KV cache inside the budget)
     max_len: int = 512                 # the longest sequence served (sizes the KV cache; the scoring window)
+    prefill_chunk: int = PREFILL_CHUNK  # prompt positions per prefill forward (sizes the workspace)
     strategy: str = "proportional"     # HI slots per layer: uniform, proportional or greedy (budget.plan_budget)
-    transfers_in_flight: int = 4       # K: copies in flight (a swap moves two)
+    # K: transfer staging of K copies of the largest expert; swaps fly while their bytes (m_hi + m_lo
+    # each) fit (runtime.transfers). 64: on Qwen3-30B-A3B bf16/int4, 576 MiB staging (1.8% of 32 GiB),
+    # 50 swaps per segment for the whole model, ~24 ms of copies at PCIe 4.0 rates (~0.4 ms per HI
+    # copy): the copy engine is busy for much of a segment (tens of ms) and a boundary's copies arrive
+    # before the next; a workload shift (~20 swaps in each of 48 layers) is absorbed in ~20 segments.
+    transfers_in_flight: int = 64
     alpha: float = ALPHA               # hotness EMA factor per step
     update_period: int = UPDATE_PERIOD  # T_u: decode steps between policy updates (dynaexq, random)
     delta: float = DELTA               # hysteresis margin (dynaexq)
@@ -46,7 +53,7 @@ class EngineConfig:
             policy_class(self.policy)
         elif not isinstance(self.policy, Policy):
             raise RuntimeConfigError(f"policy must be a policy name or a Policy, got {self.policy!r}")
-        for name in ("segment_len", "batch", "max_len"):
+        for name in ("segment_len", "batch", "max_len", "prefill_chunk"):
             check_int(name, getattr(self, name), RuntimeConfigError)
         check_plan_options(self.strategy, self.transfers_in_flight, self.max_hi_fraction)
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0):
@@ -70,5 +77,6 @@ class EngineConfig:
 
     def plan_options(self) -> dict:
         """The budget.plan_budget arguments these settings fix."""
-        return dict(batch=self.batch, max_len=self.max_len, backend=self.backend, strategy=self.strategy,
-                    transfers_in_flight=self.transfers_in_flight, max_hi_fraction=self.max_hi_fraction)
+        return dict(batch=self.batch, max_len=self.max_len, prefill_len=self.prefill_chunk, backend=self.backend,
+                    strategy=self.strategy, transfers_in_flight=self.transfers_in_flight,
+                    max_hi_fraction=self.max_hi_fraction)

@@ -6,14 +6,16 @@ At every segment boundary (generate.Controller hooks) the engine
      deterministic mode every pair started at the previous boundary (waiting on the host, while
      the already-dispatched next segment runs), otherwise only those that arrived, deferring
      the rest. The forward pass never waits for a copy;
-  2. asks the policy for new swaps when its period has elapsed;
-  3. starts copies for queued swaps, at most K transitions (copies) in flight.
+  2. asks the policy for new swaps when its period has elapsed, against the HI sets as they will
+     be once the swaps in flight are published; the transfer schedule (runtime.transfers) ranks
+     them by benefit across all layers, replacing what was queued;
+  3. starts copies for the queue's best swaps, as many as fit in the staging bytes the budget
+     reserves (budget.BudgetPlan.staging).
 Copies are plain async device_puts of one expert's packed tier from the host store; the
 publication is a jitted, donated scatter into the pool slots plus a new assignment.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import time
@@ -24,9 +26,10 @@ import numpy as np
 
 from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError
 from dynaexq_jax.model.moe import HI, LO
-from dynaexq_jax.runtime.budget import BudgetPlan, parse_bytes, plan_for
+from dynaexq_jax.runtime.budget import BudgetPlan, plan_for, resolve_budget
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
+from dynaexq_jax.runtime.transfers import PlannedSwap, TransferSchedule
 from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
 from dynaexq_jax.serving.generate import Controller, GenerationResult, generate
 from dynaexq_jax.serving.sampling import Sampling
@@ -42,13 +45,10 @@ _COPIER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefi
 @dataclasses.dataclass
 class Transition:
     """One swap pair in flight: both copies are futures of device arrays that may not have arrived."""
-    pos: int
-    promote: int
-    demote: int
+    swap: PlannedSwap
     job: concurrent.futures.Future   # -> a list of (hi_copy, lo_copy) one-slot TierPools on the device
     index: int                       # this pair's entry in the job's list
     nbytes: int
-    started_at: int
 
     @property
     def copies(self):
@@ -76,7 +76,8 @@ class RuntimeCounters:
 class Engine(Controller):
     """Serve a converted checkpoint under a device-memory budget.
 
-    model: a path or a loaded Checkpoint. budget_bytes: int or '20GiB'. settings: an EngineConfig
+    model: a path or a loaded Checkpoint. budget_bytes: int, '20GiB' or '25%' (of
+    each layer's experts in HI; budget.resolve_budget). settings: an EngineConfig
     (policy, segment length, the batch and max_len that size the KV cache, ...); keyword
     arguments change single settings, e.g. Engine(model, budget_bytes="2GiB", policy="static",
     batch=8). calibration: optional ranking scores [L_moe, E] for the initial HI set (and the
@@ -102,7 +103,7 @@ class Engine(Controller):
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
         fixed_frac = self.policy.fixed_hi_fraction
         self.plan: BudgetPlan = plan_for(
-            ckpt, parse_bytes(budget_bytes), settings, layer_priority=calibration,
+            ckpt, resolve_budget(budget_bytes, ckpt, settings), settings, layer_priority=calibration,
             max_hi_fraction=settings.max_hi_fraction if fixed_frac is None else fixed_frac)
         if fixed_frac is not None and any(n != round(fixed_frac * E) for n in self.plan.n_hi):
             raise InfeasibleBudgetError(
@@ -118,7 +119,7 @@ class Engine(Controller):
         self.counters = RuntimeCounters()
         self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
         self.transitions: list[Transition] = []      # swap pairs whose copies are in flight
-        self.queue: collections.deque = collections.deque()
+        self.schedule = TransferSchedule(self.plan.staging, self.plan.m_hi + self.plan.m_lo)
         self._reset_timeline()
 
     # The Controller settings the jitted steps read.
@@ -173,13 +174,14 @@ class Engine(Controller):
         if self.policy.wants_update(step, self._last_update):
             self._last_update = step
             self._plan(step, scores)
-        self._start_transfers(step)
+        self._start_transfers()
         owned = self.owned_bytes()
         self.counters.max_owned_bytes = max(self.counters.max_owned_bytes, owned)
         mask = self.pools.hi_mask()
         self._masks.append(mask)
         self.timeline.append(dict(step=int(step), prefill=prefill, hit_rate=hit, routed_mass=total,
-                                  published=published, in_flight=len(self.transitions), owned_bytes=owned,
+                                  published=published, in_flight=len(self.transitions),
+                                  queued=len(self.schedule.queue), owned_bytes=owned,
                                   served_hi_mask=used.astype(np.int8).tolist(),
                                   hi_mask=mask.astype(np.int8).tolist(), scores=np.round(scores, 6).tolist(),
                                   mass=np.round(mass.mean(0), 6).tolist(),
@@ -204,11 +206,13 @@ class Engine(Controller):
                 jax.block_until_ready(t.copies)
                 self.counters.copy_wait_s += time.perf_counter() - t0
             if t.ready:
-                self.pools.publish(t.pos, t.promote, t.demote, *t.copies)
+                s = t.swap
+                self.pools.publish(s.pos, s.promote, s.demote, *t.copies)
+                self.schedule.published(s)
                 self.counters.promotions += 1
                 self.counters.demotions += 1
                 self.counters.bytes_moved += t.nbytes
-                published.append((t.pos, t.promote, t.demote))
+                published.append((s.pos, s.promote, s.demote))
             else:
                 waiting.append(t)
         if waiting:
@@ -217,33 +221,22 @@ class Engine(Controller):
         return published
 
     def _plan(self, step, scores):
-        busy = {(t.pos, e) for t in self.transitions for e in (t.promote, t.demote)}
-        swaps = self.policy.plan(step, scores, self.pools.hi_mask(), self.n_hi)
+        swaps = self.policy.plan(step, scores, self.schedule.target_hi(self.pools.hi_mask()), self.n_hi)
         self.counters.plans += 1
-        # A new plan replaces what is still queued: its decisions are based on fresher scores.
-        self.queue.clear()
-        for pos, layer_swaps in enumerate(swaps):
-            for p, d in layer_swaps:
-                if (pos, p) not in busy and (pos, d) not in busy:
-                    self.queue.append((pos, p, d))
-        self.counters.swaps_planned += len(self.queue)
+        self.counters.swaps_planned += sum(map(len, swaps))
+        self.schedule.replan(swaps, scores)
 
-    def _start_transfers(self, step):
-        """Start copies for queued swaps, at most K transitions in flight. All copies started at
-        one boundary go to the copier thread as one job (one thread hand-off per boundary)."""
-        K = self.plan.transfers_in_flight
-        starts = []
-        while self.queue and 2 * (len(self.transitions) + len(starts) + 1) <= K:   # a swap is two transitions
-            pos, p, d = self.queue.popleft()
-            r = self.pools.residency[pos]
-            if r.tier[p] != LO or r.tier[d] != HI:
-                continue   # stale: an earlier swap already moved one of them
-            starts.append((pos, p, d, (self.store.expert(pos, HI, p), self.store.expert(pos, LO, d))))
+    def _start_transfers(self):
+        """Start copies for the schedule's best queued swaps that fit in the staging bytes. All
+        copies started at one boundary go to the copier thread as one job (one thread hand-off
+        per boundary)."""
+        starts = [(s, (self.store.expert(s.pos, HI, s.promote), self.store.expert(s.pos, LO, s.demote)))
+                  for s in self.schedule.start(self.pools.hi_mask())]
         if not starts:
             return
-        job = _COPIER.submit(jax.device_put, [copies for *_, copies in starts])
-        for i, (pos, p, d, copies) in enumerate(starts):
-            self.transitions.append(Transition(pos, p, d, job, i, tree_nbytes(copies), step))
+        job = _COPIER.submit(self.store.to_device, [copies for _, copies in starts])
+        for i, (s, copies) in enumerate(starts):
+            self.transitions.append(Transition(s, job, i, tree_nbytes(copies)))
 
     # ---- serving ----------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
@@ -258,7 +251,7 @@ class Engine(Controller):
         before = dataclasses.replace(self.counters)
         res = generate(self.params(), self.config, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                        key=jax.random.PRNGKey(seed), stop_tokens=stop_tokens, max_len=s.max_len,
-                       segment_len=s.segment_len, backend=s.backend,
+                       segment_len=s.segment_len, prefill_chunk=s.prefill_chunk, backend=s.backend,
                        cache_dtype=self.cache_dtype, on_tokens=on_tokens, controller=self)
         res.texts = self.codec.texts(res.tokens)
         res.runtime = self._summary(before, self.timeline[1:])   # boundary 0 reports the prefill
@@ -284,7 +277,11 @@ class Engine(Controller):
         counters = {k: getattr(self.counters, k) - (getattr(before, k) if k != "max_owned_bytes" else 0)
                     for k in dataclasses.asdict(self.counters)}
         hits = [t["hit_rate"] for t in boundaries if t["routed_mass"] > 0]
+        # Host time in the hooks: controller work, and waits for the device (the dispatched
+        # segment before a publish, copies in deterministic mode), which are not controller work.
+        controller_s = sum(t["controller_s"] for t in self.timeline)
+        device_wait_s = counters["drain_wait_s"] + counters["copy_wait_s"]
         return dict(policy=self.policy.name, budget=self.plan.budget, n_hi=self.n_hi,
                     counters=counters, hi_hit_rate=float(np.mean(hits)) if hits else float("nan"),
-                    controller_s=sum(t["controller_s"] for t in self.timeline),
-                    budget_rows=self.plan.rows(), timeline=self.timeline)
+                    controller_s=controller_s, controller_work_s=controller_s - device_wait_s,
+                    device_wait_s=device_wait_s, budget_rows=self.plan.rows(), timeline=self.timeline)

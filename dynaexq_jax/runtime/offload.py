@@ -285,7 +285,7 @@ class OffloadEngine:
         for pos, cap in enumerate(self.plan.capacity):
             initial = range(cap) if calibration is None else rank(np.asarray(calibration[pos], float))[:cap]
             self.caches.append(ExpertCache(cap, initial, self.counters))
-            self.pools.append(jax.device_put(self.store.stack(pos, HI, list(initial))))
+            self.pools.append(self.store.pool(pos, HI, list(initial)))
         self._resident_bytes = tree_nbytes(self.dense) + sum(tree_nbytes(p) for p in self.pools)
         self._in_flight: list = []     # staged one-expert copies that may not have arrived (<= K)
 
@@ -309,7 +309,7 @@ class OffloadEngine:
         self._retire()
         while len(self._in_flight) >= self.plan.transfers_in_flight:
             jax.block_until_ready(self._in_flight.pop(0))
-        staged = jax.device_put(self.store.expert(pos, HI, e))
+        staged = self.store.to_device(self.store.expert(pos, HI, e))
         self._in_flight.append(staged)
         self.pools[pos] = _write_one(self.pools[pos], np.int32(slot), staged)
         self.counters.bytes_moved += self.plan.m_hi

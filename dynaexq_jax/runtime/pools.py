@@ -1,5 +1,10 @@
 """Per-layer tier pools on the device, the host store of both tiers, and the assignment.
 
+The host store is the converted checkpoint itself: its expert tiers are memory-mapped files, and
+a copy to the device reads one expert's slice of the map (the OS page cache holds what is hot;
+this process keeps no copy of its own). Start-up fills each pool a bounded chunk at a time,
+reading only the experts placed in it.
+
 For each MoE layer: a HI pool of n_hi slots and a LO pool of E - n_hi slots, so every expert is
 resident in exactly one complete representation. The host keeps a mirror of the assignment
 (tier and slot of every expert) and of which expert each slot holds; the device copy of the
@@ -13,12 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.model.moe import HI, LO, ExpertPools, TierPool
+from dynaexq_jax.serving.safetensors_io import release_pages
+
+# Start-up fills a pool through host chunks of at most this many bytes (at least one expert).
+FILL_CHUNK_BYTES = 64 << 20
 
 
 def _host_memory_sharding():
@@ -34,28 +44,68 @@ def _host_memory_sharding():
 
 
 class HostStore:
-    """Both tiers of every expert in host memory, one small pytree per (layer, tier, expert), so
-    that a promotion or demotion is a single host-to-device copy of exactly that expert."""
+    """Both tiers of every expert, as the checkpoint's memory-mapped TierPools [E, ...]: a
+    promotion or demotion is one host-to-device copy of exactly one expert's slice of the map.
+
+    A copy goes through a staging buffer of its own (pinned host memory where the backend has
+    it, from which the DMA runs asynchronously) and the map's pages are dropped from this process
+    as soon as it is made: they stay in the OS page cache, but this process keeps (and its RSS
+    counts) only the copies in flight, not every expert it ever read. On the CPU backend the
+    device array uses the staging buffer itself (no second copy)."""
 
     def __init__(self, experts_by_layer: dict[int, dict[str, TierPool]], moe_layers: tuple[int, ...]):
-        sharding = _host_memory_sharding()
-        put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else np.asarray
         self.pools = [[experts_by_layer[l]["hi"], experts_by_layer[l]["lo"]] for l in moe_layers]
-        self._one = {}
-        for pos, tiers in enumerate(self.pools):
-            for t, pool in enumerate(tiers):
-                for e in range(pool.size):
-                    self._one[pos, t, e] = jax.tree.map(lambda a, e=e: put(np.asarray(a[e:e + 1])), pool)
+        self._pinned = _host_memory_sharding()
+        self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def expert(self, pos: int, tier: int, e: int) -> TierPool:
-        """A one-slot TierPool (leading dim 1) of expert e of MoE layer pos in `tier`."""
-        return self._one[pos, tier, e]
+        """A one-slot TierPool (leading dim 1) of expert e of MoE layer pos in `tier`: views of the
+        map, nothing read until to_device copies them."""
+        return jax.tree.map(lambda a: a[e:e + 1], self.pools[pos][tier])
 
-    def stack(self, pos: int, tier: int, experts: list[int]) -> TierPool:
-        """A TierPool of the given experts in order (numpy), for building pools at start-up."""
-        pool = self.pools[pos][tier]
-        idx = np.asarray(experts, np.int64)
-        return jax.tree.map(lambda a: np.asarray(a)[idx], pool)
+    def to_device(self, copies):
+        """expert() slices (any pytree of them) -> device arrays: each read once into its staging
+        buffer (the one host copy), after which the pages it read are dropped from this process."""
+        if self._pinned is not None:
+            staged = jax.block_until_ready(jax.device_put(copies, self._pinned))
+        else:
+            staged = jax.tree.map(lambda a: _staged(a, slice(None)), copies)
+        release_pages(copies)
+        return jax.device_put(staged, self._device)
+
+    def pool(self, pos: int, tier: int, experts: list[int]) -> TierPool:
+        """A device TierPool of the given experts in order, filled FILL_CHUNK_BYTES of host memory
+        at a time: only those experts are read from the map, never a whole layer at once. The
+        pool is a buffer of the device's own (publications donate it; an adopted host buffer
+        cannot be donated), written chunk by chunk."""
+        src = self.pools[pos][tier]
+        n = len(experts)
+        step = max(1, min(n, FILL_CHUNK_BYTES * src.size // max(1, tree_nbytes(src))))
+        out = jax.tree.map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype, device=self._device), src)
+        for start in range(0, n, step):
+            start = min(start, n - step)          # the last chunk overlaps: one chunk shape, one compile
+            idx = np.asarray(experts[start:start + step], np.int64)
+            host = jax.tree.map(lambda a, idx=idx: _staged(a, idx), src)
+            release_pages(src)
+            if self._pinned is not None:
+                host = jax.device_put(host, self._pinned)
+            out = _write_rows(out, np.int32(start), jax.device_put(host, self._device))
+        return out
+
+
+def _staged(a: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """a[rows] (rows of the leading axis) copied into a staging buffer of its own: an anonymous
+    mapping, page-aligned (XLA's CPU client adopts an aligned buffer as a device buffer instead
+    of copying it) and returned to the OS when the array dies, not kept by the allocator."""
+    n = len(range(*rows.indices(len(a)))) if isinstance(rows, slice) else len(rows)
+    shape = (n,) + a.shape[1:]
+    count = int(np.prod(shape))
+    out = np.frombuffer(mmap.mmap(-1, max(1, count * a.dtype.itemsize)), a.dtype, count).reshape(shape)
+    if isinstance(rows, slice):
+        np.copyto(out, a[rows])
+    else:
+        np.take(a, rows, axis=0, out=out)
+    return out
 
 
 def tree_nbytes(tree) -> int:
@@ -64,6 +114,9 @@ def tree_nbytes(tree) -> int:
 
 def write_slot(pool: TierPool, slot, one: TierPool) -> TierPool:
     return jax.tree.map(lambda p, x: jax.lax.dynamic_update_slice_in_dim(p, x.astype(p.dtype), slot, 0), pool, one)
+
+
+_write_rows = jax.jit(write_slot, donate_argnums=0)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -112,7 +165,7 @@ class DevicePools:
         self.residency = [LayerResidency.from_hi_set(h, num_experts) for h in hi_sets]
         self.pools = []
         for pos, r in enumerate(self.residency):
-            self.pools.append([jax.device_put(store.stack(pos, t, r.holders[t])) for t in (HI, LO)])
+            self.pools.append([store.pool(pos, t, r.holders[t]) for t in (HI, LO)])
         self._assignments = [self._assignment(pos) for pos in range(len(self.residency))]
 
     def _assignment(self, pos: int) -> ExpertPools:
@@ -138,7 +191,7 @@ class DevicePools:
         its own content), so that the first real publish does not compile while serving."""
         for pos, r in enumerate(self.residency):
             if r.holders[HI] and r.holders[LO]:
-                copies = [jax.device_put(self.store.expert(pos, t, r.holders[t][0])) for t in (HI, LO)]
+                copies = [self.store.to_device(self.store.expert(pos, t, r.holders[t][0])) for t in (HI, LO)]
                 self.pools[pos] = list(write_swap(*self.pools[pos], np.int32(0), np.int32(0), *copies))
         self._assignments = [self._assignment(pos) for pos in range(len(self.residency))]
 

@@ -1,5 +1,5 @@
-"""The Hugging Face -> converted-checkpoint converter, found as a plugin, and the source digests
-that it records and that reuse checks compare.
+"""The Hugging Face -> converted-checkpoint converter, found as a plugin, and the file digests
+that it records (of its sources, for reuse checks; of what it wrote, for `info --verify`).
 
 checkpoints_convert depends on dynaexq_jax (config, formats, errors), so dynaexq_jax never
 imports it: checkpoints_convert registers its `convert` as the entry point "huggingface" of the
@@ -29,15 +29,23 @@ def hf_converter():
     return next(iter(found)).load()
 
 
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
+    """The sha256 hex digest of a file (None if `stop` was set before it was read to the end)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 23):
+            if stop is not None and stop.is_set():
+                return None
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_files(files: list[Path], stop: threading.Event | None = None) -> dict[str, str]:
     """{file name: sha256} of files (stops early, partial, once `stop` is set)."""
     out = {}
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 23):
-                if stop is not None and stop.is_set():
-                    return out
-                h.update(chunk)
-        out[f.name] = h.hexdigest()
+        digest = sha256_file(f, stop)
+        if digest is None:
+            return out
+        out[f.name] = digest
     return out

@@ -1,6 +1,6 @@
 """Batched generation: prefill of right-padded prompts of different lengths into a preallocated
-KV cache, then jitted decode segments of `segment_len` steps in one lax.scan with the cache
-donated. Between segments the host may run a controller (the DynaExq runtime does)."""
+KV cache, chunk by chunk, then jitted decode segments of `segment_len` steps in one lax.scan with
+the cache donated. Between segments the host may run a controller (the DynaExq runtime does)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +20,10 @@ from dynaexq_jax.serving.sampling import Sampling, sample
 
 # Decode steps per jitted segment unless a caller chooses another (the engine's default too).
 SEGMENT_LEN = 16
+# Prompt positions per prefill forward unless a caller chooses another (the engine's default too):
+# a longer prompt is prefilled chunk after chunk into the cache, so activation memory (above all
+# the attention scores, [B, heads, chunk, max_len] f32) follows the chunk, not the prompt.
+PREFILL_CHUNK = 512
 
 
 def bucket(n: int, quantum: int = 16) -> int:
@@ -71,19 +75,49 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len
 
 
 # ---- the jitted steps ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend", "alpha"), donate_argnames=("cache",))
-def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *,
-            sampling: Sampling, backend: str = "xla", alpha: float | None = None):
-    """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty, scores f32 [L_moe, E]
-    -> (first sampled token [B], cache, router mass f32 [L_moe, E] over the real prompt tokens,
-    scores: the hotness EMA after one step with that mass, or unchanged when alpha is None)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("cache",))
+def prefill_chunk(params, cfg: ModelConfig, tokens, lengths, start, cache, last_logits, mass_sum, *,
+                  backend: str = "xla"):
+    """One chunk of a prefill: tokens int32 [B, C], prompt positions start .. start + C - 1
+    (start int32) of right-padded prompts of lengths int32 [B]. Returns (cache advanced by each
+    row's real tokens in the chunk; last_logits f32 [B, V]: the logits of each prompt's last token
+    once the chunk holding it has run, else as given; mass_sum f32 [L_moe, E] plus the chunk's
+    router mass summed over its real tokens)."""
+    C = tokens.shape[1]
+    valid = jnp.clip(lengths - start, 0, C)
+    last = lengths - 1 - start                                    # the last real token, in chunk positions
     logits, cache, info = family(cfg.model_type).forward(params, cfg, tokens, cache, backend=backend,
-                                                         logits_at=lengths - 1, valid=lengths)
-    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    mass = selected_mass(info.ids, info.probs, cfg.num_experts, mask)
-    first = sample(logits, jax.random.fold_in(key, 0), sampling)
-    if alpha is not None:
-        scores = ema_update(scores, mass, alpha)
+                                                         logits_at=jnp.clip(last, 0, C - 1), valid=valid)
+    mask = jnp.arange(C)[None, :] < valid[:, None]
+    mass = selected_mass(info.ids, info.probs, cfg.num_experts, mask) * mask.sum()   # a mean, back to a sum
+    here = (last >= 0) & (last < C)
+    return cache, jnp.where(here[:, None], logits, last_logits), mass_sum + mass
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "alpha"))
+def _first_token(last_logits, mass_sum, n_tokens, key, scores, *, sampling: Sampling, alpha: float | None):
+    mass = mass_sum / jnp.maximum(n_tokens, 1).astype(jnp.float32)
+    first = sample(last_logits, jax.random.fold_in(key, 0), sampling)
+    return first, mass, scores if alpha is None else ema_update(scores, mass, alpha)
+
+
+def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *, sampling: Sampling,
+            backend: str = "xla", alpha: float | None = None, chunk: int = PREFILL_CHUNK):
+    """tokens int32 [B, T] right-padded, lengths int32 [B], cache empty (donated), scores f32
+    [L_moe, E] -> (first sampled token [B], cache, router mass f32 [L_moe, E] over the real prompt
+    tokens, scores: the hotness EMA after one step with that mass, or unchanged when alpha is None).
+    The prompt runs in chunks of `chunk` positions (the last one shorter; every full chunk shares
+    one compiled step), each writing its part of the cache; only each prompt's last position
+    gets logits."""
+    B, T = tokens.shape
+    tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    mass_sum = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
+    for start in range(0, T, chunk):
+        cache, last_logits, mass_sum = prefill_chunk(params, cfg, tokens[:, start:start + chunk], lengths,
+                                                     jnp.int32(start), cache, last_logits, mass_sum, backend=backend)
+    first, mass, scores = _first_token(last_logits, mass_sum, lengths.sum(), key, scores, sampling=sampling,
+                                       alpha=alpha)
     return first, cache, mass, scores
 
 
@@ -189,14 +223,16 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              stop_tokens: Sequence[int] | None = None, max_len: int | None = None,
              segment_len: int = SEGMENT_LEN, backend: str = "xla", cache_dtype=jnp.float32,
              on_tokens: Callable[[np.ndarray], None] | None = None,
-             controller: Controller | None = None) -> GenerationResult:
-    """Generate up to max_new_tokens for every prompt.
+             controller: Controller | None = None, prefill_chunk: int = PREFILL_CHUNK) -> GenerationResult:
+    """Generate up to max_new_tokens for every prompt (prompts prefilled in chunks of
+    prefill_chunk positions).
 
     Pipelined: segment i+1 is dispatched (from segment i's device outputs) before segment i's
     results are read on the host, so the device never waits for the host: streaming
     (on_tokens(tokens int [n, B])), stop checks and the controller's work overlap the next
     segment, and the controller's new params take effect from the segment after that."""
     check_int("segment_len", segment_len, GenerationError)
+    check_int("prefill_chunk", prefill_chunk, GenerationError)
     check_prompts(prompts, max_new_tokens, max_len, cfg.vocab_size)
     ctl = controller or Controller()
     key = jax.random.PRNGKey(0) if key is None else key
@@ -209,9 +245,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     scores = jnp.asarray(ctl.initial_scores(len(cfg.moe_layers), cfg.num_experts), jnp.float32)
 
     t0 = time.perf_counter()
-    first, cache, mass, scores = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
-                                         scores, sampling=sampling, backend=backend,
-                                         alpha=ctl.alpha if ctl.hotness_in_prefill else None)
+    first, cache, mass, scores = prefill(params, cfg, tokens, lengths, cache, key, scores, sampling=sampling,
+                                         backend=backend, alpha=ctl.alpha if ctl.hotness_in_prefill else None,
+                                         chunk=prefill_chunk)
     first_h = np.asarray(first)
     stats.time_to_first_token_s = time.perf_counter() - t0
     if on_tokens:

@@ -1,4 +1,4 @@
-"""Expert hotness: the selected probability mass per token (method.md section 1)
+"""Expert hotness: the selected probability mass per token (DynaExq, arXiv 2511.15015)
 
     c[l, e] = (1/N) * sum over tokens t of 1[e in topk(t)] * p[t, e]
 

@@ -26,10 +26,11 @@ from dynaexq_jax.serving.hotness import ema_over_positions, position_mass
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "alpha"), donate_argnames=("cache",))
 def score_chunk(params, cfg: ModelConfig, cache, inputs, targets, scores, *, backend: str, alpha: float):
     """inputs/targets int32 [B, C] -> (nll f32 [B, C], cache, mass f32 [C, L_moe, E], scores), the
-    hotness EMA advanced once per position (hotness.py)."""
+    hotness EMA advanced once per position (hotness.py). The chunk's logits f32 [B, C, V] are its
+    only vocabulary-sized buffer: nll = logsumexp - the target's logit, no log-softmax array."""
     logits, cache, info = family(cfg.model_type).forward(params, cfg, inputs, cache, backend=backend)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target
     mass = position_mass(info.ids, info.probs, cfg.num_experts, inputs.shape[1])
     return nll, cache, mass, ema_over_positions(scores, mass, alpha)
 

@@ -107,15 +107,21 @@ class Experts:
         per_proj, names = {"gate": (I, H), "up": (I, H), "down": (H, I)}, self.per_expert_names()
         return {names[proj][e]: per_proj[proj] for e in range(E) for proj in PROJECTIONS}
 
-    def from_hf(self, layout: str, read: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    def from_hf(self, layout: str, read: Callable[[str], np.ndarray], experts: range | None = None
+                ) -> dict[str, np.ndarray]:
         """Read this layer's HF tensors one at a time (per expert: into one preallocated stack per
-        projection, so E separate arrays and the stack are never held at once) -> our stacks."""
+        projection, so E separate arrays and the stack are never held at once) -> our stacks, of
+        every expert or only of the range `experts` (a converter works a few experts at a time;
+        a fused tensor is indexed [a:b], which a lazy tensor from `read` can serve by reading
+        only those rows)."""
+        rows = slice(None) if experts is None else slice(experts.start, experts.stop)
         if layout == "fused":
-            gate_up, I = read(self.prefix + "gate_up_proj"), self.inter
+            gate_up, I = read(self.prefix + "gate_up_proj")[rows], self.inter
             return {"gate": gate_up[:, :I].transpose(0, 2, 1), "up": gate_up[:, I:].transpose(0, 2, 1),
-                    "down": read(self.prefix + "down_proj").transpose(0, 2, 1)}
+                    "down": read(self.prefix + "down_proj")[rows].transpose(0, 2, 1)}
         out = {}
         for proj, names in self.per_expert_names().items():
+            names = names[rows]
             first = read(names[0])
             stack = np.empty((len(names),) + first.shape, first.dtype)
             stack[0] = first

@@ -4,7 +4,7 @@
                   (TierPool, ExpertPools, HI/LO), and the contract every backend keeps
   api.py          moe_experts(..., backend=...): the entry point, BACKENDS
   reference.py    the dense reference every backend is tested against
-  xla.py          "xla" / "xla-only": plain XLA, plus the CPU kernel per tier where it suits
+  xla.py          "xla" / "xla-only": plain XLA, plus the CPU kernel for every tier where it is built
   cpu_kernel.py   the CPU kernel (csrc/moe_cpu.cc, an XLA FFI custom call) and its builder
   pallas.py       "pallas": the adapter from ExpertPools to the kernels in pallas_kernels/
   nnx.py          the MoE layer as a Flax NNX module over the same functions
@@ -15,7 +15,6 @@ from dynaexq_jax.model.moe.cpu_kernel import moe_experts_cpu_kernel
 from dynaexq_jax.model.moe.pallas import moe_experts_pallas
 from dynaexq_jax.model.moe.reference import moe_experts_reference
 from dynaexq_jax.model.moe.xla import (
-                                       KERNEL_MAX_PAIRS_PER_SLOT,
                                        block_rows,
                                        grouped_blocks,
                                        grouped_is_cheaper,
@@ -25,5 +24,5 @@ from dynaexq_jax.model.moe.xla import (
 
 __all__ = ["BACKENDS", "XLA_BACKENDS", "moe_experts", "HI", "LO", "ExpertPools", "TierPool", "quantize_experts",
            "route", "single_tier", "moe_experts_cpu_kernel", "moe_experts_pallas", "moe_experts_reference",
-           "KERNEL_MAX_PAIRS_PER_SLOT", "block_rows", "grouped_blocks", "grouped_is_cheaper", "moe_experts_xla",
+           "block_rows", "grouped_blocks", "grouped_is_cheaper", "moe_experts_xla",
            "xla_strategy"]

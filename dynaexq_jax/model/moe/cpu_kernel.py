@@ -1,6 +1,6 @@
 """The CPU kernel of the MoE op (csrc/moe_cpu.cc): one tier's routed experts, each streamed
 once from its pool slot and dequantized on the fly, called from XLA as an FFI custom call. The
-"xla" backend (xla.py) calls it per tier where the shape suits it, with XLA's gradients;
+"xla" backend (xla.py) calls it for every tier at any shape, with XLA's gradients;
 moe_experts_cpu_kernel runs every tier through it (forward only).
 
 It is compiled on first use with the machine's C++ compiler against the XLA FFI headers that
@@ -94,6 +94,14 @@ def enabled() -> bool:
     """Whether the MoE op should call the kernel: DYNAEXQ_CPU_KERNEL is read each time a function
     is traced (already compiled functions keep their choice), the build happens once."""
     return os.environ.get("DYNAEXQ_CPU_KERNEL", "1") != "0" and available()
+
+
+def scratch_bytes(tokens: int, k: int, hidden: int, inter: int) -> int:
+    """Host memory one kernel call allocates beside XLA's buffers (csrc/moe_cpu.cc, at most): the
+    per-pair outputs f32 [T*k, H], bf16 activations widened to f32 [T, H], and each routed slot's
+    rows, gate/up and output while it runs (their rows add up to at most T*k)."""
+    pairs = tokens * k
+    return 4 * (pairs * hidden + tokens * hidden + pairs * (2 * hidden + 2 * inter))
 
 
 def tier_contribution(x, pool, slots, weights):

@@ -1,10 +1,13 @@
 """The XLA backend of the MoE op: plain XLA everywhere ("xla-only"), plus the CPU kernel
-(cpu_kernel.py) for the routed experts where it is built and the shape suits it ("xla").
+(cpu_kernel.py) for the routed experts wherever it is built ("xla").
 
 Per tier, a static choice by shape (xla_strategy) between three ways to compute its share:
 routed-pair gathers (decode), grouped per-slot blocks (long prefills, training) and every slot
 over every token (short prefills, batched decode). All use batch-dim dot_generals: XLA CPU's
-transposing einsums were 5-10x slower.
+transposing einsums were 5-10x slower. XLA has no dequantizing matmul, so each way dequantizes
+the slots it multiplies with; it does so a group of blocks at a time (at most GROUP_BYTES of
+dequantized weights and activations per group, a lax.scan over groups), so the op's workspace
+is bounded by a constant, never by a whole pool (workspace_bytes).
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynaexq_jax.model.moe import cpu_kernel
 from dynaexq_jax.model.moe.base import ExpertPools, TierPool, tier_pairs
+from dynaexq_jax.model.quant import Format, expert_nbytes
 
 
 def _batched_dot(x, w):
@@ -25,6 +30,11 @@ def _batched_dot(x, w):
 # A gathered slot is copied (read + write) before the matmul reads it: about three passes over
 # its bytes, against one pass per slot for the dense product.
 GATHER_COST = 3
+
+# Bytes of dequantized weights and activations one group of blocks may hold (module-level, read
+# when a function is traced). 64 MiB: 6 bf16 experts of Qwen3-30B-A3B (9 MiB each) with their
+# rows; every expert of the small models, so that they run in one group, without a loop.
+GROUP_BYTES = 64 * 2**20
 
 
 def _take(pool: TierPool, slots) -> TierPool:
@@ -37,21 +47,74 @@ def _expert_ffn(xs, pool: TierPool, dtype):
     return h, pool.down.dequantize(dtype)
 
 
+def weight_bytes(fmt: Format, hidden: int, inter: int, dtype, widen: bool = True) -> int:
+    """One slot's weights in a block: gathered (packed) and dequantized in dtype, or widened to
+    f32 (XLA CPU multiplies 16-bit floats in f32, dequantizing straight into the widened copy)."""
+    item = np.dtype(dtype).itemsize
+    return expert_nbytes(fmt, hidden, inter) + 3 * hidden * inter * (max(item, 4) if widen else item)
+
+
+def row_bytes(hidden: int, inter: int, dtype) -> int:
+    """One row of a block: the gathered token, gate/up/SwiGLU in f32, its cast for the down
+    product, the f32 output."""
+    item = np.dtype(dtype).itemsize
+    return hidden * item + 3 * inter * 4 + inter * item + hidden * 4
+
+
+def group_size(fmt: Format, hidden: int, inter: int, rows: int, dtype, n_blocks: int) -> int:
+    """Blocks of `rows` rows per group: as many as fit in GROUP_BYTES (at least one, at most all),
+    their weights counted widened whatever the platform."""
+    block = weight_bytes(fmt, hidden, inter, dtype) + rows * row_bytes(hidden, inter, dtype)
+    return int(max(1, min(n_blocks, GROUP_BYTES // block)))
+
+
+def _run_blocks(x, pool: TierPool, block_slot, row_tok, row_w, *, every_token: bool = False):
+    """The sum over blocks of weight * SwiGLU of the block's slot over its rows, f32 [T, H].
+    block_slot int32 [n]; row_tok int32 [n, b]: the token of each row (T: a padding row);
+    row_w f32 [n, b]: its routing weight (0 for padding). every_token: every block's rows are the
+    T tokens in order (the dense product), summed instead of scattered. Blocks run in groups of
+    group_size; more than one group runs as a lax.scan (the last group padded with zero-weight
+    blocks), so only one group's weights are ever dequantized at once."""
+    T, H = x.shape
+    n, b = row_tok.shape
+    G = group_size(pool.fmt, H, pool.gate.n, b, x.dtype, n)
+    rows_x = jnp.concatenate([x, jnp.zeros((1, H), x.dtype)])
+
+    def group(out, blocks):
+        slot, tok, w = blocks
+        xs = jnp.broadcast_to(x, (slot.shape[0], T, H)) if every_token else rows_x[tok]
+        # Tied by the barrier to this group's routing weights, the pool is read only once they
+        # exist: XLA can neither dequantize a layer's weights ahead of its tokens (they depend on
+        # the weights alone) nor hoist the dequantization, or XLA CPU's widening of a 16-bit gather
+        # to f32, of the whole pool out of the loop.
+        pool_g, slot, w = jax.lax.optimization_barrier((pool, slot, w))
+        h, down = _expert_ffn(xs, _take(pool_g, slot), x.dtype)
+        y = _batched_dot((h * w[..., None]).astype(x.dtype), down)                 # [G, b, H]
+        if every_token:
+            return out.at[:T].add(y.sum(0)), None
+        return out.at[tok.reshape(-1)].add(y.reshape(-1, H)), None
+
+    out = jnp.zeros((T + 1, H), jnp.float32)
+    blocks = (block_slot, row_tok, row_w)
+    if n <= G:
+        return group(out, blocks)[0][:T]
+    pad = -n % G
+    blocks = tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, G, *a.shape[1:]) for a in blocks)
+    return jax.lax.scan(group, out, blocks)[0][:T]
+
+
 def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool):
-    """Only the (token, expert) pairs routed to this tier, gathered slot by slot. The number of
-    such pairs n is data; a lax.switch over power-of-two buckets runs the branch sized for n, so
-    the work (and bytes read) follows the pairs this tier actually serves, not all T*k. When the
-    pool holds every expert (a single-tier model), all pairs are its own: no sort, no switch."""
+    """Only the (token, expert) pairs routed to this tier, gathered slot by slot (blocks of one
+    row). The number of such pairs n is data; a lax.switch over power-of-two buckets runs the
+    branch sized for n, so the work (and bytes read) follows the pairs this tier actually serves,
+    not all T*k. When the pool holds every expert (a single-tier model), all pairs are its own:
+    no sort, no switch."""
     T, H = x.shape
     P = T * k
 
     def pairs(pick):                                              # pick: [size] pair indices
-        tok = pick // k
-        sel = _take(pool, slots.reshape(-1)[pick])
-        h, down = _expert_ffn(x[tok][:, None, :], sel, x.dtype)
-        wts = w.reshape(-1)[pick]                                 # 0 for padding pairs of other tiers
-        y = _batched_dot((h * wts[:, None, None]).astype(x.dtype), down)[:, 0]   # [size, H]
-        return jnp.zeros((T, H), jnp.float32).at[tok].add(y)
+        # Padding pairs of other tiers carry weight 0.
+        return _run_blocks(x, pool, slots.reshape(-1)[pick], (pick // k)[:, None], w.reshape(-1)[pick][:, None])
 
     if every_pair:
         return pairs(jnp.arange(P))
@@ -116,10 +179,7 @@ def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
     row_tok = jnp.full((rows + 1,), T, jnp.int32).at[dest].set(order // w.shape[1])[:rows]
     row_w = jnp.zeros((rows + 1,), jnp.float32).at[dest].set(w.reshape(-1)[order])[:rows]
     block_slot = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * b, side="right"), S - 1)
-    xs = jnp.concatenate([x, jnp.zeros((1, H), x.dtype)])[row_tok].reshape(n_blocks, b, H)
-    h, down = _expert_ffn(xs, _take(pool, block_slot), x.dtype)
-    y = _batched_dot((h * row_w.reshape(n_blocks, b, 1)).astype(x.dtype), down).reshape(rows, H)
-    return jnp.zeros((T + 1, H), jnp.float32).at[row_tok].add(y)[:T]
+    return _run_blocks(x, pool, block_slot, row_tok.reshape(n_blocks, b), row_w.reshape(n_blocks, b))
 
 
 def xla_strategy(tokens: int, k: int, slots: int, num_experts: int) -> str:
@@ -144,15 +204,44 @@ def _xla_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
     if strategy == "grouped":
         return _grouped_pairs(x, pool, slots, w, on_tier)
     combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
-    h, down = _expert_ffn(jnp.broadcast_to(x, (pool.size, T, H)), pool, x.dtype)
-    return _batched_dot((h * combine.T[..., None]).astype(x.dtype), down).sum(0)
+    every = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (pool.size, T))
+    return _run_blocks(x, pool, jnp.arange(pool.size, dtype=jnp.int32), every, combine.T, every_token=True)
 
 
-# The CPU kernel streams each routed slot once and computes only its routed rows. At 64 pairs per
-# slot (512 tokens, top-4, 32 slots, the decode-bench shapes) it still ran 1.7-2x faster than
-# XLA's grouped path; longer prefills keep the grouped path, whose larger blocks make better
-# matmuls and which was not measured against the kernel beyond that.
-KERNEL_MAX_PAIRS_PER_SLOT = 64
+def tier_workspace_bytes(fmt: Format, tokens: int, k: int, slots: int, num_experts: int, hidden: int,
+                         inter: int, dtype, widen: bool = True) -> tuple[int, int]:
+    """Peak transient bytes of _xla_tier for one tier of `slots` slots, an upper bound in two
+    parts: (weights dequantized ahead, transient). A tier whose blocks fit in one group is
+    dequantized whole, which depends on the weights alone: XLA may schedule it for every layer up
+    front (and hoists it out of the decode loop), so those bytes are the first part. Else one
+    group of blocks at a time, in a loop that ties them to the tokens. The transient part: the
+    group's rows (and weights), the f32 accumulator, the routing metadata of its strategy."""
+    P = tokens * k
+    strategy = xla_strategy(tokens, k, slots, num_experts)
+    if strategy == "routed":
+        n, b, meta = P, 1, 4 * 4 * P
+    elif strategy == "grouped":
+        n, b = grouped_blocks(P, slots), block_rows(P, slots)
+        meta = 4 * (8 * P + 3 * n * b + 4 * slots)
+    else:
+        n, b, meta = slots, tokens, 4 * tokens * slots * 3
+    G = group_size(fmt, hidden, inter, b, dtype, n)
+    weights, rows = G * weight_bytes(fmt, hidden, inter, dtype, widen), G * b * row_bytes(hidden, inter, dtype)
+    transient = rows + 4 * (tokens + 1) * hidden + meta
+    return (weights, transient) if n <= G else (0, weights + transient)
+
+
+def workspace_bytes(hi: Format, lo: Format, tokens: int, k: int, num_experts: int, hidden: int, inter: int,
+                    dtype, layers: int, widen: bool = True) -> int:
+    """Peak transient bytes of the XLA path in a program of `layers` two-tier MoE layers, whatever
+    their split of the experts (the worst counts): every layer's weights dequantized ahead
+    (tier_workspace_bytes), the larger tier's transient bytes (the tiers run one after the other)
+    and the f32 output. Checked against XLA's memory analysis in tests/test_budget.py."""
+    def split(n):
+        (w_hi, t_hi), (w_lo, t_lo) = (tier_workspace_bytes(f, tokens, k, s, num_experts, hidden, inter, dtype, widen)
+                                      for f, s in ((hi, n), (lo, num_experts - n)))
+        return layers * (w_hi + w_lo) + max(t_hi, t_lo)
+    return max(split(n) for n in range(1, num_experts)) + 4 * tokens * hidden
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -180,15 +269,15 @@ _kernel_tier.defvjp(_kernel_tier_fwd, _kernel_tier_bwd)
 
 
 def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = True):
-    """The XLA backend (the default): per tier, the CPU kernel (cpu_kernel.py) where it is built,
-    wanted (use_kernel) and the shape suits it, else plain XLA (_xla_tier). f32 accumulation,
-    x.dtype out."""
+    """The XLA backend (the default): every tier through the CPU kernel (cpu_kernel.py) where it
+    is built and wanted (use_kernel), else plain XLA (_xla_tier). The kernel streams each routed
+    slot once at any pool size and token count (it ran 2-7x faster than every XLA path from
+    decode to 4096-token prefills, one tier or two), so both tiers of a layer take the same path.
+    f32 accumulation, x.dtype out."""
     T, H = x.shape
-    k = ids.shape[1]
     out = jnp.zeros((T, H), jnp.float32)
+    kernel = use_kernel and cpu_kernel.enabled()
     for pool, slots, w, on_tier in tier_pairs(ids, weights, experts):
-        if use_kernel and cpu_kernel.enabled() and T * k <= KERNEL_MAX_PAIRS_PER_SLOT * pool.size:
-            out = out + _kernel_tier(x, pool, slots, w, on_tier, experts.num_experts)
-        else:
-            out = out + _xla_tier(x, pool, slots, w, on_tier, experts.num_experts)
+        tier = _kernel_tier if kernel else _xla_tier
+        out = out + tier(x, pool, slots, w, on_tier, experts.num_experts)
     return out.astype(x.dtype)
