@@ -228,7 +228,7 @@ def stage_env(spec, mode, result, save):
         try:
             result["packages"][name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            pass
+            result["packages"][name] = None          # not installed on this machine
     dev = jax.devices()[0]
     result["devices"] = [dict(id=d.id, kind=d.device_kind, platform=d.platform) for d in jax.devices()]
     result["memory_kinds"] = sorted(m.kind for m in dev.addressable_memories())
