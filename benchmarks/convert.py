@@ -16,15 +16,15 @@ Writes benchmarks/results/convert.json."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import write_result  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,14 +134,8 @@ def main():
                 r["peak_rss_mb"], r["vm_hwm_mb"], r["above_baseline_mb"], r["seconds"], r["mb_per_s"],
                 r["disk_read_mb_per_s"] or "")
         print(" | ".join(f"{v:>13.1f}" if isinstance(v, float) else f"{v:>13}" for v in vals))
-    result = dict(benchmark="convert", created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
-                               cores_used=len(os.sched_getaffinity(0))),
-                  model=MODEL, dtype="bf16", tiers={"hi": "source (bf16)", "lo": "int4:g128"},
-                  baseline_rss_mb=baseline / MB, rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, benchmark="convert", model=MODEL, dtype="bf16",
+                 tiers={"hi": "source (bf16)", "lo": "int4:g128"}, baseline_rss_mb=baseline / MB, rows=rows)
 
 
 if __name__ == "__main__":

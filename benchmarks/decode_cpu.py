@@ -15,11 +15,7 @@ implementation's step time from below. Writes benchmarks/results/decode_cpu.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -28,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import best_of, timed  # benchmarks/common.py
+from common import best_of, timed, write_result  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
@@ -133,14 +129,10 @@ def main():
                   f"{bandwidth / 1e9:.1f} GB/s -> at most {floor_tok_s:.0f} tok/s; the 3x goal needs "
                   f"{row['goal_tok_s']:.0f} tok/s ({'within' if row['goal_tok_s'] <= floor_tok_s else 'ABOVE'}"
                   f" the floor)", flush=True)
-    result = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
-                  cpus=len(os.sched_getaffinity(0)), jax=jax.__version__, torch=torch.__version__,
-                  transformers=transformers.__version__, config=BENCH_CONFIG, prompt=PROMPT, new_tokens=NEW,
-                  hf_experts_implementation=hf.config._experts_implementation, rounds=a.rounds,
-                  read_bandwidth_bytes_s=bandwidth, rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, benchmark="decode_cpu", torch=torch.__version__, transformers=transformers.__version__,
+                 config=BENCH_CONFIG, prompt=PROMPT, new_tokens=NEW,
+                 hf_experts_implementation=hf.config._experts_implementation, rounds=a.rounds,
+                 read_bandwidth_bytes_s=bandwidth, rows=rows)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,11 @@ moe_intermediate 256), random weights, HI tier f32 / LO tier int4:g128, ~20% HI 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
+from common import write_result  # benchmarks/common.py
 
 from checkpoints_convert import convert
 from dynaexq_jax.experiments.synthetic import BENCH_CONFIG, write_random_qwen3_moe
@@ -78,12 +75,8 @@ def main():
                   f"{d['swaps']} swaps, {d['stalls']} stalls) | "
                   f"controller {100 * d['controller_share']:.2f}% of decode time at T={a.segment} "
                   f"({100 * d['controller_work_share']:.2f}% without waiting for the device and copies)", flush=True)
-    result = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
-                  cpus=len(__import__("os").sched_getaffinity(0)), jax=jax.__version__, config=BENCH_CONFIG,
-                  prompt=PROMPT, new_tokens=NEW, segment=a.segment, period=a.period, rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, benchmark="engine", config=BENCH_CONFIG, prompt=PROMPT, new_tokens=NEW,
+                 segment=a.segment, period=a.period, rows=rows)
 
 
 if __name__ == "__main__":

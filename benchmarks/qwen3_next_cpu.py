@@ -13,19 +13,14 @@ benchmarks/results/qwen3_next_cpu.json."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import torch
 import transformers
-from common import best_of  # benchmarks/common.py
+from common import best_of, write_result  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
@@ -90,13 +85,8 @@ def main():
             r = rows[-1]
             print(f"{b:5d} | {r['prefill_tok_s_ours']:18.1f} {r['prefill_tok_s_hf']:12.1f} | "
                   f"{r['decode_tok_s_ours']:17.1f} {r['decode_tok_s_hf']:12.1f}", flush=True)
-    result = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
-                  cpus=len(os.sched_getaffinity(0)), load_avg_1m=os.getloadavg()[0], jax=jax.__version__,
-                  torch=torch.__version__, transformers=transformers.__version__, config=CONFIG, prompt=PROMPT,
-                  new_tokens=NEW, rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, benchmark="qwen3_next_cpu", torch=torch.__version__, transformers=transformers.__version__,
+                 config=CONFIG, prompt=PROMPT, new_tokens=NEW, rows=rows)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ Writes benchmarks/results/tier_gap.json."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import write_result  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
@@ -47,8 +46,7 @@ def main():
                 model = dynaexq_jax.load(conv, tier=tier)
                 rows[fmt] = {d: perplexity(model, s, a.window, a.windows) for d, s in streams.items()}
                 print(f"{fmt:>9}: " + ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items()), flush=True)
-    Path(a.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "window": a.window,
-                                       "windows_per_domain": a.windows, "perplexity": rows}, indent=1))
+    write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ int4/int2); HI slots from the budget plan at r = 20%, staging from the same plan
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import numpy as np
+from common import write_result  # benchmarks/common.py
 
 from dynaexq_jax.experiments.synthetic import qwen3_moe_config
 from dynaexq_jax.model.config import parse_hf_config
@@ -112,14 +111,10 @@ def main():
                                                                       row["group_swaps"]))
             print(f"| {label} | {per} | {groups} | {row['post_shift_hit_rate']:.2f} | {row['hit_rate']:.2f} | "
                   f"{row['worst_layer_vs_unlimited']:.2f} |")
-    out = dict(date=datetime.date.today().isoformat(), layers=LAYERS, hi_fraction=HI_FRACTION,
-               phase_chunks=a.phase_chunks, phases=a.phases, seed=a.seed, segment_len=d.segment_len,
-               update_period=d.update_period, delta=d.delta, alpha=d.alpha, transfers=a.transfers,
-               staging_mib=a.staging_mib,
-               pcie_bytes_per_s_assumed=PCIE_BYTES_PER_S, models=results)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {a.out}")
+    write_result(a.out, benchmark="transfers", layers=LAYERS, hi_fraction=HI_FRACTION, phase_chunks=a.phase_chunks,
+                 phases=a.phases, seed=a.seed, segment_len=d.segment_len, update_period=d.update_period,
+                 delta=d.delta, alpha=d.alpha, transfers=a.transfers, staging_mib=a.staging_mib,
+                 pcie_bytes_per_s_assumed=PCIE_BYTES_PER_S, models=results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Typed errors. Every failure a user can cause raises a subclass of DynaexqError whose message
 names the file, tensor, option or value that was wrong; the CLI prints that message on one line."""
 
+import json
 import numbers
+from pathlib import Path
 
 
 class DynaexqError(Exception):
@@ -85,3 +87,14 @@ def check_int(name: str, value, error: type[DynaexqError], *, minimum: int = 1, 
     the bound in the message, e.g. " decode step"."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise error(f"{name} must be an integer >= {minimum}{unit}, got {value!r}")
+
+
+def read_json_object(f: Path, error: type[DynaexqError]) -> dict:
+    """The JSON object in file f (which exists), or `error` naming f and what is wrong with it."""
+    try:
+        d = json.loads(Path(f).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{f}: not a JSON object")
+    return d

@@ -73,7 +73,7 @@ def test_gap_recovery_and_workload_streams():
 ])
 def test_bad_compare_options(kwargs, match):
     """Construction checks every value, so a CLI can reject options before converting a model."""
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(BudgetError if "budget" in kwargs else ConfigError, match=match):
         CompareConfig(**kwargs)
 
 

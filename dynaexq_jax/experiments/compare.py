@@ -26,7 +26,7 @@ import numpy as np
 
 from dynaexq_jax.errors import ConfigError, check_int
 from dynaexq_jax.experiments import corpus
-from dynaexq_jax.runtime.budget import budget_for_fraction, parse_bytes, plan_for
+from dynaexq_jax.runtime.budget import budget_for_fraction, parse_bytes, parse_share, plan_for
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import OraclePolicy, Policy, RandomPolicy
@@ -86,22 +86,14 @@ class CompareConfig:
             raise ConfigError(f"sweep fractions must be in [0, 1], got {list(self.sweep)}")
         for b in self.throughput_batches:
             check_int("a throughput batch", b, ConfigError)
-        if self.hi_fraction is None:
+        if self.hi_fraction is None:        # (a share is checked as it is read)
             parse_bytes(self.budget)
-        elif not 0 <= self.hi_fraction <= 1:
-            raise ConfigError(f"budget share must be between 0% and 100%, got {self.budget}")
         self.engine_settings("dynaexq")        # the runtime's own checks (alpha, K >= 2, ...)
 
     @property
     def hi_fraction(self) -> float | None:
         """The budget as a share of HI slots per layer, or None when it is a byte size."""
-        text = self.budget.strip()
-        if not text.endswith("%"):
-            return None
-        try:
-            return float(text[:-1]) / 100
-        except ValueError:
-            raise ConfigError(f"cannot read the budget share '{self.budget}' (e.g. 20%)") from None
+        return parse_share(self.budget)
 
     def engine_settings(self, policy: str | Policy, batch: int | None = None, max_len: int | None = None
                         ) -> EngineConfig:

@@ -11,7 +11,6 @@ import dataclasses
 
 from dynaexq_jax.errors import RuntimeConfigError, check_int
 from dynaexq_jax.model.moe import BACKENDS
-from dynaexq_jax.runtime.budget import check_plan_options
 from dynaexq_jax.runtime.policies import DELTA, UPDATE_PERIOD, Policy, check_update_options, make_policy, policy_class
 from dynaexq_jax.serving.generate import PREFILL_CHUNK, SEGMENT_LEN
 from dynaexq_jax.serving.hotness import ALPHA
@@ -20,6 +19,18 @@ from dynaexq_jax.serving.hotness import ALPHA
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise RuntimeConfigError(f"unknown backend '{backend}' (use one of {', '.join(BACKENDS)})")
+
+
+STRATEGIES = ("uniform", "proportional", "greedy")   # HI slots per layer (budget.plan_budget)
+
+
+def check_plan_options(strategy: str, transfers_in_flight: int, max_hi_fraction: float) -> None:
+    if strategy not in STRATEGIES:
+        raise RuntimeConfigError(f"unknown capacity strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
+    check_int("transfers_in_flight", transfers_in_flight, RuntimeConfigError, minimum=2,
+              unit=" (a swap moves two copies)")
+    if not 0.0 <= max_hi_fraction <= 1.0:
+        raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,7 @@ class EngineConfig:
     # 50 swaps per segment for the whole model, ~24 ms of copies at PCIe 4.0 rates (~0.4 ms per HI
     # copy): the copy engine is busy for much of a segment (tens of ms) and a boundary's copies arrive
     # before the next; a workload shift (~20 swaps in each of 48 layers) is absorbed in ~20 segments.
+    # The staging is capped at budget.STAGING_CAP (576 MiB) for models with larger experts.
     transfers_in_flight: int = 64
     alpha: float = ALPHA               # hotness EMA factor per step
     update_period: int = UPDATE_PERIOD  # T_u: decode steps between policy updates (dynaexq, random)
@@ -47,6 +59,10 @@ class EngineConfig:
     hotness_in_prefill: bool = True    # whether the prefill counts as one hotness step
     max_hi_fraction: float = 1.0       # a cap on the share of HI slots per layer
     deterministic: bool = True         # publish at the next boundary, waiting for copies (Engine)
+    # Wait for the dispatched segment before publishing into its pool slots: needed on the CPU
+    # backend (an in-place write was observed to overtake an earlier reader); whether a GPU
+    # needs it is what benchmarks/gpu_check.py measures (False skips the wait).
+    drain_before_publish: bool = True
 
     def __post_init__(self):
         if isinstance(self.policy, str):

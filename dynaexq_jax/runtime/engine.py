@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError
+from dynaexq_jax.errors import GenerationError
 from dynaexq_jax.model.moe import HI, LO
 from dynaexq_jax.runtime.budget import BudgetPlan, plan_for, resolve_budget
 from dynaexq_jax.runtime.config import EngineConfig
@@ -99,16 +99,12 @@ class Engine(Controller):
         cfg = self.config
         E, L = cfg.num_experts, len(cfg.moe_layers)
 
+        # Planned before anything is copied, so an infeasible budget fails fast (an all-hi / all-lo
+        # policy's budget is checked to hold every expert in its tier).
+        self.plan: BudgetPlan = plan_for(ckpt, resolve_budget(budget_bytes, ckpt, settings), settings,
+                                         layer_priority=calibration)
         self.dense = jax.device_put(ckpt.params)
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
-        fixed_frac = self.policy.fixed_hi_fraction
-        self.plan: BudgetPlan = plan_for(
-            ckpt, resolve_budget(budget_bytes, ckpt, settings), settings, layer_priority=calibration,
-            max_hi_fraction=settings.max_hi_fraction if fixed_frac is None else fixed_frac)
-        if fixed_frac is not None and any(n != round(fixed_frac * E) for n in self.plan.n_hi):
-            raise InfeasibleBudgetError(
-                f"policy '{self.policy.name}' needs every expert {'HI' if fixed_frac else 'LO'}; the budget "
-                f"{self.plan.budget:,d} B fits only {list(self.plan.n_hi)} HI slots per layer")
         self.n_hi = list(self.plan.n_hi)
         self.store = HostStore(ckpt.experts, cfg.moe_layers)
         hi_sets = self.policy.initial_hi(self.n_hi, E, calibration)
@@ -192,7 +188,7 @@ class Engine(Controller):
         """Publish the transitions whose copies have arrived (all of them in deterministic mode).
         in_flight: the outputs of the segment dispatched with the current slots, or None."""
         published, waiting = [], []
-        if self.transitions and in_flight is not None:
+        if self.transitions and in_flight is not None and self.settings.drain_before_publish:
             # Publishing rewrites pool slots in place (donated buffers). The segment already
             # dispatched still reads the old slots, and on the CPU backend an in-place write was
             # observed to overtake such an earlier reader (nondeterministic results), so let it
