@@ -30,11 +30,9 @@ deleted as soon as they are no longer needed (--keep retains them).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -43,31 +41,18 @@ import threading
 import time
 from pathlib import Path
 
+from common import write_result  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GB = 1e9
 GIB = 2**30
 FULL_DEPTH = 48
 
-# The released configs (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-Next-80B-A3B-Instruct), depth set per run.
-MODELS = {
-    "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
-        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=FULL_DEPTH,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e6,
-        max_position_embeddings=40960, attention_bias=False, tie_word_embeddings=False, hidden_act="silu",
-        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
-    "qwen3-next-80b-a3b": dict(
-        model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], vocab_size=151936, hidden_size=2048,
-        intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=512,
-        num_experts_per_tok=10, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
-        num_hidden_layers=FULL_DEPTH, full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128,
-        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, partial_rotary_factor=0.25,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e7,
-        max_position_embeddings=262144, attention_bias=False, tie_word_embeddings=False, hidden_act="silu",
-        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
-}
+# The released configs (benchmarks/configs: Qwen/Qwen3-30B-A3B, Qwen/Qwen3-Next-80B-A3B-Instruct), depth set per run.
+MODELS = {name: json.loads((ROOT / "benchmarks" / "configs" / f"{file}.json").read_text())
+          for name, file in (("qwen3-30b-a3b", "Qwen3-30B-A3B"), ("qwen3-next-80b-a3b", "Qwen3-Next-80B-A3B-Instruct"))}
+assert all(m["num_hidden_layers"] == FULL_DEPTH for m in MODELS.values())
 # Budgets shown for the full 48-layer models: the GPUs this project is for, at two serving shapes.
 PLAN_BUDGETS_GIB = (24, 32, 48, 80)
 PLAN_SHAPES = ((1, 4096), (8, 2048))      # (batch, max_len)
@@ -332,7 +317,7 @@ def hf_bytes(cfg: dict) -> tuple[int, int]:
     total = experts = 0
     for _, _, spec in schema.leaves(family(cfg["model_type"]).abstract(parse_hf_config(cfg))):
         if isinstance(spec, schema.Experts):
-            n = sum(int(np.prod(s)) for s in spec.hf_shapes("per_expert").values())
+            n = sum(int(np.prod(s)) for s in spec.hf_shapes(spec.saved_layout).values())
             experts += n * itemsize
         else:
             n = int(np.prod(spec.hf_shape))
@@ -595,14 +580,10 @@ def main(argv=None):
                     remove(d)
     for name, m in results.items():
         print_tables(name, m, a)
-    result = dict(benchmark="scale", created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  machine=dict(platform=platform.platform(), python=platform.python_version(),
-                               cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg()),
-                  args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "child"},
-                  seconds=time.perf_counter() - t0, models=results)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {a.out} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    write_result(a.out, benchmark="scale",
+                 args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "child"},
+                 seconds=time.perf_counter() - t0, models=results)
+    print(f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

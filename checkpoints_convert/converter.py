@@ -18,13 +18,17 @@ What is converted, from which HF tensors and how, is the model family's schema
   OUT/metadata.json, OUT/config.json, tokenizer files
   OUT/dense/           orbax: {embed, final_norm, lm_head (untied only)}
   OUT/layers/NNN/      orbax: {input_norm, post_norm, attn: {...}, mlp: {router} | {gate, up, down}} (Qwen3-MoE)
-  OUT/experts/NNN.hi.safetensors, NNN.lo.safetensors   {gate|up|down}.{data, scales}, [E, ...] expert-major
+  OUT/experts/NNN.hi.safetensors, NNN.lo.safetensors   {gate|up|down}.{data, scales[, bias]}, [E, ...] expert-major
+
+Expert biases (gpt-oss) are copied as f32 into both tiers; MXFP4 experts (gpt-oss's released
+checkpoints) are dequantized exactly (gpt_oss.dequantize_mxfp4) and then quantized into both tiers
+like float ones: the tiers stay the project's formats, and "source" is then the dense tensors'
+float format (bf16 holds every MXFP4 value exactly).
 The metadata lists every other file with its size and sha256 (`dynaexq info --verify`).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime
 import json
 import os
@@ -49,10 +53,20 @@ from dynaexq_jax.errors import (
     TensorShapeError,
     UnexpectedTensorError,
     UnsupportedArchitectureError,
+    read_json_object,
 )
 from dynaexq_jax.model.config import ModelConfig, parse_hf_config
-from dynaexq_jax.model.quant import Format, parse_format, quantize
-from dynaexq_jax.serving.checkpoint import FORMAT_VERSION, METADATA_FILE, TIERS, expert_file, tier_tensors
+from dynaexq_jax.model.families import family
+from dynaexq_jax.model.families.schema import BIASES
+from dynaexq_jax.model.quant import BIAS_DTYPE, Format, fit_default_group, parse_format, quantize
+from dynaexq_jax.serving.checkpoint import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    TIERS,
+    bias_tensor,
+    expert_file,
+    tier_tensors,
+)
 from dynaexq_jax.serving.conversion import sha256_file
 from dynaexq_jax.serving.safetensors_io import FileWriter
 
@@ -84,6 +98,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     hf_config = _read_config(hf_dir)
     try:
         cfg = parse_hf_config(hf_config)
+        _check_source_quantization(hf_config)
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(f"{hf_dir / 'config.json'}: {e}") from None
     with SafetensorsCheckpoint(hf_dir) as src:
@@ -129,19 +144,32 @@ def _say_removed(path: Path, nbytes: int) -> None:
     print(f"removed {path} ({nbytes / 1e9:.2f} GB), left by an interrupted conversion", file=sys.stderr)
 
 
+def _check_source_quantization(hf_config: dict) -> None:
+    """Weights shipped pre-quantized (config.json's quantization_config) are read only in the
+    methods the family names in its SOURCE_QUANTIZATION (gpt-oss: mxfp4); any other (e.g.
+    DeepSeek-V3's released FP8 blocks) is an error here, not a wrong conversion. Budget planning
+    from such a config works: it needs no weights."""
+    q = hf_config.get("quantization_config")
+    if not q:
+        return
+    readable = getattr(family(hf_config["model_type"]), "SOURCE_QUANTIZATION", ())
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method not in readable:
+        block = f", weight_block_size {q.get('weight_block_size')}" if isinstance(q, dict) and \
+            q.get("weight_block_size") else ""
+        raise UnsupportedArchitectureError(
+            f"quantization_config (quant_method {method!r}{block}): weights pre-quantized this way are not read"
+            + (f" (this family reads: {', '.join(readable)})" if readable else "")
+            + "; convert from float (e.g. BF16) weights")
+
+
 def _read_config(hf_dir: Path) -> dict:
     if not hf_dir.is_dir():
         raise CheckpointNotFoundError(f"{hf_dir}: checkpoint directory not found")
     f = hf_dir / "config.json"
     if not f.is_file():
         raise CheckpointNotFoundError(f"{f}: not found (a Hugging Face checkpoint directory needs a config.json)")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{f}: not a JSON object")
-    return d
+    return read_json_object(f, ConfigError)
 
 
 def _check_plan(plan: Plan, src: SafetensorsCheckpoint) -> None:
@@ -153,12 +181,15 @@ def _check_plan(plan: Plan, src: SafetensorsCheckpoint) -> None:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                 raise MissingTensorError(f"{src.dir}: tensor '{missing[0]}'{more} not found "
                                          f"(needed for {g.name}: {e.target})")
-            for s, shape in zip(e.sources, e.shapes):
-                info = src.tensors[s]
+            for i, (s, shape) in enumerate(zip(e.sources, e.shapes)):
+                info, dtype = src.tensors[s], e.dtypes[i] if i < len(e.dtypes) else None
                 if info.shape != shape:
                     raise TensorShapeError(f"{info.file}: tensor '{s}' has shape {list(info.shape)}, "
                                            f"expected {list(shape)} from config.json")
-                if info.dtype not in FLOAT_DTYPES:
+                if dtype is not None:
+                    if info.dtype != dtype:
+                        raise TensorShapeError(f"{info.file}: tensor '{s}' has dtype {info.dtype}, expected {dtype}")
+                elif info.dtype not in FLOAT_DTYPES:
                     raise TensorShapeError(f"{info.file}: tensor '{s}' has dtype {info.dtype}, expected a "
                                            f"floating dtype ({', '.join(FLOAT_DTYPES)})")
     known = plan.used_names() | {n for n, _ in plan.skipped}
@@ -170,30 +201,24 @@ def _check_plan(plan: Plan, src: SafetensorsCheckpoint) -> None:
 
 
 def _source_format(plan: Plan, src: SafetensorsCheckpoint) -> Format:
-    """The float format holding most of the model's bytes (in practice the experts' dtype)."""
+    """The float format holding most of the model's float bytes (in practice the experts' dtype;
+    the dense tensors' for MXFP4 experts)."""
     by_dtype: dict[str, int] = {}
     for name in plan.used_names():
         info = src.tensors[name]
-        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        if info.dtype in FLOAT_DTYPES:
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
     return parse_format(_SOURCE_FORMAT[max(by_dtype, key=by_dtype.get)])
 
 
 def _tier_format(spec, source_fmt: Format, cfg: ModelConfig) -> tuple[Format, str | None]:
     """The format of one expert tier, checked against the expert input dimensions (gate/up reduce
-    over H, down over I), and a note when a default group had to shrink. A default group (no
-    ':gN' in spec) that does not divide them becomes the largest smaller group that does (and
-    holds whole bytes); an explicit one stays an error."""
+    over H, down over I), and a note when a default group had to shrink (quant.fit_default_group);
+    an explicit group that does not divide them is an error."""
     if str(spec).strip().lower() == "source":
         return source_fmt, None
-    fmt = parse_format(spec)
     dims = (cfg.hidden_size, cfg.moe_intermediate_size) if cfg.moe_layers else ()
-    note = None
-    if fmt.is_int and fmt.group and isinstance(spec, str) and ":" not in spec and any(d % fmt.group for d in dims):
-        fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
-        if fits:
-            note = (f"{fmt.kind}: the default group {fmt.group} does not divide the expert dimensions "
-                    f"{' and '.join(map(str, dims))}; group {fits[0]} used")
-            fmt = dataclasses.replace(fmt, group=fits[0])
+    fmt, note = fit_default_group(spec, parse_format(spec), dims)
     for d in dims:
         fmt.check(d)
     return fmt, note
@@ -337,6 +362,11 @@ class _Job:
         """Read experts `rng` of one layer, quantize them into both tiers, write them in place; the
         last chunk of the layer closes and hashes its files."""
         stacks = entry.build(self._reader(entry, lazy=True), rng)      # {proj: [e, K, N]} in the source dtype
+        for name in BIASES:
+            if name in stacks:                                          # float, the same in both tiers
+                b = np.ascontiguousarray(stacks.pop(name), BIAS_DTYPE)
+                for f in files.values():
+                    f.write(bias_tensor(name), rng.start, b)
         for proj, w in stacks.items():
             w = np.ascontiguousarray(w)                                 # one transpose, shared by both tiers
             for tier, fmt in self.tiers.items():

@@ -30,6 +30,7 @@ class Entry:
     shapes: tuple[tuple[int, ...], ...]   # the expected HF shape of each source
     build: Callable[..., object]          # read -> our array; experts: (read, range) -> stacks of that range
     spec: schema.Experts | None = None    # experts only: the layer's E, H, I
+    dtypes: tuple[str | None, ...] = ()   # per source: its required safetensors dtype, None (or absent): a float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ def build_plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
     skipped = [(n, reason) for rule, reason in fam.SKIPPED for n in sorted(names) if rule.fullmatch(n)]
     if cfg.tie_word_embeddings and HF_LM_HEAD in names:
         skipped.append((HF_LM_HEAD, "tie_word_embeddings=true: the output head is the embedding"))
+    src = _renamed(fam, names)            # schema name -> the checkpoint's name for it, where they differ
+    names = (names - set(src.values())) | set(src)
     entries: dict[int | None, list[Entry]] = {None: [], **{i: [] for i in range(cfg.num_layers)}}
     experts: dict[int, Entry] = {}
     layouts = set()
@@ -70,16 +73,30 @@ def build_plan(cfg: ModelConfig, names: Collection[str]) -> Plan:
         if isinstance(spec, schema.Experts):
             layout = spec.layout(names)
             layouts.add(layout)
-            shapes = spec.hf_shapes(layout)
-            experts[layer] = Entry("experts", tuple(shapes), tuple(shapes.values()),
-                                   lambda read, rng, spec=spec, layout=layout: spec.from_hf(layout, read, rng), spec)
+            shapes, dtypes = spec.hf_shapes(layout), spec.hf_dtypes(layout)
+            experts[layer] = Entry("experts", tuple(src.get(n, n) for n in shapes), tuple(shapes.values()),
+                                   lambda read, rng, spec=spec, layout=layout: spec.from_hf(
+                                       layout, lambda hf: read(src.get(hf, hf)), rng), spec,
+                                   tuple(dtypes.get(n) for n in shapes))
         else:
-            entries[layer].append(Entry(key, (spec.hf_name,), (spec.hf_shape,),
-                                        lambda read, spec=spec: spec.from_hf(read(spec.hf_name))))
+            name = src.get(spec.hf_name, spec.hf_name)
+            entries[layer].append(Entry(key, (name,), (spec.hf_shape,),
+                                        lambda read, spec=spec, name=name: spec.from_hf(read(name))))
     groups = [Group(DENSE_DIR, tuple(entries.pop(None)))]
     groups += [Group(layer_dir(i), tuple(e), layer=i, experts=experts.get(i)) for i, e in entries.items()]
     info = {"expert_layout": layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else "none")}
     return Plan(tuple(groups), tuple(skipped), info)
+
+
+def _renamed(fam, names: set[str]) -> dict[str, str]:
+    """A family's HF_RENAMES ((regex, replacement), ...: other spellings of its tensor names, e.g.
+    transformers 5's in-memory ones) applied to a checkpoint's names: {schema name: checkpoint name}."""
+    out = {}
+    for n in names:
+        for rule, replacement in getattr(fam, "HF_RENAMES", ()):
+            if rule.fullmatch(n):
+                out[rule.sub(replacement, n)] = n
+    return out
 
 
 def nest(flat: dict[str, object]) -> dict:

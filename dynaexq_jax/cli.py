@@ -20,7 +20,7 @@ def _cmd_convert(a):
 
 
 def _cmd_info(a):
-    from dynaexq_jax.model.quant import expert_nbytes
+    from dynaexq_jax.model.families import schema
     from dynaexq_jax.serving.checkpoint import read_info, verify_checkpoint
     info = read_info(a.model)         # metadata only: no tensor is read
     c = info.config
@@ -29,7 +29,7 @@ def _cmd_info(a):
           f"vocab {c.vocab_size}")
     print(f"  dense:   {info.dense_format.name:<12} {info.dense_nbytes / 2**20:8.1f} MiB (all but the routed experts)")
     for name, fmt in info.tiers.items():
-        b = expert_nbytes(fmt, c.hidden_size, c.moe_intermediate_size)
+        b = schema.expert_bytes(c, fmt)
         print(f"  tier {name}: {fmt.name:<12} {b / 2**20:8.3f} MiB per expert, "
               f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
     if a.verify:

@@ -1,6 +1,6 @@
-"""The two benchmark scripts that cannot be run in full here, run end to end at toy sizes so that
-they are known to work on the day they are needed: benchmarks/gpu_check.py in its reduced CPU
-mode (every stage must pass) and benchmarks/scale.py at tiny shapes (every phase must report)."""
+"""Benchmark scripts run end to end at toy sizes so that they are known to work on the day they are
+needed: benchmarks/gpu_check.py in its reduced CPU mode (every stage must pass), benchmarks/scale.py
+at tiny shapes (every phase must report) and benchmarks/families_check.py on one drawn config."""
 from __future__ import annotations
 
 import json
@@ -72,3 +72,14 @@ def test_scale_runs_every_phase_at_toy_size(tmp_path):
             assert len(serve["shift"][key]) == 2 and all(0 <= h <= 1 for h in serve["shift"][key]), key
         assert serve["budget"] == m["plan"]["depths"][0]["fraction_budgets"]["bf16/int4:g32 b2"]
     assert list(work.iterdir()) == [], "generated checkpoints were left behind"
+
+
+def test_families_check_runs_one_config(tmp_path):
+    out = tmp_path / "families_check.json"
+    proc = run("families_check.py", "--families", "qwen3_moe", "--per-family", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["passed"] and [r["family"] for r in result["rows"]] == ["qwen3_moe"]
+    row = result["rows"][0]
+    assert row["logits_rel_err"] <= 1e-4 and row["greedy_equal"] and row["promotions"] > 0
+    assert row["max_owned_bytes"] <= row["budget_for_owned"]

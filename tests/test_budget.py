@@ -90,6 +90,12 @@ MOE = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=2, num_attention_
 NEXT = dict(TINY_NEXT, vocab_size=8192, hidden_size=256, head_dim=64, num_experts=32, num_experts_per_tok=4,
             moe_intermediate_size=128, shared_expert_intermediate_size=128, intermediate_size=256,
             linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64)
+# DeepSeek-V3's MLA (its own attention_workspace_bytes) with q LoRA, a dense first layer and a shared expert.
+DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=512, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=8, q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32,
+                qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
+                topk_group=2, moe_intermediate_size=128, n_shared_experts=1, intermediate_size=256,
+                first_k_dense_replace=1, rope_theta=10000.0, eos_token_id=0, torch_dtype="float32")
 
 
 @pytest.mark.parametrize("family_cfg, dtype, batch, chunk, max_len, backend", [
@@ -98,7 +104,10 @@ NEXT = dict(TINY_NEXT, vocab_size=8192, hidden_size=256, head_dim=64, num_expert
     (NEXT, np.float32, 2, 512, 2048, "xla"),
     (NEXT, ml_dtypes.bfloat16, 4, 64, 512, "xla"),
     (qwen3_moe_config(**MOE), np.float32, 1, 512, 4096, "xla-only"),
-], ids=["moe-f32-kernel", "moe-bf16-kernel", "next-f32-kernel", "next-bf16-kernel", "moe-f32-xla"])
+    (DEEPSEEK, np.float32, 2, 512, 2048, "xla"),
+    (DEEPSEEK, ml_dtypes.bfloat16, 1, 256, 4096, "xla"),
+], ids=["moe-f32-kernel", "moe-bf16-kernel", "next-f32-kernel", "next-bf16-kernel", "moe-f32-xla",
+        "deepseek-f32-kernel", "deepseek-bf16-kernel"])
 def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, dtype, batch, chunk, max_len,
                                                                    backend):
     """workspace_bytes is never below XLA's memory analysis of the prefill chunk and the decode

@@ -12,10 +12,10 @@ import checkpoints_convert.converter as converter
 from checkpoints_convert import convert
 from dynaexq_jax.errors import ConfigError
 from dynaexq_jax.model.config import parse_hf_config
-from dynaexq_jax.model.families.qwen3_moe import DenseMLP, MoE
+from dynaexq_jax.model.layers import DenseMLP, MoE
 from dynaexq_jax.model.moe import single_tier
 from dynaexq_jax.model.quant import parse_format, quantize
-from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
+from dynaexq_jax.serving.checkpoint import FORMAT_VERSION, attach_experts, load_checkpoint
 from tests.hf_models import make_tiny_qwen3_moe
 
 LO = "int4:g32"  # the tiny model's H=64, I=32: the default int4 group (128) does not divide them
@@ -125,7 +125,7 @@ def test_round_trip(tiny, tmp_path, monkeypatch):
         np.testing.assert_array_equal(ckpt.experts[i]["hi"].gate.data, stacks["gate"])  # hi=source is exact
 
     meta = ckpt.metadata
-    assert meta["format_version"] == 2 and meta["model_type"] == "qwen3_moe"
+    assert meta["format_version"] == FORMAT_VERSION == 2 and meta["model_type"] == "qwen3_moe"
     assert meta["tiers"] == {"hi": "f32", "lo": "int4:g32"} and meta["dtype"] == "f32"
     assert meta["config"] == cfg.to_dict() or meta["config"] == json.loads(json.dumps(cfg.to_dict()))
     assert meta["expert_layout"] == CASES[name].get("layout", "per_expert")

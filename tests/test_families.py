@@ -23,7 +23,13 @@ from dynaexq_jax.model.config import load_hf_config, parse_hf_config
 from dynaexq_jax.model.families import FAMILIES, family, schema
 from dynaexq_jax.model.quant import Format, expert_nbytes, parse_format
 from dynaexq_jax.serving.checkpoint import load_checkpoint
+from tests.hf_deepseek import TINY_DEEPSEEK, make_tiny_deepseek
+from tests.hf_gpt_oss import TINY_GPT_OSS, make_tiny_gpt_oss
+from tests.hf_mixtral import TINY_MIXTRAL, make_tiny_mixtral
 from tests.hf_models import TINY_QWEN3_MOE, TINY_QWEN3_NEXT, make_tiny_qwen3_moe, make_tiny_qwen3_next
+from tests.hf_olmoe import TINY_OLMOE, make_tiny_olmoe
+from tests.hf_phimoe import TINY_PHIMOE, longrope, make_tiny_phimoe
+from tests.hf_qwen2_moe import TINY_QWEN2_MOE, make_tiny_qwen2_moe
 
 # Both families with a dense layer, an untied head and biases where the family has them, so that
 # every kind of schema leaf occurs.
@@ -32,6 +38,16 @@ HF_MODELS = {
                                                        attention_bias=True, **kw),
     "qwen3_next": lambda tmp, **kw: make_tiny_qwen3_next(tmp, seed=22, full_attention_interval=2, mlp_only_layers=[1],
                                                          attention_bias=True, **kw),
+    "phimoe": lambda tmp, **kw: make_tiny_phimoe(tmp, seed=24, attention_bias=True, lm_head_bias=True,
+                                                 rope_parameters=longrope(16), **kw),
+    "mixtral": lambda tmp, **kw: make_tiny_mixtral(tmp, seed=26, sliding_window=8, **kw),
+    "olmoe": lambda tmp, **kw: make_tiny_olmoe(tmp, seed=27, attention_bias=True, clip_qkv=4.0, **kw),
+    "qwen2_moe": lambda tmp, **kw: make_tiny_qwen2_moe(tmp, seed=28, mlp_only_layers=[1], **kw),
+    "deepseek_v2": lambda tmp, **kw: make_tiny_deepseek(tmp, seed=29, version=2, q_lora_rank=None, attention_bias=True,
+                                                        **kw),
+    "deepseek_v3": lambda tmp, **kw: make_tiny_deepseek(tmp, seed=30, version=3, q_lora_rank=24, attention_bias=True,
+                                                        **kw),
+    "gpt_oss": lambda tmp, **kw: make_tiny_gpt_oss(tmp, seed=31, **kw),
 }
 
 
@@ -42,11 +58,13 @@ def hf(request, tmp_path_factory):
     return hf_dir, model, load_hf_config(hf_dir)
 
 
-def schema_hf_shapes(cfg, layout="per_expert") -> dict[str, tuple]:
-    """Every HF tensor the family's schema names, with its HF shape."""
+def schema_hf_shapes(cfg, layout=None) -> dict[str, tuple]:
+    """Every HF tensor the family's schema names, with its HF shape (experts in `layout`, default
+    the one transformers saves)."""
     out = {}
     for _, _, spec in schema.leaves(family(cfg.model_type).abstract(cfg)):
-        out.update(spec.hf_shapes(layout) if isinstance(spec, schema.Experts) else {spec.hf_name: spec.hf_shape})
+        out.update(spec.hf_shapes(layout or spec.saved_layout) if isinstance(spec, schema.Experts)
+                   else {spec.hf_name: spec.hf_shape})
     return out
 
 
@@ -59,6 +77,9 @@ def test_schema_names_and_shapes_are_what_transformers_saves(hf):
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_conversion_plan_reads_exactly_the_schema_names(hf, layout):
     _, _, cfg = hf
+    if layout not in next(s for _, _, s in schema.leaves(family(cfg.model_type).abstract(cfg))
+                          if isinstance(s, schema.Experts)).LAYOUTS:
+        pytest.skip(f"{cfg.model_type} experts have no '{layout}' layout (gpt-oss: fused and mxfp4)")
     names = schema_hf_shapes(cfg, layout)
     plan = build_plan(cfg, list(names) + ["model.layers.0.self_attn.rotary_emb.inv_freq"])
     assert plan.used_names() == set(names)
@@ -76,7 +97,7 @@ def test_restore_of_a_converted_checkpoint_equals_the_source(hf, tmp_path):
     for (layer, key, spec), got in zip(schema.leaves(tree), schema.values(tree, ckpt.params)):
         if isinstance(spec, schema.Experts):
             assert got is None                       # experts live in the tiers, not the dense params
-            want = spec.from_hf("per_expert", src.read)
+            want = spec.from_hf(spec.saved_layout, src.read)
             hi = ckpt.experts[layer]["hi"]          # hi = the f32 source: exact
             for proj in schema.PROJECTIONS:
                 np.testing.assert_array_equal(getattr(hi, proj).data, want[proj])
@@ -144,7 +165,18 @@ def test_hf_export_loads_in_transformers_with_our_logits(hf, tmp_path):
     dict(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], rope_theta=10000.0, eos_token_id=0,
          full_attention_interval=2, decoder_sparse_step=1, mlp_only_layers=[1], attention_bias=True,
          **TINY_QWEN3_NEXT),
-], ids=["qwen3_moe", "qwen3_next"])
+    dict(model_type="phimoe", architectures=["PhimoeForCausalLM"], rope_theta=10000.0, eos_token_id=0,
+         attention_bias=True, lm_head_bias=True, **TINY_PHIMOE),
+    dict(model_type="mixtral", architectures=["MixtralForCausalLM"], rope_theta=10000.0, eos_token_id=0,
+         sliding_window=8, **TINY_MIXTRAL),
+    dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], rope_theta=10000.0, attention_bias=True,
+         clip_qkv=4.0, **TINY_OLMOE),
+    dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], rope_theta=10000.0, eos_token_id=0,
+         mlp_only_layers=[1], **TINY_QWEN2_MOE),
+    dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], rope_theta=10000.0, eos_token_id=0,
+         q_lora_rank=24, attention_bias=True, **TINY_DEEPSEEK),
+    dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], **TINY_GPT_OSS),
+], ids=["qwen3_moe", "qwen3_next", "phimoe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_random_checkpoints_of_every_family_convert(tmp_path, family_config):
     hf_dir = write_random_checkpoint(tmp_path / "hf", family_config, seed=4, tokenizer=False)
     cfg = parse_hf_config(family_config)
@@ -156,8 +188,8 @@ def test_random_checkpoints_of_every_family_convert(tmp_path, family_config):
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):
-    supported = re.escape("(supported: qwen3_moe, qwen3_next)")
-    assert list(FAMILIES) == ["qwen3_moe", "qwen3_next"]
+    supported = re.escape(f"(supported: {', '.join(FAMILIES)})")
+    assert {"qwen3_moe", "qwen3_next"} <= set(FAMILIES) and "llama" not in FAMILIES
     for fail in (lambda: family("llama"), lambda: parse_hf_config({"model_type": "llama", "hidden_size": 8})):
         with pytest.raises(UnsupportedArchitectureError, match=rf"model_type 'llama' is not supported {supported}"):
             fail()

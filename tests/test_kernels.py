@@ -17,7 +17,9 @@ from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import (
     DECODE,
     PREFILL,
+    SWIGLU,
     TileConfig,
+    clamped_swiglu,
     down,
     down_reference,
     gate_up,
@@ -125,6 +127,39 @@ def test_down_kernel_matches_reference(kind, x_dtype):
     want = down_reference(h, w.data, offsets, row_w, fmt=w.fmt, scales=w.scales)
     assert got.shape == (m, n) and got.dtype == jnp.float32, what
     _assert_close(got, want, jnp.float32, seed, what)
+
+
+@pytest.mark.parametrize("kind,x_dtype", [("bf16", "bfloat16"), ("int4", "float32"), ("int8", "bfloat16")])
+def test_gpt_oss_epilogues_match_reference(kind, x_dtype):
+    """Per-slot biases in both kernels and gpt-oss's clamped SwiGLU, with a limit that clamps a
+    good share of the gate and up products."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    s, k, n, m = int(rng.integers(2, 6)), 128, int(rng.choice([32, 64, 96])), int(rng.integers(20, 90))
+    fmt = _fmt(kind, rng, k)
+    config = CONFIGS[rng.integers(len(CONFIGS))]
+    gate, up = _Weights(rng, fmt, s, k, n), _Weights(rng, fmt, s, k, n)
+    dn = _Weights(rng, _fmt(kind, rng, 2 * n), s, 2 * n, k)
+    gb, ub = (jnp.asarray(rng.standard_normal((s, n)), jnp.float32) for _ in range(2))
+    db = jnp.asarray(rng.standard_normal((s, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
+    # Every row in some group (so that the epilogue shows everywhere), groups ragged.
+    offsets = jnp.asarray(np.concatenate([[0], np.sort(rng.integers(0, m + 1, s - 1)), [m]]).astype(np.int32))
+    act = clamped_swiglu(1.702, 0.5)
+    what = f"gpt-oss epilogues {fmt} x={x_dtype} S={s} N={n} M={m} offsets={offsets.tolist()} {config}"
+
+    kw = dict(fmt=gate.fmt, gate_scales=gate.scales, up_scales=up.scales, gate_bias=gb, up_bias=ub, activation=act)
+    got = gate_up(x, gate.data, up.data, offsets, config=config, **kw)
+    _assert_close(got, gate_up_reference(x, gate.data, up.data, offsets, **kw), x.dtype, seed, what)
+    g = np.asarray(gate_up_reference(x, gate.data, up.data, offsets, fmt=gate.fmt, gate_scales=gate.scales,
+                                     up_scales=up.scales, activation=SWIGLU), np.float32)
+    assert not np.allclose(g, np.asarray(jnp.asarray(got, jnp.float32)), atol=0.05), "the epilogue changed nothing"
+
+    h = jnp.asarray(rng.standard_normal((m, 2 * n)), x_dtype)
+    row_w = jnp.asarray(rng.random(m), jnp.float32)
+    kw = dict(fmt=dn.fmt, scales=dn.scales, bias=db)
+    got = down(h, dn.data, offsets, row_w, config=config, **kw)
+    _assert_close(got, down_reference(h, dn.data, offsets, row_w, **kw), jnp.float32, seed, what)
 
 
 def test_kernels_one_row_and_all_empty_groups():

@@ -20,7 +20,16 @@ import pytest
 from dynaexq_jax.model.moe import ExpertPools, TierPool, moe_experts_pallas
 from dynaexq_jax.model.quant import QTensor, parse_format
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import DECODE, PREFILL, TileConfig, default_config, down, gate_up
+from pallas_kernels.grouped_matmul import (
+    DECODE,
+    PREFILL,
+    SWIGLU,
+    TileConfig,
+    clamped_swiglu,
+    default_config,
+    down,
+    gate_up,
+)
 
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, top_k=8)
 FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int2", "int8:channel", "int4:g64")
@@ -33,17 +42,19 @@ def _abstract_qtensor(fmt, slots, k, n) -> QTensor:
     return QTensor(data, scales, fmt)
 
 
-def _abstract_pool(fmt, slots, hidden, inter) -> TierPool:
+def _abstract_pool(fmt, slots, hidden, inter, bias: bool = False) -> TierPool:
+    biases = [jax.ShapeDtypeStruct((slots, n), jnp.float32) for n in (inter, inter, hidden)] if bias else []
     return TierPool(_abstract_qtensor(fmt, slots, hidden, inter), _abstract_qtensor(fmt, slots, hidden, inter),
-                    _abstract_qtensor(fmt, slots, inter, hidden))
+                    _abstract_qtensor(fmt, slots, inter, hidden), *biases)
 
 
-def _export_moe(pools, tokens, x_dtype=jnp.bfloat16, tiles=None, hidden=2048, top_k=8, experts=128) -> str:
+def _export_moe(pools, tokens, x_dtype=jnp.bfloat16, tiles=None, hidden=2048, top_k=8, experts=128,
+                activation=SWIGLU) -> str:
     int_spec = jax.ShapeDtypeStruct((experts,), jnp.int32)
     ex = ExpertPools(tuple(pools), int_spec, int_spec)
 
     def f(x, ids, w, ex):
-        return moe_experts_pallas(x, ids, w, ex, interpret=False, tiles=tiles)
+        return moe_experts_pallas(x, ids, w, ex, interpret=False, tiles=tiles, activation=activation)
 
     with compat.cuda_lowering_target():
         exported = jax.export.export(jax.jit(f), platforms=["cuda"],
@@ -101,6 +112,18 @@ def test_other_model_shapes_lower_to_triton(model, hidden, inter, experts, top_k
     text = _export_moe([_abstract_pool(fmt, experts, hidden, inter)], 8, hidden=hidden, top_k=top_k,
                        experts=experts)
     assert _triton_calls(text) == 2, model
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4:g64", "int8:g64"])
+@pytest.mark.parametrize("tokens", [4, 512])
+def test_gpt_oss_experts_lower_to_triton(fmt, tokens):
+    """gpt-oss-20b's experts (H = I = 2880: 45 x 64, 32 experts, top-4): biases in both kernels'
+    epilogues and the clamped SwiGLU, at decode and prefill tiles, in one layer of two tiers."""
+    pools = [_abstract_pool(fmt, 8, 2880, 2880, bias=True), _abstract_pool("int4:g64", 24, 2880, 2880, bias=True)]
+    text = _export_moe(pools, tokens, hidden=2880, top_k=4, experts=32, activation=clamped_swiglu(1.702, 7.0))
+    assert _triton_calls(text) == 4, "one gate+up and one down kernel per tier"
+    suffix = "bfloat16" if fmt == "bf16" else f"int{fmt[3]}"
+    assert f"moe_gate_up_{suffix}_bias_clamped_swiglu" in text and f"moe_down_{suffix}_bias" in text
 
 
 def test_small_split_k_tiles_lower_to_triton():

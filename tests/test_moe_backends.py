@@ -4,7 +4,8 @@ Backends: "xla" (XLA plus the CPU kernel for every tier), "xla-only", the CPU ke
 for every tier (moe_experts_cpu_kernel) and "pallas" (interpret mode on a CPU). Cases: every
 format in one pool and in two, an empty pool, spare slots, invalid tiers and slots (they
 contribute nothing / are clipped, base.py's contract), uniform, skewed and single-expert routing,
-decode (T = 1..8) and prefill shapes that reach every XLA strategy and both Pallas tile configs.
+decode (T = 1..8) and prefill shapes that reach every XLA strategy and both Pallas tile configs,
+and gpt-oss's experts (biases beside the weights, the clamped SwiGLU with clamps that bite) on each.
 Inputs are random on every run (DYNAEXQ_TEST_SEED reproduces one); the seed is in every message.
 Backend-specific tests (kernel build and dispatch, tiling, lowering) live beside each backend's
 other tests; the Pallas adapter's own (pair sorting, the interpreter warning) are at the end.
@@ -35,7 +36,7 @@ from dynaexq_jax.model.moe import (
 )
 from dynaexq_jax.model.moe.pallas import INTERPRET_WARNING, sort_pairs
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import DECODE, PREFILL, default_config
+from pallas_kernels.grouped_matmul import DECODE, PREFILL, SWIGLU, clamped_swiglu, default_config
 
 SEED = int(os.environ.get("DYNAEXQ_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 H, I = 64, 64          # int2:g64 needs 64 input rows; the Pallas tiles need powers of two >= 16
@@ -51,6 +52,11 @@ class Case:
     routing: str = "uniform"              # "uniform" | "skewed" | "one-expert"
     spare: int = 0                        # unassigned slots at the end of the last pool
     invalid: bool = False                 # experts on tiers 5 and -1, a slot past its pool
+    gpt_oss: bool = False                 # expert biases and the clamped SwiGLU (a limit that bites)
+
+    @property
+    def activation(self):
+        return clamped_swiglu(1.702, 0.5) if self.gpt_oss else SWIGLU
 
     @property
     def num_experts(self) -> int:
@@ -84,6 +90,12 @@ CASES = [
     Case("prefill grouped", (("int4:g32", 8),), T=128),
     Case("prefill two tiers", (("bf16", 3), ("int4:g32", 5)), T=64),
     Case("prefill bf16-x", (("fp16", 2), ("int8:g32", 6)), T=128, x_dtype="bfloat16"),
+    # gpt-oss experts: decode (routed), prefill (grouped), batched decode (dense), invalid assignments
+    Case("gpt-oss bf16+int4", (("bf16", 5), ("int4:g32", 11)), T=2, gpt_oss=True),
+    Case("gpt-oss prefill", (("f32", 3), ("int4:g32", 5)), T=64, gpt_oss=True),
+    Case("gpt-oss dense", (("int8:g32", 6), ("int2:g64", 10)), T=24, k=4, gpt_oss=True),
+    Case("gpt-oss invalid bf16-x", (("bf16", 3), ("int4:g32", 5)), T=8, invalid=True, x_dtype="bfloat16",
+         gpt_oss=True),
 ]
 
 
@@ -92,6 +104,7 @@ def _experts(rng, case: Case) -> ExpertPools:
     pool; invalid cases move experts onto tiers 5 and -1, onto an empty pool, and past their pool."""
     E = case.num_experts
     raw = [(rng.standard_normal(s) * 0.1).astype(np.float32) for s in [(E, H, I), (E, H, I), (E, I, H)]]
+    bias = [(rng.standard_normal(s) * 0.3).astype(np.float32) for s in [(E, I), (E, I), (E, H)]]
     perm = rng.permutation(E)
     tier, slot = np.zeros(E, np.int32), np.zeros(E, np.int32)
     pools, start = [], 0
@@ -100,7 +113,9 @@ def _experts(rng, case: Case) -> ExpertPools:
         start += n
         tier[members], slot[members] = t, np.arange(n)
         pick = np.concatenate([members, rng.integers(0, E, case.spare if t == len(case.tiers) - 1 else 0)])
-        pools.append(quantize_experts(*[w[pick.astype(int)] for w in raw], spec))
+        pick = pick.astype(int)
+        pools.append(quantize_experts(*[w[pick] for w in raw], spec,
+                                      biases=[b[pick] for b in bias] if case.gpt_oss else None))
     if case.invalid:
         tier[perm[0]], tier[perm[1]] = 5, -1
         slot[perm[2]] = 99                                        # clipped into its pool
@@ -126,22 +141,22 @@ def _routing(rng, case: Case):
 
 
 def _xla(backend):
-    def run(x, ids, w, experts, monkeypatch):
+    def run(x, ids, w, experts, act, monkeypatch):
         monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1")            # "xla-only" must not call it anyway
-        return jax.jit(lambda *a: moe_experts(*a, backend=backend))(x, ids, w, experts)
+        return jax.jit(lambda *a: moe_experts(*a, backend=backend, activation=act))(x, ids, w, experts)
     return run
 
 
-def _cpu_kernel(x, ids, w, experts, monkeypatch):
+def _cpu_kernel(x, ids, w, experts, act, monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("the CPU kernel is registered for the CPU platform only")
     assert cpu_kernel.available(), "the CPU kernel did not build (a C++ compiler is part of the test setup)"
-    return jax.jit(moe_experts_cpu_kernel)(x, ids, w, experts)
+    return jax.jit(lambda *a: moe_experts_cpu_kernel(*a, activation=act))(x, ids, w, experts)
 
 
-def _pallas(x, ids, w, experts, monkeypatch):
+def _pallas(x, ids, w, experts, act, monkeypatch):
     # Interpret mode on a CPU, the compiled kernels on a GPU; said explicitly, so no warning.
-    return moe_experts_pallas(x, ids, w, experts, interpret=compat.default_interpret())
+    return moe_experts_pallas(x, ids, w, experts, interpret=compat.default_interpret(), activation=act)
 
 
 BACKENDS = {"xla": _xla("xla"), "xla-only": _xla("xla-only"), "cpu-kernel": _cpu_kernel, "pallas": _pallas}
@@ -165,10 +180,10 @@ def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
     experts = _experts(rng, case)
     x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
     ids, w = _routing(rng, case)
-    got = BACKENDS[backend](x, ids, w, experts, monkeypatch)
+    got = BACKENDS[backend](x, ids, w, experts, case.activation, monkeypatch)
     assert got.shape == x.shape and got.dtype == x.dtype
     what = f"{backend} on '{case}' (tier={np.asarray(experts.tier).tolist()}, ids={np.asarray(ids).tolist()})"
-    _assert_close(got, moe_experts_reference(x, ids, w, experts), case.x_dtype, what)
+    _assert_close(got, moe_experts_reference(x, ids, w, experts, case.activation), case.x_dtype, what)
 
 
 def test_cases_reach_every_xla_strategy_and_both_pallas_tile_configs():
@@ -203,6 +218,35 @@ def test_reference_equals_a_loop_over_pairs():
             a = np.asarray(x[t]) @ g
             want[t] += float(w[t, j]) * ((a / (1 + np.exp(-a)) * (np.asarray(x[t]) @ u)) @ d)
     got = np.asarray(moe_experts_reference(x, ids, w, experts))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
+
+
+def test_gpt_oss_reference_equals_a_loop_over_pairs():
+    """gpt-oss's experts written as plainly as possible: weight * ((clamped SwiGLU(x@Wg + bg, x@Wu + bu))
+    @ Wd + bd) per pair; the clamps bite on these inputs (else the test would not test them)."""
+    case = CASES[[c.name for c in CASES].index("gpt-oss bf16+int4")]
+    rng = np.random.default_rng(SEED)
+    experts = _experts(rng, case)
+    x = jnp.asarray(rng.standard_normal((case.T, H)), jnp.float32)
+    ids, w = _routing(rng, case)
+    act = case.activation
+    tier, slot = np.asarray(experts.tier), np.asarray(experts.slot)
+    want, clamped = np.zeros((case.T, H), np.float32), [0, 0]
+    for t in range(case.T):
+        for j in range(case.k):
+            e = int(ids[t, j])
+            pool = experts.pools[tier[e]]
+            s = slot[e]
+            g, u, d = (np.asarray(q.dequantize())[s] for q in (pool.gate, pool.up, pool.down))
+            a = np.asarray(x[t]) @ g + np.asarray(pool.gate_bias)[s]
+            b = np.asarray(x[t]) @ u + np.asarray(pool.up_bias)[s]
+            clamped[0] += int((a > act.limit).sum())
+            clamped[1] += int((np.abs(b) > act.limit).sum())
+            a, b = np.minimum(a, act.limit), np.clip(b, -act.limit, act.limit)
+            h = a / (1 + np.exp(-act.alpha * a)) * (b + 1)
+            want[t] += float(w[t, j]) * (h @ d + np.asarray(pool.down_bias)[s])
+    assert min(clamped) > 0, f"the clamps never bite (seed {SEED})"
+    got = np.asarray(moe_experts_reference(x, ids, w, experts, act))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max(), err_msg=f"seed {SEED}")
 
 

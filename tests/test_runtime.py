@@ -9,41 +9,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoints_convert import convert
 from dynaexq_jax.errors import BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError
-from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
 from dynaexq_jax.model.families import qwen3_moe
 from dynaexq_jax.runtime.budget import budget_for_fraction, format_bytes, parse_bytes, plan_budget
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, rank
 from dynaexq_jax.runtime.pools import DevicePools
-from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
+from dynaexq_jax.serving.checkpoint import attach_experts
 from dynaexq_jax.serving.generate import Controller, generate
 from dynaexq_jax.serving.hotness import ema_update
 from dynaexq_jax.serving.scoring import score
-
-TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
-BATCH, MAX_LEN, SEG = 2, 128, 4
+from tests.tiny_runtime import BATCH, MAX_LEN, SEG, TINY, prompts
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rt")
-    hf = write_random_qwen3_moe(tmp / "hf", seed=1, tokenizer=False, **TINY)
-    return load_checkpoint(convert(hf, tmp / "conv", lo="int4:g32", progress=False))
-
-
-def engine_budget(ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN, **settings):
+def engine_budget(tiny_ckpt, hi_fraction, batch=BATCH, max_len=MAX_LEN, **settings):
     """The smallest budget that gives floor(hi_fraction * E) HI slots per layer."""
-    return budget_for_fraction(ckpt, hi_fraction, EngineConfig(batch=batch, max_len=max_len, segment_len=SEG,
+    return budget_for_fraction(tiny_ckpt, hi_fraction, EngineConfig(batch=batch, max_len=max_len, segment_len=SEG,
                                                                **settings))
-
-
-def prompts(seed, n=BATCH, length=9):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, TINY["vocab_size"], length).tolist() for _ in range(n)]
 
 
 # ---- budget ------------------------------------------------------------------------------------
@@ -71,30 +54,30 @@ def test_format_bytes_rounded_up_parses_back_to_at_least_the_value():
     assert parse_bytes("53.48MiB") == 56_077_844     # the decimal read exactly: floor(53.48 * 2**20)
 
 
-def test_infeasible_budget_says_what_is_missing(ckpt):
+def test_infeasible_budget_says_what_is_missing(tiny_ckpt):
     with pytest.raises(InfeasibleBudgetError, match=r"B missing; the smallest feasible budget is") as e:
-        Engine(ckpt, budget_bytes="1MiB", batch=BATCH, max_len=MAX_LEN)
+        Engine(tiny_ckpt, budget_bytes="1MiB", batch=BATCH, max_len=MAX_LEN)
     shown, exact = str(e.value).split("the smallest feasible budget is ")[1].split(" (")
     smallest = int(exact.split(" B)")[0].replace(",", ""))
-    eng = Engine(ckpt, budget_bytes=smallest, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
+    eng = Engine(tiny_ckpt, budget_bytes=smallest, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
     assert eng.plan.total <= smallest
     with pytest.raises(InfeasibleBudgetError):
-        Engine(ckpt, budget_bytes=smallest - 1, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
+        Engine(tiny_ckpt, budget_bytes=smallest - 1, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
     # The value as shown (e.g. '1.23 MiB', as a user pastes it into --budget) is feasible too.
     assert parse_bytes(shown) >= smallest
-    Engine(ckpt, budget_bytes=shown, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
+    Engine(tiny_ckpt, budget_bytes=shown, policy="all-lo", batch=BATCH, max_len=MAX_LEN)
     with pytest.raises(InfeasibleBudgetError, match="needs every expert HI"):
-        Engine(ckpt, budget_bytes=smallest, policy="all-hi", batch=BATCH, max_len=MAX_LEN)
+        Engine(tiny_ckpt, budget_bytes=smallest, policy="all-hi", batch=BATCH, max_len=MAX_LEN)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
-def test_budget_for_fraction_is_the_smallest_with_that_many_slots(ckpt, fraction):
+def test_budget_for_fraction_is_the_smallest_with_that_many_slots(tiny_ckpt, fraction):
     config = EngineConfig(batch=BATCH, max_len=MAX_LEN)
-    budget = budget_for_fraction(ckpt, fraction, config)
+    budget = budget_for_fraction(tiny_ckpt, fraction, config)
     want = (int(fraction * TINY["num_experts"]),) * 3
-    assert Engine(ckpt, budget_bytes=budget, settings=config).plan.n_hi == want
+    assert Engine(tiny_ckpt, budget_bytes=budget, settings=config).plan.n_hi == want
     if fraction > 0:
-        assert Engine(ckpt, budget_bytes=budget - 1, settings=config).plan.n_hi < want
+        assert Engine(tiny_ckpt, budget_bytes=budget - 1, settings=config).plan.n_hi < want
 
 
 @settings(max_examples=40, deadline=None)
@@ -203,11 +186,11 @@ class RandomSwaps(Policy):
 
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10**6), hi_fraction=st.floats(0.3, 0.8), transfers=st.integers(2, 6))
-def test_owned_device_bytes_never_exceed_the_budget(ckpt, seed, hi_fraction, transfers):
+def test_owned_device_bytes_never_exceed_the_budget(tiny_ckpt, seed, hi_fraction, transfers):
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    budget = engine_budget(ckpt, hi_fraction, transfers_in_flight=transfers)
-    eng = Engine(ckpt, budget_bytes=budget, policy=RandomSwaps(seed), batch=BATCH, max_len=MAX_LEN,
+    budget = engine_budget(tiny_ckpt, hi_fraction, transfers_in_flight=transfers)
+    eng = Engine(tiny_ckpt, budget_bytes=budget, policy=RandomSwaps(seed), batch=BATCH, max_len=MAX_LEN,
                  segment_len=SEG, transfers_in_flight=transfers)
     live_peak = []
     original = eng._boundary
@@ -231,17 +214,17 @@ def test_owned_device_bytes_never_exceed_the_budget(ckpt, seed, hi_fraction, tra
 _forward = jax.jit(qwen3_moe.forward, static_argnames=("cfg", "backend"))
 
 
-def frozen_logits(ckpt, eng, hi_mask, ids):
+def frozen_logits(tiny_ckpt, eng, hi_mask, ids):
     """Full-forward logits [T, V] of a model whose experts are frozen at the HI set hi_mask [L, E]."""
     pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in hi_mask], TINY["num_experts"])
-    params = attach_experts(eng.dense, dict(zip(ckpt.config.moe_layers, pools.expert_pools())))
-    cache = qwen3_moe.init_cache(ckpt.config, 1, MAX_LEN)
-    logits, _, _ = _forward(params, ckpt.config, np.asarray([ids], np.int32), cache)
+    params = attach_experts(eng.dense, dict(zip(tiny_ckpt.config.moe_layers, pools.expert_pools())))
+    cache = qwen3_moe.init_cache(tiny_ckpt.config, 1, MAX_LEN)
+    logits, _, _ = _forward(params, tiny_ckpt.config, np.asarray([ids], np.int32), cache)
     return np.asarray(logits[0])
 
 
-def test_each_step_equals_a_model_frozen_at_its_assignment(ckpt):
-    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.4, batch=1), policy=RandomSwaps(7), batch=1,
+def test_each_step_equals_a_model_frozen_at_its_assignment(tiny_ckpt):
+    eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.4, batch=1), policy=RandomSwaps(7), batch=1,
                  max_len=MAX_LEN, segment_len=SEG)
     p = prompts(3, n=1)[0]
     res = eng.generate([p], max_new_tokens=20, stop_tokens=())
@@ -253,25 +236,25 @@ def test_each_step_equals_a_model_frozen_at_its_assignment(ckpt):
     # By causality, one full forward per distinct assignment gives every position's logits.
     served = [masks[0] if j == 0 else masks[1 + (j - 1) // SEG] for j in range(len(toks))]
     for mask in {m.tobytes(): m for m in served}.values():
-        logits = frozen_logits(ckpt, eng, mask, seq)
+        logits = frozen_logits(tiny_ckpt, eng, mask, seq)
         for j, tok in enumerate(toks):
             if served[j].tobytes() == mask.tobytes():
                 assert int(np.argmax(logits[len(p) + j - 1])) == tok, f"token {j} differs from the frozen model's"
 
 
-def test_scoring_equals_models_frozen_at_each_chunks_assignment(ckpt):
+def test_scoring_equals_models_frozen_at_each_chunks_assignment(tiny_ckpt):
     """Teacher-forced scoring (Engine.score) with transitions live: every chunk's log-likelihoods
     equal those of a reference that runs the same chunks one by one, each through a model frozen
     at the HI set that served it (carrying the KV cache, restarting it at every window)."""
     window = 4 * SEG
-    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.4, batch=1, max_len=window), policy=RandomSwaps(5),
+    eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.4, batch=1, max_len=window), policy=RandomSwaps(5),
                  batch=1, max_len=window, segment_len=SEG)
     tokens = np.asarray([prompts(9, n=1, length=3 * window + 1)[0]], np.int32)
     res = eng.score(tokens)
     assert res.nll.shape == (1, 3 * window) and np.isfinite(res.nll).all()
     masks = [np.array(t["served_hi_mask"], bool) for t in eng.timeline]
     assert len(masks) == 3 * window // SEG and len({m.tobytes() for m in masks}) > 2
-    cfg = ckpt.config
+    cfg = tiny_ckpt.config
     for j, mask in enumerate(masks):
         if j * SEG % window == 0:
             cache = qwen3_moe.init_cache(cfg, 1, window)
@@ -284,11 +267,11 @@ def test_scoring_equals_models_frozen_at_each_chunks_assignment(ckpt):
     assert res.runtime["counters"]["device_stalls"] == 0
 
 
-def test_scoring_with_live_swaps_is_deterministic(ckpt):
+def test_scoring_with_live_swaps_is_deterministic(tiny_ckpt):
     """Same streams, same decisions -> the same log-likelihoods, bit for bit: a publication must
     never overwrite pool slots that an already dispatched chunk is still reading."""
     def run():
-        eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.4, max_len=4 * SEG), policy=RandomSwaps(3),
+        eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.4, max_len=4 * SEG), policy=RandomSwaps(3),
                      batch=BATCH, max_len=4 * SEG, segment_len=SEG)
         tokens = np.asarray(prompts(4, length=24 * SEG + 1), np.int32)
         return eng.score(tokens).nll, [t["published"] for t in eng.timeline]
@@ -297,10 +280,10 @@ def test_scoring_with_live_swaps_is_deterministic(ckpt):
     np.testing.assert_array_equal(a, b)
 
 
-def test_unarrived_copies_are_never_published(ckpt, monkeypatch):
+def test_unarrived_copies_are_never_published(tiny_ckpt, monkeypatch):
     from dynaexq_jax.runtime import engine as engine_mod
-    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.5), policy=RandomSwaps(1), batch=BATCH, max_len=MAX_LEN,
-                 segment_len=SEG, deterministic=False)
+    eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.5), policy=RandomSwaps(1), batch=BATCH,
+                 max_len=MAX_LEN, segment_len=SEG, deterministic=False)
     monkeypatch.setattr(engine_mod.Transition, "ready", property(lambda self: False))
     res = eng.generate(prompts(1), max_new_tokens=16, stop_tokens=())
     c = res.runtime["counters"]
@@ -309,10 +292,23 @@ def test_unarrived_copies_are_never_published(ckpt, monkeypatch):
     assert len({np.array(t["hi_mask"]).tobytes() for t in eng.timeline}) == 1
 
 
-def test_same_trace_same_seed_same_decisions_and_tokens(ckpt):
+def test_the_drain_before_publish_wait_can_be_switched_off(tiny_ckpt):
+    """drain_before_publish=False publishes without waiting for the segment in flight (the GPU
+    check measures whether that is safe there); True waits before every publish."""
+    waits = {}
+    for drain in (True, False):
+        eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.5), policy=RandomSwaps(1), batch=BATCH,
+                     max_len=MAX_LEN, segment_len=SEG, drain_before_publish=drain)
+        res = eng.generate(prompts(2), max_new_tokens=16, stop_tokens=())
+        assert res.runtime["counters"]["promotions"] > 0
+        waits[drain] = res.runtime["counters"]["drain_wait_s"]
+    assert waits[True] > 0 and waits[False] == 0
+
+
+def test_same_trace_same_seed_same_decisions_and_tokens(tiny_ckpt):
     def run():
-        eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy="dynaexq", update_period=4, delta=0.0,
-                     batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+        eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.3), policy="dynaexq", update_period=4,
+                     delta=0.0, batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
         from dynaexq_jax.serving.sampling import Sampling
         res = eng.generate(prompts(5), max_new_tokens=32, sampling=Sampling(0.9, 20, 0.95), seed=11, stop_tokens=())
         return res.tokens, [(t["step"], t["published"], t["hi_mask"]) for t in eng.timeline]
@@ -321,12 +317,12 @@ def test_same_trace_same_seed_same_decisions_and_tokens(ckpt):
     assert any(pub for _, pub, _ in a[1]), "the test needs decisions to compare"
 
 
-def test_no_recompilation_after_warm_up(ckpt):
+def test_no_recompilation_after_warm_up(tiny_ckpt):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
-    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy=RandomSwaps(2), batch=BATCH, max_len=MAX_LEN,
-                 segment_len=SEG)
+    eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.3), policy=RandomSwaps(2), batch=BATCH,
+                 max_len=MAX_LEN, segment_len=SEG)
     eng.generate(prompts(1), max_new_tokens=12, stop_tokens=())          # warm-up
     n = len(compiles)
     res = eng.generate(prompts(2), max_new_tokens=40, stop_tokens=())
@@ -334,20 +330,20 @@ def test_no_recompilation_after_warm_up(ckpt):
     assert len(compiles) == n, f"{len(compiles) - n} compilations while serving"
 
 
-def test_hot_set_follows_the_workload(ckpt):
+def test_hot_set_follows_the_workload(tiny_ckpt):
     """Two kinds of prompts route differently: after serving each kind, the HI set overlaps that
     kind's hottest experts more than the other kind's."""
-    kw = dict(budget_bytes=engine_budget(ckpt, 0.25), batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    kw = dict(budget_bytes=engine_budget(tiny_ckpt, 0.25), batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
     # Two workloads with concentrated, different routing: each prompt repeats one token.
     a, b = [[5] * 40, [17] * 40], [[200] * 40, [230] * 40]
 
     def hottest(p):
-        ref = Engine(ckpt, policy="static", **kw)
+        ref = Engine(tiny_ckpt, policy="static", **kw)
         ref.generate(p, max_new_tokens=48, stop_tokens=())
         return [set(rank(s)[:n].tolist()) for s, n in zip(ref.scores, ref.n_hi)]
     top_a, top_b = hottest(a), hottest(b)
     assert top_a != top_b, "the two kinds must have different hot sets"
-    eng = Engine(ckpt, policy="dynaexq", update_period=8, delta=0.0, **kw)
+    eng = Engine(tiny_ckpt, policy="dynaexq", update_period=8, delta=0.0, **kw)
     eng.generate(a, max_new_tokens=48, stop_tokens=())
     hi_after_a = eng.pools.hi_mask()
     eng.generate(b, max_new_tokens=48, stop_tokens=())
@@ -376,22 +372,22 @@ def test_hot_set_follows_the_workload(ckpt):
     (dict(policy=object()), RuntimeConfigError, "policy must be"),
     (dict(segment=16), RuntimeConfigError, r"unknown engine settings \['segment'\]"),
 ])
-def test_bad_runtime_options(ckpt, kwargs, err, match):
+def test_bad_runtime_options(tiny_ckpt, kwargs, err, match):
     kw = dict(budget_bytes=10**9, batch=BATCH, max_len=MAX_LEN) | kwargs
     with pytest.raises(err, match=match):
-        Engine(ckpt, **kw)
+        Engine(tiny_ckpt, **kw)
 
 
-def test_engine_settings_one_config_or_keywords(ckpt):
+def test_engine_settings_one_config_or_keywords(tiny_ckpt):
     """Engine(model, budget_bytes=..., **settings) and Engine(..., settings=EngineConfig(...)) are
     the same engine; keywords change single settings of a given config; bad values fail before
     any checkpoint is read."""
     cfg = EngineConfig(policy="static", batch=BATCH, max_len=MAX_LEN, segment_len=SEG, alpha=0.5)
-    a = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), settings=cfg)
-    b = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), policy="static", batch=BATCH, max_len=MAX_LEN,
+    a = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.3), settings=cfg)
+    b = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.3), policy="static", batch=BATCH, max_len=MAX_LEN,
                segment_len=SEG, alpha=0.5)
     assert a.settings == b.settings == cfg and a.plan == b.plan and a.alpha == 0.5
-    c = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.3), settings=cfg, policy="dynaexq", update_period=8)
+    c = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.3), settings=cfg, policy="dynaexq", update_period=8)
     assert c.settings == cfg.replace(policy="dynaexq", update_period=8)
     assert (c.policy.name, c.policy.period, c.policy.delta) == ("dynaexq", 8, cfg.delta)
     with pytest.raises(RuntimeConfigError, match="transfers_in_flight"):
@@ -411,12 +407,12 @@ class Recorder(Controller):
         self.segments.append((step, mass, scores, host))
 
 
-def test_controller_receives_the_segment_in_flight(ckpt):
+def test_controller_receives_the_segment_in_flight(tiny_ckpt):
     """The pipelining contract: each after_segment gets the outputs of the segment dispatched
     before it (the next one the loop reads), None when nothing is in flight; so does scoring."""
-    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
     rec = Recorder()
-    res = generate(eng.params(), ckpt.config, prompts(4), max_new_tokens=1 + 4 * SEG, stop_tokens=(),
+    res = generate(eng.params(), tiny_ckpt.config, prompts(4), max_new_tokens=1 + 4 * SEG, stop_tokens=(),
                    segment_len=SEG, controller=rec)
     tokens = np.asarray(res.tokens)                                           # [B, 1 + 4 * SEG]
     assert [s[0] for s in rec.segments] == [SEG, 2 * SEG, 3 * SEG, 4 * SEG]
@@ -424,19 +420,19 @@ def test_controller_receives_the_segment_in_flight(ckpt):
         np.testing.assert_array_equal(in_flight.T, tokens[:, 1 + (k + 1) * SEG:1 + (k + 2) * SEG])
     assert rec.segments[-1][3] is None
     rec = Recorder()
-    score(eng.params(), ckpt.config, np.asarray(prompts(4, length=4 * SEG + 1)), chunk=SEG, window=4 * SEG,
+    score(eng.params(), tiny_ckpt.config, np.asarray(prompts(4, length=4 * SEG + 1)), chunk=SEG, window=4 * SEG,
           controller=rec)
     # Chunk 0 is read like a prefill (nothing in flight), chunks 1 and 2 have their successor in flight.
     assert [s[3] is None for s in rec.segments] == [True, False, False, True]
 
 
-def test_hotness_ema_is_one_step_per_decode_token(ckpt):
+def test_hotness_ema_is_one_step_per_decode_token(tiny_ckpt):
     """The scores a generation hands the controller are the EMA of hotness.py: one step for the
     prefill's mass, then one per decode step with that step's mass."""
-    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
     rec = Recorder()
     rec.alpha = 0.8
-    generate(eng.params(), ckpt.config, prompts(6), max_new_tokens=1 + 3 * SEG, stop_tokens=(), segment_len=SEG,
+    generate(eng.params(), tiny_ckpt.config, prompts(6), max_new_tokens=1 + 3 * SEG, stop_tokens=(), segment_len=SEG,
              controller=rec)
     mass, scores = rec.prefill
     want = ema_update(np.zeros_like(mass), mass, 0.8)
@@ -447,7 +443,7 @@ def test_hotness_ema_is_one_step_per_decode_token(ckpt):
         np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-7)
 
 
-def test_batch_larger_than_the_engine_was_sized_for(ckpt):
-    eng = Engine(ckpt, budget_bytes=10**9, policy="all-lo", batch=1, max_len=MAX_LEN)
+def test_batch_larger_than_the_engine_was_sized_for(tiny_ckpt):
+    eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=1, max_len=MAX_LEN)
     with pytest.raises(GenerationError, match="sized for batch=1"):
         eng.generate(prompts(0, n=2), max_new_tokens=4)

@@ -7,10 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from checkpoints_convert import convert
 from dynaexq_jax.cli import _print_generation
 from dynaexq_jax.errors import RuntimeConfigError
-from dynaexq_jax.experiments.synthetic import qwen3_moe_config, write_random_qwen3_moe
+from dynaexq_jax.experiments.synthetic import qwen3_moe_config
 from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.moe import HI, LO
 from dynaexq_jax.model.quant import parse_format
@@ -21,7 +20,7 @@ from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy
 from dynaexq_jax.runtime.pools import tree_nbytes
 from dynaexq_jax.runtime.replay import replay, shifting_trace
 from dynaexq_jax.runtime.transfers import PlannedSwap, TransferSchedule
-from dynaexq_jax.serving.checkpoint import load_checkpoint
+from tests.tiny_runtime import BATCH, MAX_LEN, SEG, prompts
 
 
 # ---- the schedule ------------------------------------------------------------------------------
@@ -147,23 +146,6 @@ def test_no_layer_starves_after_a_shift_with_the_default_staging():
 
 
 # ---- the engine runs the schedule --------------------------------------------------------------------
-TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
-BATCH, MAX_LEN, SEG = 2, 128, 4
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("transfers")
-    hf = write_random_qwen3_moe(tmp / "hf", seed=1, tokenizer=False, **TINY)
-    return load_checkpoint(convert(hf, tmp / "conv", lo="int4:g32", progress=False))
-
-
-def prompts(seed, n=BATCH, length=9):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, TINY["vocab_size"], length).tolist() for _ in range(n)]
-
-
 class SwapEverything(Policy):
     """At every boundary, every HI expert of every layer swaps with a LO one: more swaps than fit."""
     name = "swap-everything"
@@ -175,15 +157,15 @@ class SwapEverything(Policy):
         return [list(zip(np.flatnonzero(~m).tolist(), np.flatnonzero(m).tolist())) for m in hi_mask]
 
 
-def engine(ckpt, **settings):
+def engine(tiny_ckpt, **settings):
     config = EngineConfig(batch=BATCH, max_len=MAX_LEN, segment_len=SEG).replace(**settings)
-    return Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, 0.5, config), settings=config)
+    return Engine(tiny_ckpt, budget_bytes=budget_for_fraction(tiny_ckpt, 0.5, config), settings=config)
 
 
-def test_the_engine_fills_the_staging_bytes_with_swaps(ckpt):
+def test_the_engine_fills_the_staging_bytes_with_swaps(tiny_ckpt):
     """K = 4 copies of the largest (f32) expert hold three f32 + int4 swaps, where a count of K
     copies allowed two; the copies the engine makes are exactly the bytes the schedule counts."""
-    eng = engine(ckpt, policy=SwapEverything(), transfers_in_flight=4)
+    eng = engine(tiny_ckpt, policy=SwapEverything(), transfers_in_flight=4)
     per_swap = eng.plan.m_hi + eng.plan.m_lo
     assert tree_nbytes(eng.store.expert(0, HI, 0)) + tree_nbytes(eng.store.expert(0, LO, 0)) == per_swap
     fit = eng.plan.staging // per_swap
@@ -194,11 +176,11 @@ def test_the_engine_fills_the_staging_bytes_with_swaps(ckpt):
     assert res.runtime["counters"]["device_stalls"] == 0
 
 
-def test_copies_in_flight_survive_new_plans_and_are_published(ckpt, monkeypatch):
+def test_copies_in_flight_survive_new_plans_and_are_published(tiny_ckpt, monkeypatch):
     """Copies that arrive late (deterministic=False) stay in flight across plans that replace the
     queue, and are published once they arrive: nothing started is lost."""
     from dynaexq_jax.runtime import engine as engine_mod
-    eng = engine(ckpt, policy=SwapEverything(), transfers_in_flight=4, deterministic=False)
+    eng = engine(tiny_ckpt, policy=SwapEverything(), transfers_in_flight=4, deterministic=False)
     arrived = engine_mod.Transition.ready.fget
     monkeypatch.setattr(engine_mod.Transition, "ready", property(lambda t: len(eng.timeline) >= 4 and arrived(t)))
     started, start = [], eng.schedule.start
@@ -216,8 +198,8 @@ def test_copies_in_flight_survive_new_plans_and_are_published(ckpt, monkeypatch)
     assert sorted(published + in_flight) == sorted((s.pos, s.promote, s.demote) for s in started)
 
 
-def test_cli_reports_controller_work_and_device_waits_apart(ckpt, capsys):
-    eng = engine(ckpt, policy=SwapEverything())
+def test_cli_reports_controller_work_and_device_waits_apart(tiny_ckpt, capsys):
+    eng = engine(tiny_ckpt, policy=SwapEverything())
     res = eng.generate(prompts(1), max_new_tokens=1 + 4 * SEG, stop_tokens=())
     r, c = res.runtime, res.runtime["counters"]
     assert r["device_wait_s"] == pytest.approx(c["drain_wait_s"] + c["copy_wait_s"]) and c["drain_wait_s"] > 0

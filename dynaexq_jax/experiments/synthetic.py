@@ -1,9 +1,9 @@
 """Random Hugging Face checkpoints of any registered family, written with numpy alone (no torch):
-config.json, model.safetensors (or shards + index) in the per-expert layout, with the tensor
-names and shapes of the family's schema, and a BPE tokenizer.json trained on text that ships
-with Python. They serve the benchmarks and tests that need a model of a given size (the default
-model, dynaexq_jax/assets/tiny-moe, is trained: experiments/training.py); the weights are
-random, so generated text is gibberish."""
+config.json, model.safetensors (or shards + index) in the experts' saved layout (per expert;
+gpt-oss's fused one), with the tensor names and shapes of the family's schema, and a BPE
+tokenizer.json trained on text that ships with Python. They serve the benchmarks and tests that
+need a model of a given size (the default model, dynaexq_jax/assets/tiny-moe, is trained:
+experiments/training.py); the weights are random, so generated text is gibberish."""
 from __future__ import annotations
 
 import json
@@ -35,7 +35,7 @@ def qwen3_moe_config(**overrides) -> dict:
 
 def random_state_dict(cfg: dict, seed: int = 0, dtype=np.float32):
     """Yield (name, array) for the HF config dict `cfg` of any registered family: its schema's
-    HF names and shapes, in tree order (experts per expert). Projections N(0, 1/fan_in), the
+    HF names and shapes, in tree order (experts as transformers saves them). Projections N(0, 1/fan_in), the
     embedding N(0, 1), norms and offsets perturbed around their identity, so that a swapped or
     untransposed tensor changes the model."""
     rng = np.random.default_rng(seed)
@@ -52,7 +52,7 @@ def random_state_dict(cfg: dict, seed: int = 0, dtype=np.float32):
 
     for _, _, spec in schema.leaves(family(cfg["model_type"]).abstract(parse_hf_config(cfg))):
         if isinstance(spec, schema.Experts):
-            for name, shape in spec.hf_shapes("per_expert").items():
+            for name, shape in spec.hf_shapes(spec.saved_layout).items():
                 yield name, w(shape, "weight")
         else:
             yield spec.hf_name, w(spec.hf_shape, spec.init)

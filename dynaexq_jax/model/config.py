@@ -3,15 +3,17 @@
 Both transformers-4 and transformers-5 spellings are accepted (rope_theta vs rope_parameters,
 num_experts vs num_local_experts). One ModelConfig serves every family; the hybrid-architecture
 fields (layer_types, linear_*, shared expert, partial rotary) keep neutral defaults elsewhere.
-Which model types exist, and their HF-side defaults, is the family registry's (model/families)."""
+Which model types exist, and their HF-side defaults, is the family registry's (model/families).
+A family with options of its own (MLA ranks, routing variants, ...) subclasses ModelConfig as its
+`Config` and reads them in its `config_fields(d)`; from_dict and parse_hf_config build that class."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from dynaexq_jax.errors import ConfigError, UnsupportedArchitectureError
+from dynaexq_jax.errors import ConfigError, UnsupportedArchitectureError, read_json_object
+from dynaexq_jax.model import rope
 from dynaexq_jax.model.families import family
 
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
@@ -48,6 +50,8 @@ class ModelConfig:
     linear_value_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
+    rope_scaling: tuple = ()                  # rope.scaling_items: () for plain RoPE
+    sliding_window: int | None = None         # sliding-window attention layers see this many positions
 
     @property
     def rotary_dim(self) -> int:
@@ -74,12 +78,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Our own serialised form (to_dict), as stored in a converted checkpoint's metadata."""
-        d = dict(d)
-        d["moe_layers"] = tuple(d["moe_layers"])
-        d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        d["layer_types"] = tuple(d.get("layer_types", ()))
-        return cls(**d)
+        """Our own serialised form (to_dict), as stored in a converted checkpoint's metadata; JSON
+        lists come back as the tuples they were. Builds the family's own Config class."""
+        def frozen(v):
+            return tuple(frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+        config_cls = getattr(family(d["model_type"]), "Config", ModelConfig)
+        return config_cls(**{k: frozen(v) for k, v in d.items()})
 
 
 def _get(d: dict, *names: str, default: Any = ConfigError) -> Any:
@@ -93,6 +97,13 @@ def _get(d: dict, *names: str, default: Any = ConfigError) -> Any:
 
 def _rope_params(d: dict) -> dict:
     return {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+
+
+def _rope_theta(d: dict) -> float:
+    theta = _rope_params(d).get("rope_theta", d.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config.json has no 'rope_theta' (nor rope_parameters.rope_theta)")
+    return float(theta)
 
 
 def _layer_types(d: dict, mixers: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
@@ -115,19 +126,6 @@ def _layer_types(d: dict, mixers: tuple[str, ...], num_layers: int) -> tuple[str
     return types
 
 
-def _rope_theta(d: dict) -> float:
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    rope_type = (params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
-                 or "default")
-    if rope_type != "default":
-        raise UnsupportedArchitectureError(f"rope type '{rope_type}' is not supported (only 'default' RoPE)")
-    theta = params.get("rope_theta", d.get("rope_theta"))
-    if theta is None:
-        raise ConfigError("config.json has no 'rope_theta' (nor rope_parameters.rope_theta)")
-    return float(theta)
-
-
 def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
     """Turn a Hugging Face config dict into a ModelConfig, or raise a typed error naming the problem."""
     model_type = d.get("model_type")
@@ -135,6 +133,9 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
     d = {**fam.HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if d.get("use_sliding_window"):
         raise UnsupportedArchitectureError("use_sliding_window=true is not supported")
+    config_cls = getattr(fam, "Config", ModelConfig)
+    # The family's own fields; it may also set the generic keys it spells its own way in d.
+    extra = fam.config_fields(d) if hasattr(fam, "config_fields") else {}
     hidden = int(_get(d, "hidden_size"))
     heads = int(_get(d, "num_attention_heads"))
     num_layers = int(_get(d, "num_hidden_layers"))
@@ -145,7 +146,7 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
                        if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
     eos = d.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-    cfg = ModelConfig(
+    cfg = config_cls(
         model_type=model_type,
         vocab_size=int(_get(d, "vocab_size")),
         hidden_size=hidden,
@@ -175,8 +176,12 @@ def parse_hf_config(d: dict[str, Any]) -> ModelConfig:
         linear_value_head_dim=int(_get(d, "linear_value_head_dim", default=0)),
         linear_num_key_heads=int(_get(d, "linear_num_key_heads", default=0)),
         linear_num_value_heads=int(_get(d, "linear_num_value_heads", default=0)),
+        rope_scaling=rope.scaling_items(d),
+        **extra,
     )
     _validate(cfg)
+    if hasattr(fam, "validate"):
+        fam.validate(cfg)
     return cfg
 
 
@@ -207,13 +212,14 @@ def _validate(c: ModelConfig) -> None:
                               f"linear_num_key_heads={c.linear_num_key_heads}")
 
 
-def load_hf_config(path: str | Path) -> ModelConfig:
+def read_hf_config(path: str | Path) -> dict:
+    """The config.json dict of a Hugging Face model directory (or of that file itself)."""
     path = Path(path)
     f = path / "config.json" if path.is_dir() else path
     if not f.exists():
         raise ConfigError(f"{f}: no config.json")
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f}: not valid JSON ({e})") from None
-    return parse_hf_config(d)
+    return read_json_object(f, ConfigError)
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    return parse_hf_config(read_hf_config(path))

@@ -1,5 +1,5 @@
 """Decoder pieces every family shares: the parameter tree's outer shape (Params), linear layers,
-RMSNorm, RoPE, the attention core over the KV cache, the dense SwiGLU MLP, the routed-expert MLP
+RMSNorm, the attention core over the KV cache, the dense SwiGLU MLP, the routed-expert MLP
 and the logits tail. Weights are input-major ([in, out], y = x @ W)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.model.families.schema import LINEAR, Tensor
+from dynaexq_jax.model.families.schema import LINEAR, Experts, Tensor
 from dynaexq_jax.model.moe import ExpertPools, moe_experts, route
 
 HF_LM_HEAD = "lm_head.weight"   # the HF output head; tied models may still carry a copy of the embedding
@@ -25,6 +25,14 @@ class DenseMLP:
 class MoE:
     router: jax.Array             # [H, E]
     experts: ExpertPools | None   # None in a checkpoint's dense params until pools are attached
+
+
+@struct.dataclass
+class SharedMoE(MoE):
+    """Routed experts (router, ExpertPools) plus one always-on expert: out = routed(x) +
+    sigmoid(x @ shared_gate) * shared(x). The shared expert is dense, not in the pools."""
+    shared: DenseMLP          # gate/up [H, Is], down [Is, H]
+    shared_gate: jax.Array    # [H, 1]
 
 
 @struct.dataclass
@@ -58,6 +66,22 @@ def dense_mlp_schema(prefix: str, hidden: int, inter: int) -> DenseMLP:
                     down=Tensor((inter, hidden), prefix + "down_proj.weight", LINEAR, "residual"))
 
 
+def moe_schema(cfg: ModelConfig, prefix: str) -> MoE:
+    """The router and routed experts under HF `prefix` ("model.layers.3.mlp."): gate.weight, experts.*."""
+    H, E = cfg.hidden_size, cfg.num_experts
+    return MoE(router=Tensor((H, E), prefix + "gate.weight", LINEAR),
+               experts=Experts(E, H, cfg.moe_intermediate_size, prefix + "experts."))
+
+
+def shared_moe_schema(cfg: ModelConfig, prefix: str) -> SharedMoE:
+    """moe_schema plus the gated shared expert under `prefix`: shared_expert.*, shared_expert_gate."""
+    routed = moe_schema(cfg, prefix)
+    return SharedMoE(router=routed.router, experts=routed.experts,
+                     shared=dense_mlp_schema(prefix + "shared_expert.", cfg.hidden_size,
+                                             cfg.shared_expert_intermediate_size),
+                     shared_gate=Tensor((cfg.hidden_size, 1), prefix + "shared_expert_gate.weight", LINEAR))
+
+
 def linear(x, w, b=None):
     y = x @ w
     return y if b is None else y + b
@@ -77,20 +101,6 @@ def rms_norm_zero_centred(x, w, eps):
     return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x, positions, theta, rotary_dim: int | None = None):
-    """HF rotate-half RoPE on the first rotary_dim features of each head (default: all of them;
-    partial rotary leaves the rest unchanged). x: [B, T, n, hd], positions: int32 [B, T]."""
-    rd = x.shape[-1] if rotary_dim is None else rotary_dim
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, rd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    xr, rest = x[..., :rd], x[..., rd:]
-    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-    out = xr * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-    return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
-
-
 def write_cache(cache_arr, new, start):
     """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] at per-sequence offsets start [B]."""
     B, T, n, hd = new.shape
@@ -100,26 +110,41 @@ def write_cache(cache_arr, new, start):
     return cache_arr.at[rows, cols].set(vals)
 
 
-def attend(q, k, v, positions, k_cache, v_cache, start):
-    """Write k, v [B, T, nKV, hd] into the caches [B*nKV, S, hd] at start [B], then causal
-    grouped-query attention of q [B, T, nH, hd] over them. Returns (out [B, T, nH*hd], caches).
+def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = None, sinks=None,
+           scale: float | None = None):
+    """Write k [B, T, nKV, hd], v [B, T, nKV, hv] into the caches [B*nKV, S, hd|hv] at start [B],
+    then causal grouped-query attention of q [B, T, nH, hd] over them. Returns (out [B, T, nH*hv],
+    caches). window: a query at position p sees only positions > p - window (sliding-window
+    layers); sinks f32 [nH]: a per-head logit that joins the softmax's denominator and nothing
+    else (gpt-oss); scale: the score scale (default hd ** -0.5).
     Both products are batched over B*nKV with the cache in its stored layout; only the small
     q and output blocks are transposed."""
     B, T, nH, hd = q.shape
-    nKV = k.shape[2]
+    nKV, hv = k.shape[2], v.shape[3]
     k_cache = write_cache(k_cache, k, start)
     v_cache = write_cache(v_cache, v, start)
     S = k_cache.shape[1]
     rep = nH // nKV
     qg = q.reshape(B, T, nKV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B * nKV, rep * T, hd)
     scores = jax.lax.dot_general(qg, k_cache.astype(q.dtype), (((2,), (2,)), ((0,), (0,))),
-                                 preferred_element_type=jnp.float32) * (hd ** -0.5)    # [B*nKV, rep*T, S]
-    # Causal over absolute positions: query at position p sees cache slots 0..p.
-    visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]                    # [B, T, S]
+                                 preferred_element_type=jnp.float32) * (hd ** -0.5 if scale is None else scale)
+    # Causal over absolute positions: query at position p sees cache slots 0..p (p-window+1..p).
+    slots = jnp.arange(S)[None, None, :]
+    visible = slots <= positions[:, :, None]                                           # [B, T, S]
+    if window is not None:
+        visible &= slots > positions[:, :, None] - window
     visible = jnp.broadcast_to(visible[:, None, None], (B, nKV, rep, T, S)).reshape(B * nKV, rep * T, S)
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(q.dtype)
-    out = jax.lax.dot_general(probs, v_cache.astype(q.dtype), (((2,), (1,)), ((0,), (0,))))
-    out = out.reshape(B, nKV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, nH * hd)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:   # softmax over [scores, sink], the sink's share dropped
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nKV, rep, 1, 1),
+                                (B, nKV, rep, T, 1)).reshape(B * nKV, rep * T, 1)
+        top = jnp.maximum(scores.max(-1, keepdims=True), sink)
+        e = jnp.exp(scores - top)
+        probs = e / (e.sum(-1, keepdims=True) + jnp.exp(sink - top))
+    out = jax.lax.dot_general(probs.astype(q.dtype), v_cache.astype(q.dtype), (((2,), (1,)), ((0,), (0,))))
+    out = out.reshape(B, nKV, rep, T, hv).transpose(0, 3, 1, 2, 4).reshape(B, T, nH * hv)
     return out, k_cache, v_cache
 
 
@@ -132,14 +157,22 @@ def moe_route(p: MoE, cfg: ModelConfig, x):
     return route(x, p.router, cfg.num_experts_per_tok, cfg.norm_topk_prob)
 
 
-def moe_mlp(p: MoE, cfg: ModelConfig, x, backend: str):
-    """x: [B, T, H] -> (out [B, T, H], ids [B, T, k], probs [B, T, k])."""
+def moe_mlp(p: MoE, cfg: ModelConfig, x, backend: str, route_fn=moe_route):
+    """x: [B, T, H] -> (out [B, T, H], ids [B, T, k], probs [B, T, k]). route_fn(p, cfg, x [N, H])
+    -> (ids, weights, probs) is the family's router (default: moe_route)."""
     B, T, H = x.shape
     flat = x.reshape(B * T, H)
-    ids, weights, probs = moe_route(p, cfg, flat)
+    ids, weights, probs = route_fn(p, cfg, flat)
     out = moe_experts(flat, ids, weights, p.experts, backend)
     k = cfg.num_experts_per_tok
     return out.reshape(B, T, H), ids.reshape(B, T, k), probs.reshape(B, T, k)
+
+
+def shared_moe_mlp(p: SharedMoE, cfg: ModelConfig, x, backend: str):
+    """x: [B, T, H] -> (routed + gated shared output [B, T, H], ids [B, T, k], probs [B, T, k])."""
+    routed, ids, probs = moe_mlp(p, cfg, x, backend)
+    shared = jax.nn.sigmoid(x @ p.shared_gate) * dense_mlp(p.shared, x)
+    return routed + shared, ids, probs
 
 
 def logits(params: Params, x, norm, logits_at: jax.Array | None = None):
@@ -151,3 +184,24 @@ def logits(params: Params, x, norm, logits_at: jax.Array | None = None):
     x = norm(x, params.final_norm)
     head = params.embed.T if params.lm_head is None else params.lm_head
     return (x @ head).astype(jnp.float32)
+
+
+@struct.dataclass
+class LayerNorm:
+    """nn.LayerNorm's affine parameters (Phi-3.5-MoE's norms)."""
+    weight: jax.Array     # [H]
+    bias: jax.Array       # [H]
+
+
+def layer_norm_schema(prefix: str, hidden: int) -> LayerNorm:
+    """An nn.LayerNorm under HF `prefix` (e.g. "model.layers.3.input_layernorm.")."""
+    return LayerNorm(weight=Tensor((hidden,), prefix + "weight", init="norm"),
+                     bias=Tensor((hidden,), prefix + "bias", init="bias"))
+
+
+def layer_norm(x, p: LayerNorm, eps):
+    """nn.LayerNorm over the last axis: mean and biased variance in f32, then scale and shift, cast back."""
+    xf = x.astype(jnp.float32)
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * p.weight.astype(jnp.float32) + p.bias.astype(jnp.float32)).astype(x.dtype)

@@ -28,6 +28,7 @@ from pallas_kernels import packing
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
 SCALE_DTYPE = np.float16
+BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +122,27 @@ def parse_format(spec: str | Format) -> Format:
     return fmt
 
 
-def expert_nbytes(fmt: Format, hidden: int, inter: int) -> int:
-    """Bytes of one SwiGLU expert (gate [H, I], up [H, I], down [I, H]) in `fmt`, scales included."""
-    return 2 * fmt.nbytes(hidden, inter) + fmt.nbytes(inter, hidden)
+def fit_default_group(spec, fmt: Format, dims: tuple[int, ...]) -> tuple[Format, str | None]:
+    """A tier format parsed from spec, its group fitted to the expert input dimensions: a default
+    group (no ':gN' in spec) that does not divide them becomes the largest smaller one that does
+    and holds whole bytes, with a note saying so; an explicit group is kept (Format.check then
+    names the problem)."""
+    if not (fmt.is_int and fmt.group and isinstance(spec, str) and ":" not in spec
+            and any(d % fmt.group for d in dims)):
+        return fmt, None
+    fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
+    if not fits:
+        return fmt, None
+    note = (f"{fmt.kind}: the default group {fmt.group} does not divide the expert dimensions "
+            f"{' and '.join(map(str, dims))}; group {fits[0]} used")
+    return dataclasses.replace(fmt, group=fits[0]), note
+
+
+def expert_nbytes(fmt: Format, hidden: int, inter: int, bias: bool = False) -> int:
+    """Bytes of one SwiGLU expert (gate [H, I], up [H, I], down [I, H]) in `fmt`, scales included,
+    and with bias its float biases (gate/up [I], down [H])."""
+    biases = (2 * inter + hidden) * np.dtype(BIAS_DTYPE).itemsize if bias else 0
+    return 2 * fmt.nbytes(hidden, inter) + fmt.nbytes(inter, hidden) + biases
 
 
 @struct.dataclass

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
-import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -38,20 +36,24 @@ from dynaexq_jax.errors import (
     InfeasibleBudgetError,
     QuantFormatError,
     RuntimeConfigError,
-    check_int,
 )
-from dynaexq_jax.model.config import ModelConfig, load_hf_config
+from dynaexq_jax.model.config import ModelConfig, parse_hf_config, read_hf_config
 from dynaexq_jax.model.families import family, schema
 from dynaexq_jax.model.moe import ExpertPools, TierPool, cpu_kernel
 from dynaexq_jax.model.moe import xla as xla_moe
-from dynaexq_jax.model.quant import SCALE_DTYPE, Format, QTensor, expert_nbytes, parse_format
+from dynaexq_jax.model.quant import (
+    BIAS_DTYPE,
+    SCALE_DTYPE,
+    Format,
+    QTensor,
+    expert_nbytes,
+    fit_default_group,
+    parse_format,
+)
+from dynaexq_jax.runtime.config import EngineConfig, check_plan_options
 from dynaexq_jax.serving.checkpoint import METADATA_FILE, CheckpointInfo, read_info
 from dynaexq_jax.serving.generate import SEGMENT_LEN
 
-if TYPE_CHECKING:
-    from dynaexq_jax.runtime.config import EngineConfig
-
-STRATEGIES = ("uniform", "proportional", "greedy")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -173,9 +175,14 @@ def _forward_bytes(cfg: ModelConfig, B: int, C: int, S: int, backend: str, hi: F
     largest of a layer's phases (its token mixer, its MLP), then the logits of one position per
     row (layers.logits with logits_at) and their selection."""
     N, H, V, item = B * C, cfg.hidden_size, cfg.vocab_size, np.dtype(dtype).itemsize
-    q_out = max((spec.shape[1] for _, key, spec in schema.leaves(family(cfg.model_type).abstract(cfg))
-                 if key == "attn.q"), default=0)
-    phases = [_attention_bytes(cfg, B, C, S, q_out, item, widen) if cfg.attention_layers else 0,
+    fam = family(cfg.model_type)
+    if hasattr(fam, "attention_workspace_bytes"):   # a family with its own attention (e.g. MLA)
+        attention = fam.attention_workspace_bytes(cfg, B, C, S, item, widen)
+    else:
+        q_out = max((spec.shape[1] for _, key, spec in schema.leaves(fam.abstract(cfg)) if key == "attn.q"),
+                    default=0)
+        attention = _attention_bytes(cfg, B, C, S, q_out, item, widen)
+    phases = [attention if cfg.attention_layers else 0,
               _linear_attention_bytes(cfg, B, C, item) if cfg.linear_layers else 0,
               _moe_bytes(cfg, N, backend, hi, lo, dtype, kernel, widen) if cfg.moe_layers else 0,
               3 * N * cfg.intermediate_size * item if cfg.dense_layers else 0]
@@ -228,7 +235,8 @@ def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, d
             scales = array((slots, k // fmt.group_for(k), n), SCALE_DTYPE) if fmt.is_int else None
             return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt)
         H, I = spec.hidden, spec.inter
-        return TierPool(weight(H, I), weight(H, I), weight(I, H))
+        biases = {name: array((slots,) + shape[1:], BIAS_DTYPE) for name, shape in spec.bias_shapes.items()}
+        return TierPool(weight(H, I), weight(H, I), weight(I, H), **biases)
 
     def leaf(spec):
         if isinstance(spec, schema.Experts):
@@ -288,6 +296,13 @@ def smallest_budget_text(budget: int) -> str:
     return f"{format_bytes(budget, round_up=True)} ({budget:,d} B)"
 
 
+# The staging K copies reserve is capped here: 576 MiB is ~24 ms of copies at PCIe 4.0 rates, which
+# keeps the copy engine busy through a segment of tens of ms (it is K = 64 of Qwen3-30B-A3B's 9 MiB
+# bf16 experts); more would only take HI slots from models with large experts (64 of Mixtral-8x7B's
+# 336 MiB bf16 experts would be 21 GiB). Never less than one swap (an HI and a LO copy).
+STAGING_CAP = 576 * 2**20
+
+
 @dataclasses.dataclass(frozen=True)
 class BudgetPlan:
     budget: int
@@ -301,7 +316,8 @@ class BudgetPlan:
 
     @property
     def staging(self) -> int:
-        return self.transfers_in_flight * max(self.m_hi, self.m_lo)
+        """Bytes of transfer staging: K copies of the largest expert, at most STAGING_CAP (or one swap)."""
+        return min(self.transfers_in_flight * max(self.m_hi, self.m_lo), max(STAGING_CAP, self.m_hi + self.m_lo))
 
     def layer_bytes(self, i: int) -> int:
         return self.n_hi[i] * self.m_hi + (self.num_experts - self.n_hi[i]) * self.m_lo
@@ -323,7 +339,9 @@ class BudgetPlan:
         return self.fixed.rows() + [
             (f"HI experts ({sum(self.n_hi)} x {format_bytes(self.m_hi)})", sum(self.n_hi) * self.m_hi),
             (f"LO experts ({n_lo} x {format_bytes(self.m_lo)})", n_lo * self.m_lo),
-            (f"transfer staging (K={self.transfers_in_flight})", self.staging),
+            (f"transfer staging (K={self.transfers_in_flight}"
+             f"{', capped' if self.staging < self.transfers_in_flight * max(self.m_hi, self.m_lo) else ''})",
+             self.staging),
             ("total", self.total), ("budget", self.budget), ("unused", self.budget - self.total)]
 
     def table(self) -> str:
@@ -331,15 +349,6 @@ class BudgetPlan:
         lines.append(f"{'HI slots per MoE layer':<40} {', '.join(map(str, self.n_hi))}  "
                      f"({100 * self.hi_fraction:.1f}% of experts, strategy {self.strategy})")
         return "\n".join(lines)
-
-
-def check_plan_options(strategy: str, transfers_in_flight: int, max_hi_fraction: float) -> None:
-    if strategy not in STRATEGIES:
-        raise RuntimeConfigError(f"unknown capacity strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
-    check_int("transfers_in_flight", transfers_in_flight, RuntimeConfigError, minimum=2,
-              unit=" (a swap moves two copies)")
-    if not 0.0 <= max_hi_fraction <= 1.0:
-        raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
 
 
 def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, dense_params: int,
@@ -360,7 +369,7 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
                         prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
                         margin_fraction=margin_fraction, platform=platform)
-    m_hi, m_lo = (expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size) for f in (hi, lo))
+    m_hi, m_lo = (schema.expert_bytes(cfg, f) for f in (hi, lo))
     if m_hi < m_lo:
         raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")
 
@@ -422,8 +431,8 @@ def planned_checkpoint(source: str | Path, *, hi: str = CONVERT_DEFAULTS["hi"], 
     model directory or its config.json alone (no weight is read): a CheckpointInfo without
     metadata. Raises the typed errors of a bad config or format."""
     f = Path(source) / "config.json" if Path(source).is_dir() else Path(source)
-    cfg = load_hf_config(f)
-    hf = json.loads(f.read_text())
+    hf = read_hf_config(f)
+    cfg = parse_hf_config(hf)
     declared = hf.get("torch_dtype") or hf.get("dtype")
 
     def resolve(spec: str, what: str) -> Format:
@@ -435,12 +444,8 @@ def planned_checkpoint(source: str | Path, *, hi: str = CONVERT_DEFAULTS["hi"], 
         return parse_format(_CONFIG_DTYPES[declared])
 
     def tier(spec: str, what: str) -> Format:
-        # As the converter does: a default group (no ':gN' given) that does not divide the expert
-        # dimensions becomes the largest smaller one that does and holds whole bytes.
-        fmt, dims = resolve(spec, what), (cfg.hidden_size, cfg.moe_intermediate_size)
-        if fmt.is_int and fmt.group and ":" not in str(spec) and any(d % fmt.group for d in dims):
-            fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
-            fmt = dataclasses.replace(fmt, group=fits[0]) if fits else fmt
+        dims = (cfg.hidden_size, cfg.moe_intermediate_size)
+        fmt, _ = fit_default_group(str(spec), resolve(spec, what), dims)     # as the converter does
         expert_nbytes(fmt, *dims)                              # checks the group divides H and I
         return fmt
     tiers = {"hi": tier(hi, "--hi"), "lo": tier(lo, "--lo")}
@@ -541,8 +546,8 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
                 hi_slots_per_layer=list(plan.n_hi) if plan else None, min_feasible_bytes=smallest,
                 dense_bytes=costs.dense_params, kv_cache_bytes=costs.kv_cache, workspace_bytes=costs.workspace,
                 margin_bytes=costs.margin,
-                expert_hi_bytes=expert_nbytes(sizes["hi"], cfg.hidden_size, cfg.moe_intermediate_size),
-                expert_lo_bytes=expert_nbytes(sizes["lo"], cfg.hidden_size, cfg.moe_intermediate_size),
+                expert_hi_bytes=schema.expert_bytes(cfg, sizes["hi"]),
+                expert_lo_bytes=schema.expert_bytes(cfg, sizes["lo"]),
                 expert_bytes=plan.resident if plan else None, staging_bytes=plan.staging if plan else None,
                 total_bytes=plan.total if plan else None,
                 settings=dict(policy=settings.make_policy().name, **settings.plan_options(), **overrides))

@@ -36,7 +36,7 @@ import numpy as np
 
 from dynaexq_jax.errors import GenerationError, InfeasibleBudgetError, PromptTooLongError, RuntimeConfigError, check_int
 from dynaexq_jax.model.config import ModelConfig
-from dynaexq_jax.model.families.qwen3_moe import attention_block, final_logits, init_cache
+from dynaexq_jax.model.families.decoder import attention_block, final_logits, init_cache
 from dynaexq_jax.model.layers import dense_mlp, moe_route, rms_norm
 from dynaexq_jax.model.moe import HI, ExpertPools, moe_experts
 from dynaexq_jax.model.quant import Format, expert_nbytes

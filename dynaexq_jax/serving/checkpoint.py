@@ -7,7 +7,8 @@ Layout (format version 2):
   dense/, layers/NNN/    orbax checkpoints of the dense parameter trees (numpy arrays)
   experts/NNN.hi.safetensors, experts/NNN.lo.safetensors
                          one MoE layer's routed experts in one tier: {gate|up|down}.data and, for
-                         integer formats, {gate|up|down}.scales, each [E, ...] expert-major, so that
+                         integer formats, {gate|up|down}.scales, and for experts with biases
+                         (gpt-oss) {gate|up|down}.bias in f32, each [E, ...] expert-major, so that
                          one expert is one contiguous slice of each tensor (tier_tensors)
 
 The dense trees hold the family's parameter tree (model/families/schema.py): a leaf at tree path
@@ -25,7 +26,6 @@ the device and builds the ExpertPools it serves from; attach_experts puts them i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +42,13 @@ from dynaexq_jax.errors import (
     ConfigError,
     CorruptCheckpointError,
     UnsupportedArchitectureError,
+    read_json_object,
 )
 from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families import family, schema
 from dynaexq_jax.model.layers import MoE, Params
 from dynaexq_jax.model.moe import ExpertPools, TierPool
-from dynaexq_jax.model.quant import SCALE_DTYPE, Format, QTensor, parse_format
+from dynaexq_jax.model.quant import BIAS_DTYPE, SCALE_DTYPE, Format, QTensor, parse_format
 from dynaexq_jax.serving.conversion import sha256_file
 from dynaexq_jax.serving.safetensors_io import MappedFile
 
@@ -73,7 +74,14 @@ def tier_tensors(fmt: Format, spec: schema.Experts) -> dict[str, tuple[tuple[int
         out[f"{proj}.data"] = ((E, k // fmt.per_byte, n), np.dtype(fmt.storage_dtype))
         if fmt.is_int:
             out[f"{proj}.scales"] = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
+    for name, shape in spec.bias_shapes.items():          # the same float biases in every tier
+        out[bias_tensor(name)] = (shape, np.dtype(BIAS_DTYPE))
     return out
+
+
+def bias_tensor(bias: str) -> str:
+    """A bias stack's name (schema.BIASES: "gate_bias") -> its tensor in a tier file ("gate.bias")."""
+    return bias.replace("_bias", ".bias")
 
 
 @dataclasses.dataclass
@@ -179,11 +187,8 @@ def _read_metadata(path: Path) -> dict:
     f = path / METADATA_FILE
     if not f.is_file():
         raise CheckpointNotFoundError(f"{f}: not found (not a converted checkpoint?)")
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"{f}: not valid JSON ({e})") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    meta = read_json_object(f, CorruptCheckpointError)
+    version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CorruptCheckpointError(f"{f}: format_version {version!r} is not a format version")
     if version != FORMAT_VERSION:
@@ -263,5 +268,6 @@ def _map_experts(info: CheckpointInfo, layer: int, spec: schema.Experts) -> dict
         if extra:
             raise CorruptCheckpointError(f"{mapped.path}: unexpected tensor '{extra[0]}'")
         a = mapped.arrays
-        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt) for p in schema.PROJECTIONS))
+        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt) for p in schema.PROJECTIONS),
+                             **{b: a[bias_tensor(b)] for b in spec.bias_shapes})
     return out

@@ -3,6 +3,10 @@
   gate_up(x, gate, up, group_offsets, fmt=...)             -> SiLU(x @ Wg[g]) * (x @ Wu[g])   [M, N], x.dtype
   down(h, w, group_offsets, row_weights, fmt=...)          -> row_weight * (h @ Wd[g])        [M, N], f32
 
+Optional per-slot biases ([S, N]: gate_bias/up_bias, bias) are added to the products, and
+gate_up's activation (activation.py: SwiGLU, or gpt-oss's clamped SwiGLU) is static metadata;
+without them the kernels are the plain SwiGLU ones.
+
 Rows are sorted by group; group g (pool slot g) owns rows [offsets[g], offsets[g+1]). A weight is
 a stack [S, K, N] stored as `data` in `fmt` (packing.py: uint8 [S, K/p, N] plus scales
 [S, K/group, N] for int formats, float [S, K, N] without scales). Rows outside every group keep
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import pallas_triton, reference
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation
 from pallas_kernels.grouped_matmul.tiling import TileConfig, default_config, group_tiles
 from pallas_kernels.packing import WeightFormat, check_weights
 
@@ -38,9 +43,10 @@ def _pad_rows(a, rows: int):
 
 
 def gate_up(x, gate, up, group_offsets, *, fmt: WeightFormat, gate_scales=None, up_scales=None, out=None,
-            config: TileConfig | None = None, implementation: str = "triton", interpret: bool | None = None):
-    """x [M, K], gate/up [S, K/p, N] in fmt (+ scales [S, K/g, N]), group_offsets int32 [S+1]
-    -> [M, N] in x.dtype."""
+            config: TileConfig | None = None, implementation: str = "triton", interpret: bool | None = None,
+            gate_bias=None, up_bias=None, activation: Activation = SWIGLU):
+    """x [M, K], gate/up [S, K/p, N] in fmt (+ scales [S, K/g, N], + biases [S, N]), group_offsets
+    int32 [S+1] -> [M, N] in x.dtype."""
     _, n = _check(implementation, group_offsets, gate, gate_scales, fmt)
     check_weights(up, up_scales, fmt)
     if up.shape != gate.shape:
@@ -49,27 +55,31 @@ def gate_up(x, gate, up, group_offsets, *, fmt: WeightFormat, gate_scales=None, 
     out = jnp.zeros((m, n), x.dtype) if out is None else out
     if implementation == "xla":
         return reference.gate_up_reference(x, gate, up, group_offsets, fmt=fmt, gate_scales=gate_scales,
-                                           up_scales=up_scales, out=out)
+                                           up_scales=up_scales, out=out, gate_bias=gate_bias, up_bias=up_bias,
+                                           activation=activation)
     config = config or default_config(m, gate.shape[0])
     interpret = compat.default_interpret() if interpret is None else interpret
     tiles = group_tiles(group_offsets, m, config.block_m)
     y = pallas_triton.gate_up(_pad_rows(x, config.block_m), (gate, gate_scales), (up, up_scales), tiles,
-                              _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret)
+                              _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret,
+                              biases=(gate_bias, up_bias), activation=activation)
     return y[:m]
 
 
 def down(h, w, group_offsets, row_weights, *, fmt: WeightFormat, scales=None, out=None,
-         config: TileConfig | None = None, implementation: str = "triton", interpret: bool | None = None):
-    """h [M, K], w [S, K/p, N] in fmt (+ scales [S, K/g, N]), group_offsets int32 [S+1], row_weights [M]
-    -> [M, N] f32."""
+         config: TileConfig | None = None, implementation: str = "triton", interpret: bool | None = None,
+         bias=None):
+    """h [M, K], w [S, K/p, N] in fmt (+ scales [S, K/g, N], + bias [S, N]), group_offsets int32 [S+1],
+    row_weights [M] -> [M, N] f32."""
     _, n = _check(implementation, group_offsets, w, scales, fmt)
     m = h.shape[0]
     out = jnp.zeros((m, n), jnp.float32) if out is None else out
     if implementation == "xla":
-        return reference.down_reference(h, w, group_offsets, row_weights, fmt=fmt, scales=scales, out=out)
+        return reference.down_reference(h, w, group_offsets, row_weights, fmt=fmt, scales=scales, out=out,
+                                        bias=bias)
     config = config or default_config(m, w.shape[0])
     interpret = compat.default_interpret() if interpret is None else interpret
     tiles = group_tiles(group_offsets, m, config.block_m)
     y = pallas_triton.down(_pad_rows(h, config.block_m), (w, scales), tiles, _pad_rows(row_weights, config.block_m),
-                           _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret)
+                           _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret, bias=bias)
     return y[:m]

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation, glu
 from pallas_kernels.grouped_matmul.tiling import TileConfig
 from pallas_kernels.packing import KernelFormatError, WeightFormat, check_weights
 
@@ -177,10 +178,16 @@ def _split_weights(refs, is_int: bool, count: int):
     return out, refs
 
 
-def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan):
+def _bias_row(bias_ref, slot, n0, plan: _Plan):
+    """The bias of slot `slot`, columns [n0, n0+bn) -> f32 [1, bn]."""
+    return plgpu.load(bias_ref.at[slot, pl.ds(n0, plan.bn)]).astype(jnp.float32)[None, :]
+
+
+def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan, act: Activation, has_bias: bool):
     # meta [3, T] int32; x [M, K]; gate/up data [S, K/p, N] (+ scales [S, K/g, N]);
-    # h_in (aliased) and h_out [M, N]
-    (gate, up), (_, h_ref) = _split_weights(refs, plan.fmt.is_int, 2)
+    # (has_bias: gate/up biases [S, N]); h_in (aliased) and h_out [M, N]
+    (gate, up), refs = _split_weights(refs, plan.fmt.is_int, 2)
+    (gb_ref, ub_ref), (_, h_ref) = (refs[:2], refs[2:]) if has_bias else ((None, None), refs)
     slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
 
     @pl.when(lo < hi)
@@ -192,13 +199,16 @@ def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan):
 
         zero = jnp.zeros((plan.bm, plan.bn), jnp.float32)
         g, u = jax.lax.fori_loop(0, plan.steps, body, (zero, zero))
-        _store_rows(h_ref, g * jax.nn.sigmoid(g) * u, row0, lo, hi, n0, plan)
+        if has_bias:
+            g, u = g + _bias_row(gb_ref, slot, n0, plan), u + _bias_row(ub_ref, slot, n0, plan)
+        _store_rows(h_ref, glu(g, u, act), row0, lo, hi, n0, plan)
 
 
-def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan):
-    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales); row weights [M] f32;
-    # y_in (aliased) and y_out [M, N] f32
-    (down,), (rw_ref, _, y_ref) = _split_weights(refs, plan.fmt.is_int, 1)
+def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan, has_bias: bool):
+    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales); (has_bias: bias [S, N]);
+    # row weights [M] f32; y_in (aliased) and y_out [M, N] f32
+    (down,), refs = _split_weights(refs, plan.fmt.is_int, 1)
+    (b_ref,), (rw_ref, _, y_ref) = (refs[:1], refs[1:]) if has_bias else ((None,), refs)
     slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
 
     @pl.when(lo < hi)
@@ -207,13 +217,28 @@ def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan):
             return acc + _step_product(down, slot, s, n0, _x_subtiles(h_ref, row0, s, plan), plan)
 
         acc = jax.lax.fori_loop(0, plan.steps, body, jnp.zeros((plan.bm, plan.bn), jnp.float32))
+        if has_bias:
+            acc = acc + _bias_row(b_ref, slot, n0, plan)
         rw = plgpu.load(rw_ref.at[pl.ds(row0, plan.bm)])                       # [bm] f32
         _store_rows(y_ref, acc * rw[:, None], row0, lo, hi, n0, plan)
 
 
-def _kernel_suffix(plan: _Plan) -> str:
-    """Names the specialization in profiles: int4, int8, ..., or the float weights' dtype."""
-    return f"int{plan.fmt.bits}" if plan.fmt.is_int else plan.w_dtype.name
+def _kernel_suffix(plan: _Plan, has_bias: bool = False, act: Activation = SWIGLU) -> str:
+    """Names the specialization in profiles: int4, int8, ..., or the float weights' dtype (+ _bias,
+    + the activation when not SwiGLU)."""
+    name = f"int{plan.fmt.bits}" if plan.fmt.is_int else plan.w_dtype.name
+    return name + ("_bias" if has_bias else "") + ("" if act == SWIGLU else f"_{act.kind}")
+
+
+def _check_biases(biases, slots: int, n: int) -> list:
+    """Biases (each [S, N] or all None) -> the kernel arguments (f32 [S, N] each; [] when absent)."""
+    if all(b is None for b in biases):
+        return []
+    for b in biases:
+        if b is None or tuple(b.shape) != (slots, n):
+            raise ValueError(f"grouped matmul: biases must be given together, each [{slots}, {n}]; got "
+                             f"{[None if b is None else list(b.shape) for b in biases]}")
+    return [b.astype(jnp.float32) for b in biases]
 
 
 def _weight_args(w, fmt: WeightFormat):
@@ -221,35 +246,39 @@ def _weight_args(w, fmt: WeightFormat):
     return [data, scales] if fmt.is_int else [data]
 
 
-def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool):
+def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool,
+            biases=(None, None), activation: Activation = SWIGLU):
     """x [M, K] (M >= block_m), gate/up (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, of one
-    shape; tiles int32 [3, T] (tiling.group_tiles), out [M, N] x.dtype (aliased) -> out with rows
-    of every tile set to SiLU(x@Wg) * (x@Wu)."""
+    shape; tiles int32 [3, T] (tiling.group_tiles), out [M, N] x.dtype (aliased); biases: (gate, up)
+    [S, N] each, or None -> out with rows of every tile set to activation(x@Wg + bg, x@Wu + bu)
+    (default SiLU(x@Wg) * (x@Wu))."""
     plan = make_plan(x.shape, x.dtype, *gate, fmt, config)
-    args = [tiles, x, *_weight_args(gate, fmt), *_weight_args(up, fmt), out]
+    bias_args = _check_biases(biases, gate[0].shape[0], plan.n)
+    args = [tiles, x, *_weight_args(gate, fmt), *_weight_args(up, fmt), *bias_args, out]
     return pl.pallas_call(
-        functools.partial(_gate_up_kernel, plan=plan),
+        functools.partial(_gate_up_kernel, plan=plan, act=activation, has_bias=bool(bias_args)),
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
         grid=(tiles.shape[1], plan.n // plan.bn),
         input_output_aliases={len(args) - 1: 0},
         compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=2)),
         interpret=interpret,
-        name=f"moe_gate_up_{_kernel_suffix(plan)}",
+        name=f"moe_gate_up_{_kernel_suffix(plan, bool(bias_args), activation)}",
     )(*args)
 
 
-def down(h, w, tiles, row_weights, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool):
+def down(h, w, tiles, row_weights, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool, bias=None):
     """h [M, K] (M >= block_m), w (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, tiles int32
-    [3, T], row_weights f32 [M], out [M, N] f32 (aliased) -> out with rows of every tile set to
-    row_weight * (h@Wd)."""
+    [3, T], row_weights f32 [M], out [M, N] f32 (aliased), bias [S, N] or None -> out with rows of
+    every tile set to row_weight * (h@Wd + bd)."""
     plan = make_plan(h.shape, h.dtype, *w, fmt, config)
-    args = [tiles, h, *_weight_args(w, fmt), row_weights.astype(jnp.float32), out]
+    bias_args = _check_biases((bias,), w[0].shape[0], plan.n)
+    args = [tiles, h, *_weight_args(w, fmt), *bias_args, row_weights.astype(jnp.float32), out]
     return pl.pallas_call(
-        functools.partial(_down_kernel, plan=plan),
+        functools.partial(_down_kernel, plan=plan, has_bias=bool(bias_args)),
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
         grid=(tiles.shape[1], plan.n // plan.bn),
         input_output_aliases={len(args) - 1: 0},
         compiler_params=compat.triton_params(config.num_warps, plan.num_stages(config, n_weights=1)),
         interpret=interpret,
-        name=f"moe_down_{_kernel_suffix(plan)}",
+        name=f"moe_down_{_kernel_suffix(plan, bool(bias_args))}",
     )(*args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation, glu
 from pallas_kernels.packing import WeightFormat, dequantize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -22,29 +23,29 @@ def row_groups(group_offsets: jax.Array, rows: int):
     return jnp.minimum(g, group_offsets.shape[0] - 2), inside
 
 
-def _grouped_dot(x, data, scales, fmt: WeightFormat, group_offsets):
-    """x [M, K] @ w[group(row)] -> f32 [M, N] (the dequantized slot of each row's group)."""
+def _grouped_dot(x, data, scales, fmt: WeightFormat, group_offsets, bias=None):
+    """x [M, K] @ w[group(row)] (+ bias[group(row)]) -> f32 [M, N] (the dequantized slot of each row's group)."""
     g, inside = row_groups(group_offsets, x.shape[0])
     w_rows = dequantize(data, scales, fmt)[g]                              # [M, K, N]
     y = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), w_rows, precision=_HIGHEST)
-    return y, inside
+    return (y if bias is None else y + bias.astype(jnp.float32)[g]), inside
 
 
 def gate_up_reference(x, gate, up, group_offsets, *, fmt: WeightFormat, gate_scales=None, up_scales=None,
-                      out=None):
-    """x [M, K], gate/up [S, K/p, N] in fmt (+ scales [S, K/g, N]), offsets int32 [S+1]
-    -> SiLU(x@Wg) * (x@Wu) [M, N], x.dtype."""
-    g, inside = _grouped_dot(x, gate, gate_scales, fmt, group_offsets)
-    u, _ = _grouped_dot(x, up, up_scales, fmt, group_offsets)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
+                      out=None, gate_bias=None, up_bias=None, activation: Activation = SWIGLU):
+    """x [M, K], gate/up [S, K/p, N] in fmt (+ scales [S, K/g, N], + biases [S, N]), offsets int32 [S+1]
+    -> activation(x@Wg + bg, x@Wu + bu) [M, N], x.dtype (SiLU(x@Wg) * (x@Wu) by default)."""
+    g, inside = _grouped_dot(x, gate, gate_scales, fmt, group_offsets, gate_bias)
+    u, _ = _grouped_dot(x, up, up_scales, fmt, group_offsets, up_bias)
+    h = glu(g, u, activation).astype(x.dtype)
     out = jnp.zeros(h.shape, x.dtype) if out is None else out
     return jnp.where(inside[:, None], h, out)
 
 
-def down_reference(h, w, group_offsets, row_weights, *, fmt: WeightFormat, scales=None, out=None):
-    """h [M, K], w [S, K/p, N] in fmt (+ scales [S, K/g, N]), offsets int32 [S+1], row_weights [M]
-    -> row_weights * (h@Wd) [M, N], f32."""
-    y, inside = _grouped_dot(h, w, scales, fmt, group_offsets)
+def down_reference(h, w, group_offsets, row_weights, *, fmt: WeightFormat, scales=None, out=None, bias=None):
+    """h [M, K], w [S, K/p, N] in fmt (+ scales [S, K/g, N], + bias [S, N]), offsets int32 [S+1],
+    row_weights [M] -> row_weights * (h@Wd + bd) [M, N], f32."""
+    y, inside = _grouped_dot(h, w, scales, fmt, group_offsets, bias)
     y = y * row_weights.astype(jnp.float32)[:, None]
     out = jnp.zeros(y.shape, jnp.float32) if out is None else out
     return jnp.where(inside[:, None], y, out)

@@ -23,24 +23,25 @@ from flax import struct
 
 from dynaexq_jax.model.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from dynaexq_jax.model.families import qwen3_moe
-from dynaexq_jax.model.families.qwen3_moe import Attention
+from dynaexq_jax.model.families.decoder import Attention, attention_schema
 from dynaexq_jax.model.families.schema import CONV, LINEAR, Tensor
 from dynaexq_jax.model.layers import (
     DenseMLP,
-    MoE,
     Params,
     RouterInfo,
+    SharedMoE,
     attend,
     dense_mlp,
     dense_mlp_schema,
     linear,
     logits,
-    moe_mlp,
     params_schema,
     rms_norm,
     rms_norm_zero_centred,
-    rope,
+    shared_moe_mlp,
+    shared_moe_schema,
 )
+from dynaexq_jax.model.rope import config_table, rope
 
 CHUNK_SIZE = 64   # the reference's chunk length for the chunked delta rule
 
@@ -66,14 +67,6 @@ class GatedDeltaNet:
     A_log: jax.Array     # [nV]
     norm: jax.Array      # [dv] gated RMSNorm weight (plain, not zero-centred)
     out: jax.Array       # [nV*dv, H]
-
-
-@struct.dataclass
-class SharedMoE(MoE):
-    """Routed experts (router, ExpertPools) plus one always-on expert: out = routed(x) +
-    sigmoid(x @ shared_gate) * shared(x). The shared expert is dense, not in the pools."""
-    shared: DenseMLP          # gate/up [H, Is], down [Is, H]
-    shared_gate: jax.Array    # [H, 1]
 
 
 @struct.dataclass
@@ -126,20 +119,17 @@ def _gated_delta_net_schema(cfg: ModelConfig, prefix: str) -> GatedDeltaNet:
 def abstract(cfg: ModelConfig) -> Params:
     """The parameter tree with schema leaves (see schema.py)."""
     H = cfg.hidden_size
+    bias = ("q", "k", "v", "o") if cfg.attention_bias else ()
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         linear_layer = i in cfg.linear_layers
-        if cfg.is_moe_layer(i):
-            routed = qwen3_moe.moe_schema(cfg, p + "mlp.")
-            mlp = SharedMoE(router=routed.router, experts=routed.experts,
-                            shared=dense_mlp_schema(p + "mlp.shared_expert.", H, cfg.shared_expert_intermediate_size),
-                            shared_gate=Tensor((H, 1), p + "mlp.shared_expert_gate.weight", LINEAR))
-        else:
-            mlp = dense_mlp_schema(p + "mlp.", H, cfg.intermediate_size)
+        mlp = shared_moe_schema(cfg, p + "mlp.") if cfg.is_moe_layer(i) else dense_mlp_schema(p + "mlp.", H,
+                                                                                              cfg.intermediate_size)
         layers.append(Layer(
             input_norm=Tensor((H,), p + "input_layernorm.weight", init="norm_zc"),
-            attn=None if linear_layer else qwen3_moe.attention_schema(cfg, p + "self_attn.", 2, "norm_zc"),
+            attn=None if linear_layer else attention_schema(cfg, p + "self_attn.", bias=bias, qk_norm="head",
+                                                             q_width=2, norm_init="norm_zc"),
             linear_attn=_gated_delta_net_schema(cfg, p + "linear_attn.") if linear_layer else None,
             post_norm=Tensor((H,), p + "post_attention_layernorm.weight", init="norm_zc"), mlp=mlp))
     return params_schema(cfg, tuple(layers), norm_init="norm_zc")
@@ -176,8 +166,8 @@ def gated_attention(p: Attention, cfg: ModelConfig, x, positions, k_cache, v_cac
     q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
     k = linear(x, p.k, p.k_bias).reshape(B, T, nKV, hd)
     v = linear(x, p.v, p.v_bias).reshape(B, T, nKV, hd)
-    q = rope(rms_norm_zero_centred(q, p.q_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
-    k = rope(rms_norm_zero_centred(k, p.k_norm, cfg.rms_norm_eps), positions, cfg.rope_theta, cfg.rotary_dim)
+    q = rope(rms_norm_zero_centred(q, p.q_norm, cfg.rms_norm_eps), positions, config_table(cfg))
+    k = rope(rms_norm_zero_centred(k, p.k_norm, cfg.rms_norm_eps), positions, config_table(cfg))
     out, k_cache, v_cache = attend(q, k, v, positions, k_cache, v_cache, start)
     return linear(out * jax.nn.sigmoid(gate), p.o, p.o_bias), k_cache, v_cache
 
@@ -307,13 +297,6 @@ def gated_delta_net(p: GatedDeltaNet, cfg: ModelConfig, x, conv_state, state, n_
         core, state = chunk_gated_delta_rule(q, k, v, g, beta, state, min(CHUNK_SIZE, T))
     core = gated_rms_norm(core.astype(x.dtype), z, p.norm, cfg.rms_norm_eps)   # [B, T, nV, dv]
     return core.reshape(B, T, nV * dv) @ p.out, conv_state, state
-
-
-def shared_moe_mlp(p: SharedMoE, cfg: ModelConfig, x, backend: str):
-    """x: [B, T, H] -> (routed + gated shared output [B, T, H], ids [B, T, k], probs [B, T, k])."""
-    routed, ids, probs = moe_mlp(p, cfg, x, backend)
-    shared = jax.nn.sigmoid(x @ p.shared_gate) * dense_mlp(p.shared, x)
-    return routed + shared, ids, probs
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, backend: str = "xla",

@@ -33,6 +33,7 @@ INIT_KINDS = (
     "log_decay",  # log of a decay rate (Gated DeltaNet A_log): log U(1, 16), as the reference
 )
 PROJECTIONS = ("gate", "up", "down")
+BIASES = ("gate_bias", "up_bias", "down_bias")   # the expert biases' names (TierPool fields, stack keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,24 +81,44 @@ class Experts:
     On the HF side, under `prefix` (e.g. "model.layers.3.mlp.experts."), either per expert
     (`{e}.gate_proj.weight` [I, H], `{e}.down_proj.weight` [H, I], what transformers writes to
     disk) or fused (`gate_up_proj` [E, 2I, H] with the gate rows first, `down_proj` [E, H, I],
-    the in-memory layout of transformers 5)."""
+    the in-memory layout of transformers 5). `hf_projections` names the per-expert tensors of
+    gate, up and down (Mixtral and Phi-3.5-MoE: w1, w3, w2)."""
     num_experts: int
     hidden: int
     inter: int
     prefix: str
+    hf_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # Class attributes: the HF layouts (the first is what transformers' save_pretrained writes), and
+    # whether the experts have biases beside their weights (GptOssExperts).
+    LAYOUTS = ("per_expert", "fused")
+    has_bias = False
+
+    @property
+    def saved_layout(self) -> str:
+        return self.LAYOUTS[0]
 
     @property
     def shapes(self) -> dict[str, tuple[int, int, int]]:
         E, H, I = self.num_experts, self.hidden, self.inter
         return {"gate": (E, H, I), "up": (E, H, I), "down": (E, I, H)}
 
+    @property
+    def bias_shapes(self) -> dict[str, tuple[int, int]]:
+        """Our bias stacks (BIASES) -> shape; {} for experts without biases."""
+        E, H, I = self.num_experts, self.hidden, self.inter
+        return dict(zip(BIASES, ((E, I), (E, I), (E, H)))) if self.has_bias else {}
+
+    def hf_dtypes(self, layout: str) -> dict[str, str]:
+        """HF tensors of `layout` that are not float weights -> their safetensors dtype (none here)."""
+        return {}
+
     def layout(self, names) -> str:
         """The layout a checkpoint holding tensors `names` uses for this layer."""
         return "fused" if self.prefix + "gate_up_proj" in names else "per_expert"
 
     def per_expert_names(self) -> dict[str, list[str]]:
-        return {proj: [f"{self.prefix}{e}.{proj}_proj.weight" for e in range(self.num_experts)]
-                for proj in PROJECTIONS}
+        return {proj: [f"{self.prefix}{e}.{hf}.weight" for e in range(self.num_experts)]
+                for proj, hf in zip(PROJECTIONS, self.hf_projections)}
 
     def hf_shapes(self, layout: str) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape of every tensor of this layer in `layout`."""
@@ -139,6 +160,16 @@ class Experts:
 
 
 Spec = Tensor | Experts
+
+
+def expert_bytes(cfg, fmt) -> int:
+    """Bytes of one routed expert of ModelConfig cfg in tier format fmt: weights, scales and, where
+    the family's experts have them (gpt-oss), their float biases, as the tier pools hold them."""
+    from dynaexq_jax.model.families import family
+    from dynaexq_jax.model.quant import expert_nbytes
+    bias = any(spec.has_bias for _, _, spec in leaves(family(cfg.model_type).abstract(cfg))
+               if isinstance(spec, Experts))
+    return expert_nbytes(fmt, cfg.hidden_size, cfg.moe_intermediate_size, bias)
 
 
 def leaves(tree) -> list[tuple[int | None, str, Spec]]:

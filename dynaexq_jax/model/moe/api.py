@@ -4,17 +4,20 @@ from __future__ import annotations
 from dynaexq_jax.model.moe.base import ExpertPools
 from dynaexq_jax.model.moe.pallas import moe_experts_pallas
 from dynaexq_jax.model.moe.xla import moe_experts_xla
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation
 
 BACKENDS = ("xla", "xla-only", "pallas")
 XLA_BACKENDS = ("xla", "xla-only")    # the XLA op, with or without the CPU kernel
 
 
-def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla"):
+def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla", activation: Activation = SWIGLU):
     """The mixed-tier MoE op: tokens x [T, H] routed to ids/weights [T, k] -> [T, H] in x.dtype.
     backend: "xla" (XLA, with the CPU kernel for the routed experts on a CPU), "xla-only" (XLA
-    everywhere) or "pallas" (the Pallas kernels; interpreted, slowly, without a GPU)."""
+    everywhere) or "pallas" (the Pallas kernels; interpreted, slowly, without a GPU). activation
+    (static): SwiGLU, or gpt-oss's clamped variant (pallas_kernels.grouped_matmul.activation); the
+    experts' biases, where the pools hold them, are added on every backend."""
     if backend in XLA_BACKENDS:
-        return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla")
+        return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla", activation=activation)
     if backend == "pallas":
-        return moe_experts_pallas(x, ids, weights, experts)
+        return moe_experts_pallas(x, ids, weights, experts, activation=activation)
     raise ValueError(f"unknown MoE backend '{backend}' (use one of {BACKENDS})")

@@ -2,8 +2,9 @@
 and how a tier sees the routed (token, expert) pairs.
 
 An MoE layer's resident experts are an ExpertPools: one TierPool per tier (tier 0 = HI,
-tier 1 = LO, ...), each a stack of `size` slots in one Format, plus the assignment: for every
-expert e, tier[e] and slot[e] say which pool slot holds it. Pool sizes are static (fixed by the
+tier 1 = LO, ...), each a stack of `size` slots in one Format (with the experts' float biases
+beside the weights where the family has them, so a slot's copy moves them too), plus the
+assignment: for every expert e, tier[e] and slot[e] say which pool slot holds it. Pool sizes are static (fixed by the
 budget); the assignment is data, so changing it never recompiles.
 
 The op's contract, for every backend: a pair whose expert sits on a tier that is out of range
@@ -16,17 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dynaexq_jax.model.quant import Format, QTensor, quantize
+from dynaexq_jax.model.quant import BIAS_DTYPE, Format, QTensor, quantize
 
 HI, LO = 0, 1
 
 
 @struct.dataclass
 class TierPool:
-    """`size` expert slots of one format: gate/up [S, H, I], down [S, I, H] (input-major)."""
+    """`size` expert slots of one format: gate/up [S, H, I], down [S, I, H] (input-major), and
+    optionally their biases (f32, gate/up [S, I], down [S, H]; all three or none: gpt-oss)."""
     gate: QTensor
     up: QTensor
     down: QTensor
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
 
     @property
     def size(self) -> int:
@@ -37,8 +42,13 @@ class TierPool:
         return self.gate.fmt
 
     @property
+    def has_bias(self) -> bool:
+        return self.gate_bias is not None
+
+    @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        biases = sum(int(b.nbytes) for b in (self.gate_bias, self.up_bias, self.down_bias) if b is not None)
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + biases
 
 
 @struct.dataclass
@@ -53,9 +63,12 @@ class ExpertPools:
         return self.tier.shape[0]
 
 
-def quantize_experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format | str) -> TierPool:
-    """Float expert weights (input-major, [E, H, I], [E, H, I], [E, I, H]) -> a TierPool in fmt."""
-    return TierPool(quantize(gate, fmt), quantize(up, fmt), quantize(down, fmt))
+def quantize_experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format | str,
+                     biases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TierPool:
+    """Float expert weights (input-major, [E, H, I], [E, H, I], [E, I, H]) -> a TierPool in fmt;
+    biases (gate, up [E, I], down [E, H]) stay float (BIAS_DTYPE) whatever the format."""
+    b = [None] * 3 if biases is None else [np.asarray(x, BIAS_DTYPE) for x in biases]
+    return TierPool(quantize(gate, fmt), quantize(up, fmt), quantize(down, fmt), *b)
 
 
 def single_tier(pool: TierPool) -> ExpertPools:

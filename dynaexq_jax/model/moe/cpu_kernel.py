@@ -27,11 +27,13 @@ import jaxlib
 import numpy as np
 
 from dynaexq_jax.model.moe.base import ExpertPools, tier_pairs
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 TARGET = "dynaexq_moe_tier"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 _KINDS = {"f32": 0, "bf16": 1, "fp16": 2}
+_ACTIVATIONS = {"swiglu": 0, "clamped_swiglu": 1}
 
 
 def cache_dir() -> Path:
@@ -104,21 +106,25 @@ def scratch_bytes(tokens: int, k: int, hidden: int, inter: int) -> int:
     return 4 * (pairs * hidden + tokens * hidden + pairs * (2 * hidden + 2 * inter))
 
 
-def tier_contribution(x, pool, slots, weights):
+def tier_contribution(x, pool, slots, weights, act: Activation = SWIGLU):
     """One tier's share of the MoE output. x [T, H] (f32 or bf16); slots int32 [T, k], -1 where
-    another tier serves the pair; weights f32 [T, k]. Returns f32 [T, H]."""
+    another tier serves the pair; weights f32 [T, k]; the pool's biases (if any) and the activation
+    go into the kernel. Returns f32 [T, H]."""
     fmt = pool.fmt
     kind = 3 if fmt.is_int else _KINDS[fmt.kind]
     dummy = jnp.zeros((1,), jnp.float16)
     args = []
     for t in (pool.gate, pool.up, pool.down):
         args += [t.data, t.scales if t.scales is not None else dummy]
+    no_bias = jnp.zeros((0,), jnp.float32)     # an empty bias: the kernel adds none
+    args += [no_bias if b is None else b.astype(jnp.float32) for b in (pool.gate_bias, pool.up_bias, pool.down_bias)]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, slots.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), *args,
-                kind=np.int32(kind), bits=np.int32(fmt.bits if fmt.is_int else 0), group=np.int32(fmt.group))
+                kind=np.int32(kind), bits=np.int32(fmt.bits if fmt.is_int else 0), group=np.int32(fmt.group),
+                act=np.int32(_ACTIVATIONS[act.kind]), alpha=np.float32(act.alpha), limit=np.float32(act.limit))
 
 
-def moe_experts_cpu_kernel(x, ids, weights, experts: ExpertPools):
+def moe_experts_cpu_kernel(x, ids, weights, experts: ExpertPools, activation: Activation = SWIGLU):
     """The MoE op with every tier through the kernel, whatever the shape: x [T, H] (f32 or bf16),
     ids/weights [T, k] -> [T, H] in x.dtype. CPU only and not differentiable (the "xla" backend
     is both where it matters)."""
@@ -126,5 +132,5 @@ def moe_experts_cpu_kernel(x, ids, weights, experts: ExpertPools):
         raise RuntimeError("the CPU MoE kernel is not built (no C++ compiler, or the build failed)")
     out = jnp.zeros(x.shape, jnp.float32)
     for pool, slots, w, on_tier in tier_pairs(ids, weights, experts):
-        out = out + tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w)
+        out = out + tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w, activation)
     return out.astype(x.dtype)

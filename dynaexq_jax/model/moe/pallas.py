@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from dynaexq_jax.errors import QuantFormatError
 from dynaexq_jax.model.moe.base import ExpertPools
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import TileConfig, default_config, down, gate_up
+from pallas_kernels.grouped_matmul import SWIGLU, Activation, TileConfig, default_config, down, gate_up
 from pallas_kernels.packing import KernelFormatError
 
 INTERPRET_WARNING = ("the pallas MoE backend found no GPU and runs the Pallas kernels in the interpreter, "
@@ -75,9 +75,11 @@ def _configs(tiles, rows: int, num_experts: int) -> tuple[TileConfig, TileConfig
     return gate_up_cfg, down_cfg
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
-def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool | None = None, tiles=None):
-    """x [T, H], ids int32 [T, k], weights [T, k] -> [T, H] (x.dtype).
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles", "activation"))
+def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool | None = None, tiles=None,
+                       activation: Activation = SWIGLU):
+    """x [T, H], ids int32 [T, k], weights [T, k] -> [T, H] (x.dtype); the pools' biases (if any) and
+    the activation go into the kernels' epilogues.
     interpret: None = interpret mode (with a warning, once per process) unless the default backend
     is a GPU. tiles: None (chosen per shape), a TileConfig for both kernels, or (gate_up, down)."""
     if interpret is None:
@@ -105,11 +107,12 @@ def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool
             if offs is not None:
                 h = gate_up(x_sorted, pool.gate.data, pool.up.data, offs, fmt=pool.fmt.kernel_format,
                             gate_scales=pool.gate.scales, up_scales=pool.up.scales, out=h, config=cfg_gu,
-                            interpret=interpret)
+                            interpret=interpret, gate_bias=pool.gate_bias, up_bias=pool.up_bias,
+                            activation=activation)
         for pool, offs in zip(experts.pools, offsets):
             if offs is not None:
                 y = down(h, pool.down.data, offs, row_w, fmt=pool.fmt.kernel_format, scales=pool.down.scales,
-                         out=y, config=cfg_dn, interpret=interpret)
+                         out=y, config=cfg_dn, interpret=interpret, bias=pool.down_bias)
     except KernelFormatError as e:          # a format the kernels cannot read: the model's typed error
         raise QuantFormatError(str(e)) from e
 

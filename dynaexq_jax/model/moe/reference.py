@@ -1,13 +1,13 @@
 """The dense reference of the MoE op: every backend is tested against it."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.model.moe.base import ExpertPools, tier_pairs
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation, glu
 
 
-def moe_experts_reference(x, ids, weights, experts: ExpertPools):
+def moe_experts_reference(x, ids, weights, experts: ExpertPools, activation: Activation = SWIGLU):
     """Dequantize every expert at its assigned tier and slot, run every slot on every token, combine.
     x: [T, H], ids/weights: [T, k] -> [T, H] (f32 accumulation, x.dtype out)."""
     out = jnp.zeros(x.shape, jnp.float32)
@@ -17,6 +17,10 @@ def moe_experts_reference(x, ids, weights, experts: ExpertPools):
         combine = jnp.zeros((x.shape[0], pool.size), jnp.float32).at[jnp.arange(x.shape[0])[:, None], slots].add(w)
         g = jnp.einsum("th,shi->tsi", xf, pool.gate.dequantize(jnp.float32))
         u = jnp.einsum("th,shi->tsi", xf, pool.up.dequantize(jnp.float32))
-        h = jax.nn.silu(g) * u * combine[..., None]
+        if pool.has_bias:
+            g, u = g + pool.gate_bias[None], u + pool.up_bias[None]
+        h = glu(g, u, activation) * combine[..., None]
         out = out + jnp.einsum("tsi,sih->th", h, pool.down.dequantize(jnp.float32))
+        if pool.has_bias:
+            out = out + combine @ pool.down_bias.astype(jnp.float32)
     return out.astype(x.dtype)

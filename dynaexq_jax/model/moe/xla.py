@@ -20,6 +20,7 @@ import numpy as np
 from dynaexq_jax.model.moe import cpu_kernel
 from dynaexq_jax.model.moe.base import ExpertPools, TierPool, tier_pairs
 from dynaexq_jax.model.quant import Format, expert_nbytes
+from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation, glu
 
 
 def _batched_dot(x, w):
@@ -41,10 +42,13 @@ def _take(pool: TierPool, slots) -> TierPool:
     return jax.tree.map(lambda a: a[slots], pool)
 
 
-def _expert_ffn(xs, pool: TierPool, dtype):
-    """SwiGLU of every slot of `pool` over xs [S, T, H] -> f32 [S, T, H] (slot s on xs[s])."""
-    h = jax.nn.silu(_batched_dot(xs, pool.gate.dequantize(dtype))) * _batched_dot(xs, pool.up.dequantize(dtype))
-    return h, pool.down.dequantize(dtype)
+def _expert_ffn(xs, pool: TierPool, dtype, act: Activation):
+    """The gated activation of every slot of `pool` over xs [S, T, H] -> (f32 [S, T, I] (slot s on
+    xs[s]), the dequantized down weights); the gate/up biases are added first where the pool has them."""
+    g, u = _batched_dot(xs, pool.gate.dequantize(dtype)), _batched_dot(xs, pool.up.dequantize(dtype))
+    if pool.has_bias:
+        g, u = g + pool.gate_bias[:, None, :], u + pool.up_bias[:, None, :]
+    return glu(g, u, act), pool.down.dequantize(dtype)
 
 
 def weight_bytes(fmt: Format, hidden: int, inter: int, dtype, widen: bool = True) -> int:
@@ -68,8 +72,9 @@ def group_size(fmt: Format, hidden: int, inter: int, rows: int, dtype, n_blocks:
     return int(max(1, min(n_blocks, GROUP_BYTES // block)))
 
 
-def _run_blocks(x, pool: TierPool, block_slot, row_tok, row_w, *, every_token: bool = False):
-    """The sum over blocks of weight * SwiGLU of the block's slot over its rows, f32 [T, H].
+def _run_blocks(x, pool: TierPool, block_slot, row_tok, row_w, act: Activation = SWIGLU, *,
+                every_token: bool = False):
+    """The sum over blocks of weight * FFN (act) of the block's slot over its rows, f32 [T, H].
     block_slot int32 [n]; row_tok int32 [n, b]: the token of each row (T: a padding row);
     row_w f32 [n, b]: its routing weight (0 for padding). every_token: every block's rows are the
     T tokens in order (the dense product), summed instead of scattered. Blocks run in groups of
@@ -88,8 +93,11 @@ def _run_blocks(x, pool: TierPool, block_slot, row_tok, row_w, *, every_token: b
         # the weights alone) nor hoist the dequantization, or XLA CPU's widening of a 16-bit gather
         # to f32, of the whole pool out of the loop.
         pool_g, slot, w = jax.lax.optimization_barrier((pool, slot, w))
-        h, down = _expert_ffn(xs, _take(pool_g, slot), x.dtype)
+        taken = _take(pool_g, slot)
+        h, down = _expert_ffn(xs, taken, x.dtype, act)
         y = _batched_dot((h * w[..., None]).astype(x.dtype), down)                 # [G, b, H]
+        if pool.has_bias:                      # weight * (h @ down + bias): padding rows weigh 0
+            y = y + w[..., None] * taken.down_bias[:, None, :]
         if every_token:
             return out.at[:T].add(y.sum(0)), None
         return out.at[tok.reshape(-1)].add(y.reshape(-1, H)), None
@@ -103,7 +111,7 @@ def _run_blocks(x, pool: TierPool, block_slot, row_tok, row_w, *, every_token: b
     return jax.lax.scan(group, out, blocks)[0][:T]
 
 
-def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool):
+def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool, act: Activation = SWIGLU):
     """Only the (token, expert) pairs routed to this tier, gathered slot by slot (blocks of one
     row). The number of such pairs n is data; a lax.switch over power-of-two buckets runs the
     branch sized for n, so the work (and bytes read) follows the pairs this tier actually serves,
@@ -114,7 +122,8 @@ def _routed_pairs(x, pool: TierPool, slots, w, on_tier, k, every_pair: bool):
 
     def pairs(pick):                                              # pick: [size] pair indices
         # Padding pairs of other tiers carry weight 0.
-        return _run_blocks(x, pool, slots.reshape(-1)[pick], (pick // k)[:, None], w.reshape(-1)[pick][:, None])
+        return _run_blocks(x, pool, slots.reshape(-1)[pick], (pick // k)[:, None], w.reshape(-1)[pick][:, None],
+                           act)
 
     if every_pair:
         return pairs(jnp.arange(P))
@@ -154,7 +163,7 @@ def grouped_is_cheaper(tokens: int, k: int, slots: int) -> bool:
     return n_blocks * GATHER_COST + rows / ROWS_PER_WEIGHT_READ < dense
 
 
-def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
+def _grouped_pairs(x, pool: TierPool, slots, w, on_tier, act: Activation = SWIGLU):
     """Dropless grouped matmul (prefill, training): the (token, expert) pairs this tier serves,
     sorted by slot into blocks of b rows that each belong to one slot; every block runs as one
     small matmul against its slot's (gathered, dequantized) weights. The work follows the pairs
@@ -179,7 +188,7 @@ def _grouped_pairs(x, pool: TierPool, slots, w, on_tier):
     row_tok = jnp.full((rows + 1,), T, jnp.int32).at[dest].set(order // w.shape[1])[:rows]
     row_w = jnp.zeros((rows + 1,), jnp.float32).at[dest].set(w.reshape(-1)[order])[:rows]
     block_slot = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * b, side="right"), S - 1)
-    return _run_blocks(x, pool, block_slot, row_tok.reshape(n_blocks, b), row_w.reshape(n_blocks, b))
+    return _run_blocks(x, pool, block_slot, row_tok.reshape(n_blocks, b), row_w.reshape(n_blocks, b), act)
 
 
 def xla_strategy(tokens: int, k: int, slots: int, num_experts: int) -> str:
@@ -192,7 +201,7 @@ def xla_strategy(tokens: int, k: int, slots: int, num_experts: int) -> str:
     return "grouped" if grouped_is_cheaper(tokens, k, slots) else "dense"
 
 
-def _xla_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
+def _xla_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int, act: Activation = SWIGLU):
     """One tier's share of the output in plain XLA, f32 [T, H]: routed-pair gathers of the slots
     this tier serves (_routed_pairs), pairs sorted into per-slot blocks (_grouped_pairs), or every
     slot over every token with the routing weights as a dense combine (xla_strategy chooses)."""
@@ -200,12 +209,12 @@ def _xla_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
     k = slots.shape[1]
     strategy = xla_strategy(T, k, pool.size, num_experts)
     if strategy == "routed":
-        return _routed_pairs(x, pool, slots, w, on_tier, k, every_pair=pool.size == num_experts)
+        return _routed_pairs(x, pool, slots, w, on_tier, k, pool.size == num_experts, act)
     if strategy == "grouped":
-        return _grouped_pairs(x, pool, slots, w, on_tier)
+        return _grouped_pairs(x, pool, slots, w, on_tier, act)
     combine = jnp.zeros((T, pool.size), jnp.float32).at[jnp.arange(T)[:, None], slots].add(w)
     every = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (pool.size, T))
-    return _run_blocks(x, pool, jnp.arange(pool.size, dtype=jnp.int32), every, combine.T, every_token=True)
+    return _run_blocks(x, pool, jnp.arange(pool.size, dtype=jnp.int32), every, combine.T, act, every_token=True)
 
 
 def tier_workspace_bytes(fmt: Format, tokens: int, k: int, slots: int, num_experts: int, hidden: int,
@@ -244,23 +253,24 @@ def workspace_bytes(hi: Format, lo: Format, tokens: int, k: int, num_experts: in
     return max(split(n) for n in range(1, num_experts)) + 4 * tokens * hidden
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel_tier(x, pool: TierPool, slots, w, on_tier, num_experts: int, act: Activation = SWIGLU):
     """_xla_tier's result from the CPU kernel when lowered for the CPU (XLA elsewhere, e.g. in
     an export for CUDA); gradients come from the XLA path (training differentiates this op)."""
     return jax.lax.platform_dependent(
         x, pool, slots, w, on_tier,
-        cpu=lambda x, pool, slots, w, on_tier: cpu_kernel.tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w),
-        default=lambda x, pool, slots, w, on_tier: _xla_tier(x, pool, slots, w, on_tier, num_experts))
+        cpu=lambda x, pool, slots, w, on_tier: cpu_kernel.tier_contribution(x, pool, jnp.where(on_tier, slots, -1), w,
+                                                                             act),
+        default=lambda x, pool, slots, w, on_tier: _xla_tier(x, pool, slots, w, on_tier, num_experts, act))
 
 
-def _kernel_tier_fwd(x, pool, slots, w, on_tier, num_experts):
-    return _kernel_tier(x, pool, slots, w, on_tier, num_experts), (x, pool, slots, w, on_tier)
+def _kernel_tier_fwd(x, pool, slots, w, on_tier, num_experts, act):
+    return _kernel_tier(x, pool, slots, w, on_tier, num_experts, act), (x, pool, slots, w, on_tier)
 
 
-def _kernel_tier_bwd(num_experts, res, g):
+def _kernel_tier_bwd(num_experts, act, res, g):
     x, pool, slots, w, on_tier = res
-    _, vjp = jax.vjp(lambda x, pool, w: _xla_tier(x, pool, slots, w, on_tier, num_experts), x, pool, w)
+    _, vjp = jax.vjp(lambda x, pool, w: _xla_tier(x, pool, slots, w, on_tier, num_experts, act), x, pool, w)
     dx, dpool, dw = vjp(g)
     return dx, dpool, None, dw, None
 
@@ -268,7 +278,7 @@ def _kernel_tier_bwd(num_experts, res, g):
 _kernel_tier.defvjp(_kernel_tier_fwd, _kernel_tier_bwd)
 
 
-def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = True):
+def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = True, activation: Activation = SWIGLU):
     """The XLA backend (the default): every tier through the CPU kernel (cpu_kernel.py) where it
     is built and wanted (use_kernel), else plain XLA (_xla_tier). The kernel streams each routed
     slot once at any pool size and token count (on 512-4096-token prefills, one tier or two, it
@@ -279,5 +289,5 @@ def moe_experts_xla(x, ids, weights, experts: ExpertPools, use_kernel: bool = Tr
     kernel = use_kernel and cpu_kernel.enabled()
     for pool, slots, w, on_tier in tier_pairs(ids, weights, experts):
         tier = _kernel_tier if kernel else _xla_tier
-        out = out + tier(x, pool, slots, w, on_tier, experts.num_experts)
+        out = out + tier(x, pool, slots, w, on_tier, experts.num_experts, activation)
     return out.astype(x.dtype)

@@ -9,8 +9,10 @@
 // Inputs (see cpu_kernel.py beside csrc/): x [T, H] f32 or bf16; slots int32 [P] (P = T * k,
 // pair p belongs to token p / k; -1: the pair is served by another tier); w f32 [P] routing
 // weights; gate, up [S, H(/p), I] and down [S, I(/p), H] in the tier's format, each with its
-// scales (fp16 [S, K/group, N]; a dummy for float formats). Output: f32 [T, H], this tier's
-// contribution. Weight layout and packing: pallas_kernels/packing.py (written by model/quant.py).
+// scales (fp16 [S, K/group, N]; a dummy for float formats); biases f32 gate/up [S, I] and down
+// [S, H], all three empty when the experts have none. Attributes: the weight format, and the
+// activation (0: SwiGLU, 1: gpt-oss's clamped SwiGLU with alpha and limit). Output: f32 [T, H],
+// this tier's contribution. Weight layout and packing: pallas_kernels/packing.py (written by model/quant.py).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -181,7 +183,9 @@ ffi::Error check_mat(const char* name, const ffi::AnyBuffer& data, const ffi::An
 ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> slots,
                        ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer gate, ffi::AnyBuffer gate_s,
                        ffi::AnyBuffer up, ffi::AnyBuffer up_s, ffi::AnyBuffer down, ffi::AnyBuffer down_s,
-                       ffi::ResultBuffer<ffi::F32> out, int32_t kind, int32_t bits, int32_t group) {
+                       ffi::Buffer<ffi::F32> gate_b, ffi::Buffer<ffi::F32> up_b, ffi::Buffer<ffi::F32> down_b,
+                       ffi::ResultBuffer<ffi::F32> out, int32_t kind, int32_t bits, int32_t group, int32_t act,
+                       float alpha, float limit) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16))
     return ffi::Error::InvalidArgument("x must be f32 or bf16 [T, H]");
@@ -197,6 +201,11 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
                    check_mat("up", up, up_s, kind, bits, group, S, H, I, &mu),
                    check_mat("down", down, down_s, kind, bits, group, S, I, H, &md)})
     if (err.failure()) return err;
+  if (act != 0 && act != 1) return ffi::Error::InvalidArgument("unknown activation");
+  const bool bias = gate_b.element_count() != 0;
+  if (bias && (gate_b.element_count() != S * I || up_b.element_count() != S * I || down_b.element_count() != S * H))
+    return ffi::Error::InvalidArgument("biases must be gate/up [S, I] and down [S, H], or all empty");
+  const float *gb = gate_b.typed_data(), *ub = up_b.typed_data(), *db = down_b.typed_data();
 
   // Pairs grouped by slot: each routed expert is one work item over its pairs.
   const int32_t* slot = slots.typed_data();
@@ -230,12 +239,31 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
     accumulate(mu, s, a.data(), R, u.data(), rows.data());
     for (int r = 0; r < R; ++r) {
       const float wr = w[pairs[r]];
+      if (!bias && act == 0) {
+        for (int64_t i = 0; i < I; ++i) {
+          const float gi = g[r * I + i];
+          g[r * I + i] = gi / (1.0f + std::exp(-gi)) * u[r * I + i] * wr;  // silu(gate) * up * weight
+        }
+        continue;
+      }
       for (int64_t i = 0; i < I; ++i) {
-        const float gi = g[r * I + i];
-        g[r * I + i] = gi / (1.0f + std::exp(-gi)) * u[r * I + i] * wr;  // silu(gate) * up * weight
+        float gi = g[r * I + i], ui = u[r * I + i];
+        if (bias) gi += gb[s * I + i], ui += ub[s * I + i];
+        if (act == 0) {
+          g[r * I + i] = gi / (1.0f + std::exp(-gi)) * ui * wr;
+        } else {  // clamped SwiGLU: gate clamped above, up on both sides
+          gi = std::min(gi, limit);
+          ui = std::min(std::max(ui, -limit), limit);
+          g[r * I + i] = gi / (1.0f + std::exp(-alpha * gi)) * (ui + 1.0f) * wr;
+        }
       }
     }
     accumulate(md, s, g.data(), R, yr.data(), rows.data());
+    if (bias)  // weight * (h @ down + bias): the weight is already in h
+      for (int r = 0; r < R; ++r) {
+        const float wr = w[pairs[r]];
+        for (int64_t h = 0; h < H; ++h) yr[r * H + h] += wr * db[s * H + h];
+      }
     for (int r = 0; r < R; ++r) std::memcpy(&y[pairs[r] * H], &yr[r * H], H * 4);
   });
 
@@ -264,7 +292,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DynaexqMoeTier, MoeTierImpl,
                                   .Arg<ffi::AnyBuffer>()            // up scales
                                   .Arg<ffi::AnyBuffer>()            // down
                                   .Arg<ffi::AnyBuffer>()            // down scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // gate bias (or empty)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // up bias (or empty)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // down bias (or empty)
                                   .Ret<ffi::Buffer<ffi::F32>>()     // out
                                   .Attr<int32_t>("kind")
                                   .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("group"));
+                                  .Attr<int32_t>("group")
+                                  .Attr<int32_t>("act")
+                                  .Attr<float>("alpha")
+                                  .Attr<float>("limit"));
