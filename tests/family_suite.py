@@ -68,13 +68,26 @@ def hf_with_experts(hf_dir, out_dir, ckpt, tier: str):
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
 
 
-class FamilySuite:
-    CASES: dict[str, dict] = {}
-    MAX_LEN = 64
+# Our generic config fields and the HF config attributes they are read from, in every family.
+GENERIC_FIELDS = (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                  ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                  ("num_experts_per_tok", "num_experts_per_tok"), ("rms_norm_eps", "rms_norm_eps"),
+                  ("max_position_embeddings", "max_position_embeddings"),
+                  ("tie_word_embeddings", "tie_word_embeddings"))
 
-    @staticmethod
-    def build(tmp, seed: int, **options):
-        raise NotImplementedError
+
+def assert_hf_defaults(ours, ref, fields=()):
+    """Keys a config.json omits take the HF config class's defaults (ref: that class built with
+    no arguments): the generic fields, rope_theta, and the family's own `fields` (our field, HF
+    attribute)."""
+    for field, hf_name in GENERIC_FIELDS + tuple(fields):
+        assert getattr(ours, field) == getattr(ref, hf_name), field
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+
+
+class FamilySuite:
+    CASES: dict[str, dict] = {}   # and a staticmethod build(tmp, seed, **options), see above
+    MAX_LEN = 64
 
     @pytest.fixture(scope="class")
     @classmethod

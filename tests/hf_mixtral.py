@@ -14,7 +14,7 @@ from pathlib import Path
 
 import safetensors.numpy as stn
 
-from tests.hf_models import _perturbed, _shards, _write_tokenizer
+from tests.hf_models import _shards, save_tiny
 
 TINY_MIXTRAL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
@@ -27,20 +27,13 @@ def make_tiny_mixtral(tmp_dir, *, seed: int, layout: str = "per_expert", max_sha
     """Build, perturb and save a tiny MixtralForCausalLM (float32, eval mode) in tmp_dir/"hf".
     layout: "per_expert" (what save_pretrained writes), "in_memory" (transformers' own fused names
     under `mlp.`), "fused" (the fused tensors under `block_sparse_moe.`). Returns (hf_dir, hf_model)."""
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    kwargs = {**TINY_MIXTRAL, **config_overrides}
-    torch.manual_seed(seed)
-    model = _perturbed(MixtralForCausalLM(MixtralConfig(**kwargs)), noise)
-    hf_dir = Path(tmp_dir) / "hf"
-    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-    model.save_pretrained(hf_dir, save_original_format=layout == "per_expert", **save_kwargs)
+    hf_dir, model = save_tiny(MixtralForCausalLM, MixtralConfig, tmp_dir, seed=seed,
+                              config={**TINY_MIXTRAL, **config_overrides}, layout=layout,
+                              layouts=LAYOUTS, max_shard_size=max_shard_size, noise=noise)
     if layout == "fused":
         _rename(hf_dir, re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.block_sparse_moe.")
-    _write_tokenizer(hf_dir, kwargs["vocab_size"])
     return hf_dir, model
 
 

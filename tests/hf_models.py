@@ -90,6 +90,25 @@ def make_tiny_qwen3_next(tmp_dir, *, seed: int, layout: str = "per_expert", mtp:
     return hf_dir, model
 
 
+def save_tiny(model_class, config_class, tmp_dir, *, seed: int, config: dict, layout: str,
+              layouts=("per_expert", "fused"), max_shard_size=None, noise: bool = True):
+    """Build a transformers model_class(config_class(**config)) (float32, eval mode, every parameter
+    perturbed when noise) and save it in tmp_dir/"hf" with a tokenizer: per expert under the original
+    names for layout "per_expert" (what save_pretrained writes), transformers 5's own fused in-memory
+    layout otherwise (save_original_format=False; a caller renames it further for its other layouts).
+    Returns (hf_dir, model)."""
+    import torch
+    if layout not in layouts:
+        raise ValueError(f"layout must be one of {layouts}, not {layout!r}")
+    torch.manual_seed(seed)
+    model = _perturbed(model_class(config_class(**config)), noise)
+    hf_dir = Path(tmp_dir) / "hf"
+    model.save_pretrained(hf_dir, save_original_format=layout == "per_expert",
+                          **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
+    _write_tokenizer(hf_dir, config["vocab_size"])
+    return hf_dir, model
+
+
 def _add_tensors(hf_dir: Path, extra: dict[str, np.ndarray]) -> None:
     """Append tensors to the last shard, keeping the index consistent."""
     shard = _shards(hf_dir)[-1]

@@ -10,10 +10,9 @@ transformers 5.24 save_pretrained writes the released names: per expert
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from tests.hf_mixtral import _rename
-from tests.hf_models import _perturbed, _write_tokenizer
+from tests.hf_models import save_tiny
 
 TINY_PHIMOE = dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
@@ -34,19 +33,12 @@ def make_tiny_phimoe(tmp_dir, *, seed: int, layout: str = "per_expert", max_shar
     """Build, perturb and save a tiny PhimoeForCausalLM (float32, eval mode) in tmp_dir/"hf".
     layout: "per_expert" (what save_pretrained writes), "in_memory" (transformers' own names under
     `mlp.`), "fused" (the fused experts and the router under `block_sparse_moe.`). Returns (hf_dir, hf_model)."""
-    import torch
     from transformers import PhimoeConfig, PhimoeForCausalLM
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    kwargs = {**TINY_PHIMOE, **config_overrides}
-    torch.manual_seed(seed)
-    model = _perturbed(PhimoeForCausalLM(PhimoeConfig(**kwargs)), noise)
-    hf_dir = Path(tmp_dir) / "hf"
-    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-    model.save_pretrained(hf_dir, save_original_format=layout == "per_expert", **save_kwargs)
+    hf_dir, model = save_tiny(PhimoeForCausalLM, PhimoeConfig, tmp_dir, seed=seed,
+                              config={**TINY_PHIMOE, **config_overrides}, layout=layout,
+                              layouts=LAYOUTS, max_shard_size=max_shard_size, noise=noise)
     if layout == "fused":
         _rename(hf_dir, re.compile(r"(model\.layers\.\d+)\.mlp\.router\."), r"\1.mlp.gate.")
         _rename(hf_dir, re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.block_sparse_moe.")
-    _write_tokenizer(hf_dir, kwargs["vocab_size"])
     return hf_dir, model

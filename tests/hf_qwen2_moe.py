@@ -4,9 +4,7 @@ expert (`mlp.experts.{e}.gate_proj.weight`); layout="fused" saves its in-memory 
 The shared expert (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`) is the same in both."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from tests.hf_models import _perturbed, _write_tokenizer
+from tests.hf_models import save_tiny
 
 TINY_QWEN2_MOE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -17,16 +15,9 @@ def make_tiny_qwen2_moe(tmp_dir, *, seed: int, layout: str = "per_expert", max_s
                         **config_overrides):
     """Build, perturb and save a tiny Qwen2MoeForCausalLM (float32, eval mode) in tmp_dir/"hf".
     Returns (hf_dir, hf_model)."""
-    import torch
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    if layout not in ("per_expert", "fused"):
-        raise ValueError(f"layout must be 'per_expert' or 'fused', not {layout!r}")
-    kwargs = {**TINY_QWEN2_MOE, **config_overrides}
-    torch.manual_seed(seed)
-    model = _perturbed(Qwen2MoeForCausalLM(Qwen2MoeConfig(**kwargs)), noise)
-    hf_dir = Path(tmp_dir) / "hf"
-    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-    model.save_pretrained(hf_dir, save_original_format=layout == "per_expert", **save_kwargs)
-    _write_tokenizer(hf_dir, kwargs["vocab_size"])
+    hf_dir, model = save_tiny(Qwen2MoeForCausalLM, Qwen2MoeConfig, tmp_dir, seed=seed,
+                              config={**TINY_QWEN2_MOE, **config_overrides}, layout=layout,
+                              max_shard_size=max_shard_size, noise=noise)
     return hf_dir, model

@@ -20,7 +20,7 @@ from dynaexq_jax.errors import ConfigError, UnexpectedTensorError
 from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.families import mixtral
 from dynaexq_jax.model.layers import MoE, moe_route
-from tests.family_suite import LO, TOL, FamilySuite, hf_logits, rel_err
+from tests.family_suite import LO, TOL, FamilySuite, assert_hf_defaults, hf_logits, rel_err
 from tests.hf_mixtral import make_tiny_mixtral
 from tests.hf_models import _add_tensors
 
@@ -117,15 +117,9 @@ def test_hf_defaults_for_omitted_keys():
     assert ours.norm_topk_prob is True
     assert ours.moe_intermediate_size == ours.intermediate_size == ref.intermediate_size
     assert ours.head_dim == ref.hidden_size // ref.num_attention_heads
-    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
     assert ours.eos_token_ids == (ref.eos_token_id,)
-    for field, hf_name in [("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
-                           ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
-                           ("num_kv_heads", "num_key_value_heads"), ("num_experts", "num_local_experts"),
-                           ("num_experts_per_tok", "num_experts_per_tok"), ("rms_norm_eps", "rms_norm_eps"),
-                           ("max_position_embeddings", "max_position_embeddings"), ("sliding_window", "sliding_window"),
-                           ("tie_word_embeddings", "tie_word_embeddings"), ("bos_token_id", "bos_token_id")]:
-        assert getattr(ours, field) == getattr(ref, hf_name), field
+    assert_hf_defaults(ours, ref, [("num_experts", "num_local_experts"), ("sliding_window", "sliding_window"),
+                                   ("bos_token_id", "bos_token_id")])
     assert ours.moe_layers == tuple(range(ref.num_hidden_layers))
 
 

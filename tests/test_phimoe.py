@@ -16,7 +16,7 @@ from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.families import phimoe
 from dynaexq_jax.model.layers import MoE
 from dynaexq_jax.model.rope import rope
-from tests.family_suite import LO, TOL, FamilySuite, hf_logits, rel_err
+from tests.family_suite import LO, TOL, FamilySuite, assert_hf_defaults, hf_logits, rel_err
 from tests.hf_phimoe import TINY_PHIMOE, longrope, make_tiny_phimoe
 
 ORIGINAL_MAX = 16   # longrope's threshold: the suite's sequences cross it
@@ -80,16 +80,10 @@ def test_config_defaults_are_phimoe_configs():
     from transformers import PhimoeConfig
     ref, ours = PhimoeConfig(), parse_hf_config({"model_type": "phimoe"})
     assert isinstance(ours, phimoe.Config)
-    for field, hf_name in [("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
-                           ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
-                           ("num_kv_heads", "num_key_value_heads"), ("moe_intermediate_size", "intermediate_size"),
-                           ("num_experts", "num_local_experts"), ("num_experts_per_tok", "num_experts_per_tok"),
-                           ("rms_norm_eps", "rms_norm_eps"), ("max_position_embeddings", "max_position_embeddings"),
-                           ("attention_bias", "attention_bias"), ("tie_word_embeddings", "tie_word_embeddings"),
-                           ("router_jitter_noise", "router_jitter_noise"),
-                           ("lm_head_bias", "lm_head_bias"), ("sliding_window", "sliding_window")]:
-        assert getattr(ours, field) == getattr(ref, hf_name), field
-    assert ours.rope_theta == ref.rope_parameters["rope_theta"] and ours.rope_scaling == ()
+    assert_hf_defaults(ours, ref, [("moe_intermediate_size", "intermediate_size"), ("num_experts", "num_local_experts"),
+                                   ("attention_bias", "attention_bias"), ("router_jitter_noise", "router_jitter_noise"),
+                                   ("lm_head_bias", "lm_head_bias"), ("sliding_window", "sliding_window")])
+    assert ours.rope_scaling == ()
     assert ours.head_dim == ref.hidden_size // ref.num_attention_heads
     assert ours.moe_layers == tuple(range(ref.num_hidden_layers))
 

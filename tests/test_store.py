@@ -156,7 +156,6 @@ print(json.dumps(dict(base=base, loaded=loaded, started=started, served=status("
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_host_memory_does_not_grow_with_the_experts(tmp_path):
     """Two generated checkpoints, 16 and 128 experts per layer (both tiers of all experts: 16 and
     127 MB). In a fresh process each: loading adds the dense params only; start-up's peak adds
