@@ -10,6 +10,7 @@ saved with save_pretrained, converted and loaded; the suite checks, against tran
 * 32 greedy tokens equal HF `generate` with an explicit attention mask, batched with padding;
 * the HI and LO tiers equal transformers with the same dequantized experts written into it;
 * every MoE backend (xla with the CPU kernel, xla-only, pallas in interpret mode) gives the same logits;
+* `dynaexq info --verify` describes its converted checkpoint;
 * the budgeted runtime serves it with swaps, within budget, counting its cache exactly.
 
 tests/conftest.py parametrises the class-scoped `case` fixture from CASES.
@@ -156,6 +157,15 @@ class FamilySuite:
         for backend in ("xla", "pallas"):
             got = dynaexq_jax.load(path, tier="lo", backend=backend).logits(ids)
             assert rel_err(got, ref) <= TOL, backend
+
+    def test_dynaexq_info_reads_the_metadata(self, pair, capsys):
+        from dynaexq_jax.cli import main
+        _, _, _, ours, path = pair
+        cfg = ours.config
+        assert main(["info", str(path), "--verify"]) == 0
+        out = capsys.readouterr().out
+        assert f"{cfg.model_type}, {cfg.num_layers} layers ({len(cfg.moe_layers)} MoE)" in out, out
+        assert f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}" in out, out
 
     def test_budgeted_runtime_swaps_within_budget(self, pair):
         from dynaexq_jax.runtime.engine import Engine

@@ -1,7 +1,7 @@
 """Mixtral against transformers.MixtralForCausalLM: the family suite (family_suite.py) on tiny random
 models, every parameter perturbed; plus the config defaults, the router against HF's, the sliding
 window (it must change the output, or the suite would not test it), the in-memory fused layout
-under `mlp.`, `dynaexq info`, and bad configs."""
+under `mlp.`, and bad configs."""
 import dataclasses
 import shutil
 
@@ -15,7 +15,6 @@ import dynaexq_jax
 from checkpoints_convert import convert
 from checkpoints_convert.plan import build_plan
 from checkpoints_convert.safetensors_reader import SafetensorsCheckpoint
-from dynaexq_jax.cli import main
 from dynaexq_jax.errors import ConfigError, UnexpectedTensorError
 from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.families import mixtral
@@ -81,13 +80,6 @@ def test_sliding_window_changes_the_output(in_memory):
     got = np.asarray(got)
     assert rel_err(got[:, :6], ref[:, :6]) <= TOL          # within the window nothing changes
     assert rel_err(got, ref) > 1e-2
-
-
-def test_dynaexq_info(in_memory, capsys):
-    _, _, ours = in_memory
-    assert main(["info", str(ours.checkpoint.path)]) == 0
-    out = capsys.readouterr().out
-    assert "mixtral, 4 layers (4 MoE)" in out and "8 experts top-2, moe_intermediate 32" in out
 
 
 def test_router_matches_hf():
