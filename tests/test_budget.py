@@ -101,19 +101,22 @@ DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=512, num_
 @pytest.mark.parametrize("family_cfg, dtype, batch, chunk, max_len, backend", [
     (qwen3_moe_config(**MOE), np.float32, 1, 64, 1024, "xla"),
     (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 4, 128, 2048, "xla"),
+    (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 1, 128, 2048, "xla"),
     (NEXT, np.float32, 2, 512, 2048, "xla"),
     (NEXT, ml_dtypes.bfloat16, 4, 64, 512, "xla"),
     (qwen3_moe_config(**MOE), np.float32, 1, 512, 4096, "xla-only"),
     (DEEPSEEK, np.float32, 2, 512, 2048, "xla"),
     (DEEPSEEK, ml_dtypes.bfloat16, 1, 256, 4096, "xla"),
-], ids=["moe-f32-kernel", "moe-bf16-kernel", "next-f32-kernel", "next-bf16-kernel", "moe-f32-xla",
-        "deepseek-f32-kernel", "deepseek-bf16-kernel"])
+], ids=["moe-f32-kernel", "moe-bf16-kernel", "moe-bf16-batch1-kernel", "next-f32-kernel", "next-bf16-kernel",
+        "moe-f32-xla", "deepseek-f32-kernel", "deepseek-bf16-kernel"])
 def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, dtype, batch, chunk, max_len,
                                                                    backend):
     """workspace_bytes is never below XLA's memory analysis of the prefill chunk and the decode
     segment (plus, where the CPU kernel serves, its own scratch, which XLA does not see), and on
-    the kernel path (the CPU default) within 1.5x of it. The XLA path's term is an upper bound
-    only: it counts the worst split of the experts between the tiers."""
+    the kernel path (the CPU default) within 2x of it (the attention term holds a prefill's f32
+    scores and widened probabilities at once, as XLA does at batch 1; at batch 4 its schedule
+    reuses one of them). The XLA path's term is an upper bound only: it counts the worst split of
+    the experts between the tiers."""
     cfg = parse_hf_config(family_cfg)
     hi, lo = parse_format("bf16"), parse_format("int4")
     dense = sum(math.prod(s.shape) for _, _, s in schema.leaves(family(cfg.model_type).abstract(cfg))
@@ -127,7 +130,7 @@ def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, d
     formula = budget.workspace_bytes(cfg, batch, max_len, chunk, backend, hi, lo, dtype, dense)
     assert formula >= need, (formula, measured, scratch)
     if kernel:
-        assert formula <= 1.5 * need, (formula, measured, scratch)
+        assert formula <= 2 * need, (formula, measured, scratch)
 
 
 def test_scoring_holds_one_chunk_of_logits_and_nothing_vocabulary_sized_besides():

@@ -148,3 +148,87 @@ def test_without_a_compiler_the_xla_path_serves(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+# ---- the dense matmul kernel (layers.dense_matmul) ---------------------------------------------------
+@pytest.fixture
+def every_isa():
+    """The ISAs this CPU runs the kernels with; the best one is restored afterwards."""
+    yield cpu_kernel.isas()
+    cpu_kernel.set_isa("")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("w_dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("x_dtype", ["float32", "bfloat16"])
+def test_matmul_kernel_equals_xla_on_every_instruction_set(x_dtype, w_dtype, transposed, every_isa):
+    """Row counts 1..37 (register tiles of up to 4 rows and the streamed path), column counts
+    that leave tails after the vector tiles (64 + 16 + 3), an odd K; f32 accumulation."""
+    r = np.random.default_rng(SEED)
+    K, N = 83, 64 + 16 + 3
+    w = jnp.asarray(r.standard_normal((N, K) if transposed else (K, N)) * 0.1, w_dtype)
+    for isa in every_isa:
+        cpu_kernel.set_isa(isa)
+        for rows in (1, 3, 4, 7, 37):
+            x = jnp.asarray(r.standard_normal((rows, K)), x_dtype)
+            got = np.asarray(jax.jit(lambda x, w: cpu_kernel.matmul(x, w, transposed))(x, w))
+            want = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T if transposed else \
+                np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+            _close(got, want, rtol=1e-5)
+
+
+def test_dense_matmul_uses_the_kernel_for_few_rows_only(monkeypatch):
+    """Decode-sized products (and the tied head, read transposed) call the kernel; a long prompt's
+    are XLA's GEMMs; DYNAEXQ_CPU_KERNEL=0 turns it off; a CUDA export keeps XLA's dot."""
+    from dynaexq_jax.model.moe.cpu_kernel import dense_matmul
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1")
+    w = jnp.zeros((32, 48), jnp.bfloat16)
+
+    def lower(rows):
+        return jax.jit(lambda x: dense_matmul(x, w)).lower(jnp.zeros((1, rows, 32), jnp.bfloat16)).as_text()
+    assert cpu_kernel.MATMUL_TARGET in lower(4)
+    assert cpu_kernel.MATMUL_TARGET not in lower(cpu_kernel.MATMUL_MAX_ROWS + 1)
+    wt = jnp.zeros((48, 32), jnp.bfloat16)
+    assert cpu_kernel.MATMUL_TARGET in jax.jit(lambda x: dense_matmul(x, wt, transposed=True)).lower(
+        jnp.zeros((2, 32), jnp.float32)).as_text()
+    cuda = jax.export.export(jax.jit(lambda x: dense_matmul(x, w)), platforms=["cuda"])(jnp.zeros((2, 32)))
+    assert cpu_kernel.MATMUL_TARGET not in cuda.mlir_module()
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "0")
+    assert cpu_kernel.MATMUL_TARGET not in lower(4)
+
+
+def test_dense_matmul_gradients_are_xlas(monkeypatch):
+    from dynaexq_jax.model.moe.cpu_kernel import dense_matmul
+    r = np.random.default_rng(SEED)
+    x, w = jnp.asarray(r.standard_normal((3, 16)), jnp.float32), jnp.asarray(r.standard_normal((16, 8)), jnp.float32)
+    grads = {}
+    for use in ("1", "0"):
+        monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", use)
+        grads[use] = jax.jit(jax.grad(lambda x, w: jnp.sum(dense_matmul(x, w) ** 2), argnums=(0, 1)))(x, w)
+    for a, b in zip(grads["1"], grads["0"]):
+        _close(np.asarray(a), np.asarray(b))
+
+
+def test_matmul_bad_calls_raise_errors_that_name_the_problem():
+    with pytest.raises(Exception, match="x and w do not match"):
+        np.asarray(cpu_kernel.matmul(jnp.zeros((2, 8)), jnp.zeros((9, 4))))
+    with pytest.raises(Exception, match="w must be f32, bf16 or fp16"):
+        np.asarray(cpu_kernel.matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4), jnp.int32)))
+
+
+def test_instruction_sets_are_chosen_at_run_time(every_isa):
+    """The best ISA by default, any lesser one on request (portable code always), an unknown one
+    refused with the list; DYNAEXQ_CPU_ISA picks one for a process and refuses one the CPU lacks."""
+    assert cpu_kernel.isa() == every_isa[0] and every_isa[-1] == "generic"
+    for isa in every_isa:
+        cpu_kernel.set_isa(isa)
+        assert cpu_kernel.isa() == isa
+    with pytest.raises(ValueError, match="this CPU runs"):
+        cpu_kernel.set_isa("avx1024")
+    code = "from dynaexq_jax.model.moe import cpu_kernel; print(cpu_kernel.isa())"
+    env = {**os.environ, "DYNAEXQ_CPU_ISA": "generic", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "generic", out.stderr[-2000:]
+    env["DYNAEXQ_CPU_ISA"] = "avx1024"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "DYNAEXQ_CPU_ISA=avx1024: this CPU runs" in out.stderr

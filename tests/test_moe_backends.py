@@ -160,15 +160,26 @@ def _pallas(x, ids, w, experts, act, monkeypatch):
 BACKENDS = {"xla": _xla("xla"), "xla-only": _xla("xla-only"), "pallas": _pallas}
 if jax.default_backend() == "cpu":     # the CPU kernel is registered for the CPU platform only
     BACKENDS["cpu-kernel"] = _cpu_kernel
+# Backends that run the CPU kernel here: integer tiers use its integer path, whose arithmetic
+# (activations quantized per group) the reference models with int_dot=True.
+KERNEL_BACKENDS = {"xla", "cpu-kernel"} if jax.default_backend() == "cpu" else set()
 
 
-def _assert_close(got, want, x_dtype, what):
+# The CPU kernel's integer path against the reference that models it: one activation that lies
+# on a rounding tie can round the other way (their sums run in other orders), one code step of
+# a few 1e-4 of the scale; unmodelled, the activations' quantization moves outputs by 1e-2.
+INT_DOT_TOL = 1e-3
+
+
+def _assert_close(got, want, x_dtype, what, int_dot: bool = False):
     got, want = np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(jnp.asarray(want, jnp.float32))
     assert np.isfinite(got).all(), f"{what}: NaN/inf (seed={SEED})"
     scale = max(float(np.abs(want).max()), 1e-3)
     # f32: accumulation order only. bf16 activations: backends round the dequantized weights
     # and/or h = SiLU(g) * u to bf16 between the matmuls (the reference stays in f32).
     tol = (2e-4 if x_dtype == "float32" else 3 * float(jnp.finfo(jnp.bfloat16).eps)) * scale
+    if int_dot:
+        tol = max(tol, INT_DOT_TOL * scale)
     err = float(np.abs(got - want).max())
     assert err <= tol, f"{what}: max |err| {err:.3g} > {tol:.3g} (scale {scale:.3g}, seed={SEED})"
 
@@ -183,7 +194,51 @@ def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
     got = BACKENDS[backend](x, ids, w, experts, case.activation, monkeypatch)
     assert got.shape == x.shape and got.dtype == x.dtype
     what = f"{backend} on '{case}' (tier={np.asarray(experts.tier).tolist()}, ids={np.asarray(ids).tolist()})"
-    _assert_close(got, moe_experts_reference(x, ids, w, experts, case.activation), case.x_dtype, what)
+    kernel = backend in KERNEL_BACKENDS and _has_int_dot(experts)
+    want = moe_experts_reference(x, ids, w, experts, case.activation, int_dot=kernel)
+    _assert_close(got, want, case.x_dtype, what, int_dot=kernel)
+
+
+def _has_int_dot(experts: ExpertPools) -> bool:
+    return any(cpu_kernel.int_dot(p.fmt, H) or cpu_kernel.int_dot(p.fmt, I) for p in experts.pools)
+
+
+@pytest.fixture
+def isa_choice():
+    """Sets the CPU kernel's instruction set for one test, the best one again afterwards."""
+    yield cpu_kernel.set_isa
+    cpu_kernel.set_isa("")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel runs on the CPU platform only")
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_instruction_set_of_the_cpu_kernel_equals_the_reference(case, isa_choice, monkeypatch):
+    """Each ISA this CPU runs (AVX-512, AVX2, portable code: the kernel picks the best at run
+    time) gives the reference's result, the integer path's activation quantization modelled."""
+    rng = np.random.default_rng([SEED, CASES.index(case)])
+    experts = _experts(rng, case)
+    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    ids, w = _routing(rng, case)
+    want = moe_experts_reference(x, ids, w, experts, case.activation, int_dot=True)
+    for isa in cpu_kernel.isas():
+        isa_choice(isa)
+        _assert_close(_cpu_kernel(x, ids, w, experts, case.activation, monkeypatch), want, case.x_dtype,
+                      f"the CPU kernel's {isa} code on '{case}'", int_dot=_has_int_dot(experts))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_integer_path_stays_within_its_stated_error(case):
+    """The kernel's integer arithmetic (activations quantized to int8 per group) departs from the
+    exact dequantized product by at most cpu_kernel.INT_DOT_RTOL of the output's scale."""
+    rng = np.random.default_rng([SEED, CASES.index(case)])
+    experts = _experts(rng, case)
+    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    ids, w = _routing(rng, case)
+    exact = np.asarray(moe_experts_reference(x, ids, w, experts, case.activation), np.float32)
+    quantized = np.asarray(moe_experts_reference(x, ids, w, experts, case.activation, int_dot=True), np.float32)
+    scale = max(float(np.abs(exact).max()), 1e-3)
+    err = float(np.abs(quantized - exact).max())
+    assert err <= cpu_kernel.INT_DOT_RTOL * scale, f"'{case}': {err:.3g} of scale {scale:.3g} (seed={SEED})"
 
 
 def test_cases_reach_every_xla_strategy_and_both_pallas_tile_configs():

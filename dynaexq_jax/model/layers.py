@@ -10,6 +10,7 @@ from flax import struct
 from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families.schema import LINEAR, Experts, Tensor
 from dynaexq_jax.model.moe import ExpertPools, moe_experts, route
+from dynaexq_jax.model.moe.cpu_kernel import dense_matmul
 
 HF_LM_HEAD = "lm_head.weight"   # the HF output head; tied models may still carry a copy of the embedding
 
@@ -82,8 +83,18 @@ def shared_moe_schema(cfg: ModelConfig, prefix: str) -> SharedMoE:
                      shared_gate=Tensor((cfg.hidden_size, 1), prefix + "shared_expert_gate.weight", LINEAR))
 
 
+def embed(params: Params, tokens):
+    """The embedding rows of tokens. A 16-bit table is read as uint16: XLA CPU gathers 16-bit
+    floats from an f32 copy of the whole table, which it hoists out of the decode loop (1.2 GB
+    held at Qwen3-30B-A3B's shapes)."""
+    table = params.embed
+    if table.dtype.itemsize != 2:
+        return table[tokens]
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens], table.dtype)
+
+
 def linear(x, w, b=None):
-    y = x @ w
+    y = dense_matmul(x, w)
     return y if b is None else y + b
 
 
@@ -149,7 +160,7 @@ def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = 
 
 
 def dense_mlp(p: DenseMLP, x):
-    return (jax.nn.silu(x @ p.gate) * (x @ p.up)) @ p.down
+    return linear(jax.nn.silu(linear(x, p.gate)) * linear(x, p.up), p.down)
 
 
 def moe_route(p: MoE, cfg: ModelConfig, x):
@@ -182,8 +193,9 @@ def logits(params: Params, x, norm, logits_at: jax.Array | None = None):
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
     x = norm(x, params.final_norm)
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    return (x @ head).astype(jnp.float32)
+    if params.lm_head is None:                 # tied: the embedding [V, H] read as its transpose
+        return dense_matmul(x, params.embed, transposed=True).astype(jnp.float32)
+    return dense_matmul(x, params.lm_head).astype(jnp.float32)
 
 
 @struct.dataclass

@@ -203,17 +203,21 @@ def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int
     are left to the margin, so that the plan does not depend on the segment length). dtype: the
     activations' (the dense parameters'). platform: where it runs (default: JAX's default
     backend; "pallas" runs on a GPU): the CPU kernel's scratch counts where it serves, and on the
-    CPU with 16-bit dense weights (dense_params bytes) the decode loop holds f32 copies of all of
-    them, which XLA widens once per segment, outside the step loop."""
+    CPU with 16-bit dense weights (dense_params bytes) and without the kernel's matmul, the decode
+    loop holds f32 copies of all of them, which XLA widens once per segment, outside the loop."""
     platform = "gpu" if backend == "pallas" else (platform or jax.default_backend())
     kernel = uses_cpu_kernel(backend, platform)
     widen = platform == "cpu" and np.dtype(dtype).itemsize < 4
-    # Widened, the prefill chunk holds an f32 copy of the head (of other weights, one layer's at a
-    # time) and the decode loop f32 copies of every dense weight.
+    # Widened, the prefill chunk holds f32 copies of weights its long products read: counted as one
+    # of the head (XLA's copy, or where the kernel reads the head in place, a layer's projections,
+    # which cpu_kernel.dense_matmul ties to their inputs so that one layer's live at a time). The
+    # decode loop holds f32 copies of every dense weight unless the kernel's matmul reads them in
+    # place (products of few rows).
+    in_place = platform == "cpu" and cpu_kernel.enabled() and batch <= cpu_kernel.MATMUL_MAX_ROWS
     prefill = (_forward_bytes(cfg, batch, min(prefill_len, max_len), max_len, backend, hi, lo, dtype, kernel, widen)
                + (4 * cfg.hidden_size * cfg.vocab_size if widen else 0))
     decode = (_forward_bytes(cfg, batch, 1, max_len, backend, hi, lo, dtype, kernel, widen)
-              + 4 * batch * cfg.vocab_size * 4 + (2 * dense_params if widen else 0))
+              + 4 * batch * cfg.vocab_size * 4 + (2 * dense_params if widen and not in_place else 0))
     return max(prefill, decode)
 
 

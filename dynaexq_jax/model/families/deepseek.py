@@ -32,6 +32,7 @@ from dynaexq_jax.model.layers import (
     RouterInfo,
     dense_mlp,
     dense_mlp_schema,
+    embed,
     linear,
     moe_mlp,
     params_schema,
@@ -241,7 +242,7 @@ def attention(p: MLA, cfg: Config, x, positions, cache, start):
     B, T, _ = x.shape
     nH, dn, dr, dv, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     eps = cfg.rms_norm_eps
-    q = x @ p.q if p.q_a is None else rms_norm(linear(x, p.q_a, p.q_a_bias), p.q_a_norm, eps) @ p.q_b
+    q = linear(x, p.q) if p.q_a is None else linear(rms_norm(linear(x, p.q_a, p.q_a_bias), p.q_a_norm, eps), p.q_b)
     q = q.reshape(B, T, nH, dn + dr)
     kv = linear(x, p.kv_a, p.kv_a_bias)
     rotate, table = (rope_interleaved if cfg.rope_interleave else rope), config_table(cfg)
@@ -304,7 +305,7 @@ def forward(params: Params, cfg: Config, tokens, cache: LatentCache, *, backend:
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     eps = cfg.rms_norm_eps
-    x = params.embed[tokens]
+    x = embed(params, tokens)
     caches, r_ids, r_probs = [], [], []
     for i, layer in enumerate(params.layers):
         a, c = attention(layer.attn, cfg, rms_norm(x, layer.input_norm, eps), positions, cache.kv[i], start)

@@ -33,6 +33,7 @@ from dynaexq_jax.model.layers import (
     attend,
     dense_mlp,
     dense_mlp_schema,
+    embed,
     linear,
     logits,
     params_schema,
@@ -269,11 +270,11 @@ def gated_delta_net(p: GatedDeltaNet, cfg: ModelConfig, x, conv_state, state, n_
     nK, nV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, nV // nK
     # The fused projections are grouped by key head (fix_query_key_value_ordering).
-    qkvz = (x @ p.in_qkvz).reshape(B, T, nK, 2 * dk + 2 * r * dv)
+    qkvz = linear(x, p.in_qkvz).reshape(B, T, nK, 2 * dk + 2 * r * dv)
     q, k = qkvz[..., :dk], qkvz[..., dk:2 * dk]
     v = qkvz[..., 2 * dk:2 * dk + r * dv].reshape(B, T, nV * dv)
     z = qkvz[..., 2 * dk + r * dv:].reshape(B, T, nV, dv)
-    ba = (x @ p.in_ba).reshape(B, T, nK, 2 * r)
+    ba = linear(x, p.in_ba).reshape(B, T, nK, 2 * r)
     b, a = ba[..., :r].reshape(B, T, nV), ba[..., r:].reshape(B, T, nV)
 
     mixed = jnp.concatenate([q.reshape(B, T, nK * dk), k.reshape(B, T, nK * dk), v], axis=-1)
@@ -296,7 +297,7 @@ def gated_delta_net(p: GatedDeltaNet, cfg: ModelConfig, x, conv_state, state, n_
     else:
         core, state = chunk_gated_delta_rule(q, k, v, g, beta, state, min(CHUNK_SIZE, T))
     core = gated_rms_norm(core.astype(x.dtype), z, p.norm, cfg.rms_norm_eps)   # [B, T, nV, dv]
-    return core.reshape(B, T, nV * dv) @ p.out, conv_state, state
+    return linear(core.reshape(B, T, nV * dv), p.out), conv_state, state
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, backend: str = "xla",
@@ -311,7 +312,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, bac
     real = jnp.arange(T)[None, :] < n_valid[:, None]                       # [B, T]
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     eps = cfg.rms_norm_eps
-    x = params.embed[tokens]
+    x = embed(params, tokens)
     ks, vs, convs, states, r_ids, r_probs = [], [], [], [], [], []
     for layer in params.layers:
         h = rms_norm_zero_centred(x, layer.input_norm, eps)
