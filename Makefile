@@ -25,7 +25,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python benchmarks/decode_cpu.py
+	$(BIN)/python benchmarks/vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs
