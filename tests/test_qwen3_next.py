@@ -230,7 +230,8 @@ def test_masked_tokens_leave_delta_state_unchanged():
 
 def test_int4_int2_tiers_match_reference_with_dequantized_experts(tmp_path):
     """The paper's Qwen3-Next tiers (HI = INT4, LO = INT2): each tier's logits equal the reference
-    model with its routed experts replaced by that tier's dequantized weights."""
+    model with its routed experts replaced by that tier's dequantized weights (on xla-only: the CPU
+    kernel's integer path quantizes activations, which the family suite bounds)."""
     hf_dir, hf = make_tiny_qwen3_next(tmp_path, seed=7, initializer_range=0.08, full_attention_interval=2)
     out = convert(hf_dir, tmp_path / "conv", hi="int4:g32", lo="int2:g16", progress=False)
     ckpt = load_checkpoint(out)
@@ -246,7 +247,7 @@ def test_int4_int2_tiers_match_reference_with_dequantized_experts(tmp_path):
                 experts = ref_model.model.layers[i].mlp.experts
                 experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], axis=1)))
                 experts.down_proj.copy_(torch.from_numpy(down))
-        got = Model(ckpt, tier=tier).logits(ids)
+        got = Model(ckpt, tier=tier, backend="xla-only").logits(ids)
         assert rel_err(got, hf_logits(ref_model, ids)) <= 1e-4, tier
         errs[tier] = rel_err(got, float_ref)
     assert 0 < errs["hi"] < errs["lo"]   # INT2 loses more than INT4
