@@ -77,6 +77,23 @@ GENERIC_FIELDS = (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), 
                   ("tie_word_embeddings", "tie_word_embeddings"))
 
 
+def assert_router_equals_hf(hf_router, cfg, seed: int = 0):
+    """Our router (layers.moe_route, the softmax-top-k family routers) on random tokens against an HF
+    TopKRouter module (returns logits, weights, ids): the same experts, their combine weights, and
+    probs = the selected experts' softmax scores before any renormalisation."""
+    from dynaexq_jax.model.layers import MoE, moe_route
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(hf_router.weight, std=0.5)
+    x = torch.randn(64, hf_router.weight.shape[1])
+    with torch.no_grad():
+        logits, weights, ids = hf_router(x)
+    got_ids, got_w, got_p = moe_route(MoE(router=hf_router.weight.detach().numpy().T, experts=None), cfg, x.numpy())
+    np.testing.assert_array_equal(np.asarray(got_ids), ids.numpy())
+    np.testing.assert_allclose(np.asarray(got_w), weights.numpy(), rtol=1e-5, atol=1e-6)
+    probs = torch.softmax(logits, -1).gather(1, ids).numpy()
+    np.testing.assert_allclose(np.asarray(got_p), probs, rtol=1e-5, atol=1e-6)
+
+
 def assert_hf_defaults(ours, ref, fields=()):
     """Keys a config.json omits take the HF config class's defaults (ref: that class built with
     no arguments): the generic fields, rope_theta, and the family's own `fields` (our field, HF
