@@ -35,6 +35,7 @@ from dynaexq_jax.model.moe import (
     xla_strategy,
 )
 from dynaexq_jax.model.moe.pallas import INTERPRET_WARNING, sort_pairs
+from dynaexq_jax.model.moe.reference import tier_hidden
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import DECODE, PREFILL, SWIGLU, clamped_swiglu, default_config
 
@@ -165,13 +166,34 @@ if jax.default_backend() == "cpu":     # the CPU kernel is registered for the CP
 KERNEL_BACKENDS = {"xla", "cpu-kernel"} if jax.default_backend() == "cpu" else set()
 
 
-# The CPU kernel's integer path against the reference that models it: one activation that lies
-# on a rounding tie can round the other way (their sums run in other orders), one code step of
-# a few 1e-4 of the scale; unmodelled, the activations' quantization moves outputs by 1e-2.
+# The CPU kernel's integer path against the reference that models it: their sums run in other
+# orders, a few 1e-7 apart; unmodelled, the activations' quantization moves outputs by 1e-2.
 INT_DOT_TOL = 1e-3
+# An activation h of the down projection this close (in code units) to a rounding boundary may take
+# the neighbouring code in the kernel: the kernel's h differs from the reference's by ~1e-7 of it.
+TIE = 1e-3
 
 
-def _assert_close(got, want, x_dtype, what, int_dot: bool = False):
+def _tie_allowance(x, ids, w, experts, activation) -> np.ndarray:
+    """Per token, how far the kernel may move from the modelled reference through rounding ties: one
+    code step times the largest down-projection weight it multiplies, for each h near a boundary
+    (x is quantized from the same values on both sides, so it never ties)."""
+    allowance = np.zeros(x.shape[0])
+    for pool, _, h in tier_hidden(x, ids, w, experts, activation, int_dot=True):
+        if not cpu_kernel.int_dot(pool.fmt, I):
+            continue
+        T, S = h.shape[:2]
+        blocks = np.asarray(h).reshape(T, S, -1, cpu_kernel.act_block(pool.fmt, I))
+        step = np.abs(blocks).max(-1, keepdims=True) / 127
+        codes = blocks / np.where(step > 0, step, 1)
+        near = np.abs(codes - np.floor(codes) - 0.5) < TIE
+        w_max = np.abs(np.asarray(pool.down.dequantize(jnp.float32))).max(-1).reshape(1, S, *blocks.shape[2:])
+        allowance += (near * step * w_max).sum((1, 2, 3))
+    return allowance
+
+
+def _assert_close(got, want, x_dtype, what, int_dot: bool = False, allowance=0.0):
+    """allowance: [T] extra error allowed per token (_tie_allowance) on top of the tolerance."""
     got, want = np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(jnp.asarray(want, jnp.float32))
     assert np.isfinite(got).all(), f"{what}: NaN/inf (seed={SEED})"
     scale = max(float(np.abs(want).max()), 1e-3)
@@ -180,8 +202,11 @@ def _assert_close(got, want, x_dtype, what, int_dot: bool = False):
     tol = (2e-4 if x_dtype == "float32" else 3 * float(jnp.finfo(jnp.bfloat16).eps)) * scale
     if int_dot:
         tol = max(tol, INT_DOT_TOL * scale)
-    err = float(np.abs(got - want).max())
-    assert err <= tol, f"{what}: max |err| {err:.3g} > {tol:.3g} (scale {scale:.3g}, seed={SEED})"
+    err = np.abs(got - want).max(1)
+    allowance = np.broadcast_to(allowance, err.shape)
+    t = int((err - allowance).argmax())
+    assert err[t] <= tol + allowance[t], (f"{what}: max |err| {err[t]:.3g} > {tol:.3g} + ties {allowance[t]:.3g} "
+                                          f"on token {t} (scale {scale:.3g}, seed={SEED})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +221,8 @@ def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
     what = f"{backend} on '{case}' (tier={np.asarray(experts.tier).tolist()}, ids={np.asarray(ids).tolist()})"
     kernel = backend in KERNEL_BACKENDS and _has_int_dot(experts)
     want = moe_experts_reference(x, ids, w, experts, case.activation, int_dot=kernel)
-    _assert_close(got, want, case.x_dtype, what, int_dot=kernel)
+    ties = _tie_allowance(x, ids, w, experts, case.activation) if kernel else 0.0
+    _assert_close(got, want, case.x_dtype, what, int_dot=kernel, allowance=ties)
 
 
 def _has_int_dot(experts: ExpertPools) -> bool:
@@ -220,10 +246,11 @@ def test_every_instruction_set_of_the_cpu_kernel_equals_the_reference(case, isa_
     x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
     ids, w = _routing(rng, case)
     want = moe_experts_reference(x, ids, w, experts, case.activation, int_dot=True)
+    ties = _tie_allowance(x, ids, w, experts, case.activation)
     for isa in cpu_kernel.isas():
         isa_choice(isa)
         _assert_close(_cpu_kernel(x, ids, w, experts, case.activation, monkeypatch), want, case.x_dtype,
-                      f"the CPU kernel's {isa} code on '{case}'", int_dot=_has_int_dot(experts))
+                      f"the CPU kernel's {isa} code on '{case}'", int_dot=_has_int_dot(experts), allowance=ties)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
