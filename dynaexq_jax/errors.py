@@ -82,6 +82,10 @@ class ConverterNotInstalledError(DynaexqError):
     """Converting a Hugging Face checkpoint needs the checkpoints_convert package, which is not installed."""
 
 
+class EvaluationError(DynaexqError):
+    """A bad evaluation option (lm-eval model args, tasks, policies) or a request the model cannot serve."""
+
+
 def check_int(name: str, value, error: type[DynaexqError], *, minimum: int = 1, unit: str = "") -> None:
     """Raise `error` unless value is an integer >= minimum (bools are not counts); `unit` follows
     the bound in the message, e.g. " decode step"."""

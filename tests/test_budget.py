@@ -150,7 +150,8 @@ def test_scoring_holds_one_chunk_of_logits_and_nothing_vocabulary_sized_besides(
     cache = jax.eval_shape(lambda: family("qwen3_moe").init_cache(cfg, B, S, np.float32))
     tokens = jax.ShapeDtypeStruct((B, C), np.int32)
     scores = jax.ShapeDtypeStruct((len(cfg.moe_layers), cfg.num_experts), np.float32)
-    temp = score_chunk.lower(params, cfg, cache, tokens, tokens, scores, backend="xla",
+    valid = jax.ShapeDtypeStruct((B, C), np.bool_)
+    temp = score_chunk.lower(params, cfg, cache, tokens, tokens, valid, scores, backend="xla",
                              alpha=0.9).compile().memory_analysis().temp_size_in_bytes
     logits = B * C * cfg.vocab_size * 4
     assert logits <= temp < 1.1 * logits

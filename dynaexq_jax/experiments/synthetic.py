@@ -136,3 +136,11 @@ def train_bpe_tokenizer(vocab_size: int, files: list[Path] | None = None, texts:
     if tok.get_vocab_size() < vocab_size:   # small corpora can stop short: pad so ids match the model
         tok.add_special_tokens([f"<|unused_{i}|>" for i in range(vocab_size - tok.get_vocab_size())])
     return tok
+
+
+def tokenizer_config(max_len: int) -> dict:
+    """tokenizer_config.json for a train_bpe_tokenizer tokenizer: transformers' AutoTokenizer then
+    loads tokenizer.json as it is (without it, the model type's tokenizer class would replace the
+    pre-tokenizer with its own and split text differently from training)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "model_max_length": max_len, "clean_up_tokenization_spaces": False}

@@ -27,7 +27,7 @@ from flax import struct
 
 from dynaexq_jax.errors import ConfigError
 from dynaexq_jax.experiments import corpus
-from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors, train_bpe_tokenizer
+from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors, tokenizer_config, train_bpe_tokenizer
 from dynaexq_jax.model.config import ModelConfig, parse_hf_config
 from dynaexq_jax.model.families import family, schema
 from dynaexq_jax.model.layers import Params
@@ -144,7 +144,7 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarra
 
 def train(out_dir: str | Path, tc: TrainConfig = TrainConfig(), model_overrides: dict | None = None,
           source_limit: int | None = None, log=print) -> dict:
-    """Train and export to out_dir (config.json, safetensors shards + index, tokenizer.json,
+    """Train and export to out_dir (config.json, safetensors shards + index, tokenizer.json and its config,
     training.json with the curves and corpus manifest). Returns the training record."""
     out = Path(out_dir)
     hf_cfg = qwen3_moe_config(**{**TINY_MOE, **(model_overrides or {})})
@@ -231,6 +231,8 @@ def export_hf(t: Trainable, hf_cfg: dict, cfg: ModelConfig, tokenizer, out: Path
     save_safetensors(hf_state_dict(t, cfg).items(), tmp, SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
     tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(hf_cfg["max_position_embeddings"]), indent=1)
+                                               + "\n")
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -253,19 +253,25 @@ class Engine(Controller):
         res.runtime = self._summary(before, self.timeline[1:])   # boundary 0 reports the prefill
         return res
 
-    def score(self, tokens) -> ScoreResult:
+    def score(self, tokens, *, valid=None, window: int | None = None) -> ScoreResult:
         """Teacher-forced scoring of token streams int [B, N + 1] (B <= batch, N a multiple of
-        segment_len) in chunks of segment_len positions and windows of max_len, with the policy
-        and transitions live. Returns ScoreResult (.nll [B, N], .perplexity, .runtime)."""
+        segment_len) in chunks of segment_len positions and windows of `window` positions (default
+        and at most max_len, a multiple of segment_len; each window from an empty cache), with the
+        policy and transitions live. valid: bool [B, N] marks real positions (default all; padding
+        is left out of the hotness). Returns ScoreResult (.nll [B, N], .greedy, .perplexity, .runtime)."""
         s = self.settings
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[0] > s.batch:
             raise GenerationError(f"score takes [batch <= {s.batch}, length] token streams, got {tokens.shape}")
+        longest = s.max_len - s.max_len % s.segment_len
+        window = longest if window is None else window
+        if not (0 < window <= longest and window % s.segment_len == 0):
+            raise GenerationError(f"the scoring window ({window}) must be a multiple of segment_len "
+                                  f"({s.segment_len}) of at most max_len ({s.max_len})")
         self._reset_timeline()
         before = dataclasses.replace(self.counters)
-        window = s.max_len - s.max_len % s.segment_len
         res = score(self.params(), self.config, tokens, chunk=s.segment_len, window=window,
-                    backend=s.backend, cache_dtype=self.cache_dtype, controller=self)
+                    backend=s.backend, cache_dtype=self.cache_dtype, controller=self, valid=valid)
         res.runtime = self._summary(before, self.timeline)
         return res
 

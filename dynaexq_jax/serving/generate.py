@@ -222,7 +222,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
              stop_tokens: Sequence[int] | None = None, max_len: int | None = None,
              segment_len: int = SEGMENT_LEN, backend: str = "xla", cache_dtype=jnp.float32,
-             on_tokens: Callable[[np.ndarray], None] | None = None,
+             on_tokens: Callable[[np.ndarray], bool | None] | None = None,
              controller: Controller | None = None, prefill_chunk: int = PREFILL_CHUNK) -> GenerationResult:
     """Generate up to max_new_tokens for every prompt (prompts prefilled in chunks of
     prefill_chunk positions).
@@ -250,8 +250,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                                          chunk=prefill_chunk)
     first_h = np.asarray(first)
     stats.time_to_first_token_s = time.perf_counter() - t0
-    if on_tokens:
-        on_tokens(first_h[None, :])
+    done = np.isin(first_h, stop)
+    if on_tokens and on_tokens(first_h[None, :]):
+        done[:] = True
     params = ctl.after_prefill(np.asarray(mass), np.asarray(scores)) or params
 
     def dispatch(params, cache, last, done, step0, scores):
@@ -259,7 +260,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                               steps=segment_len, sampling=sampling, backend=backend, alpha=ctl.alpha)
 
     t_dec = time.perf_counter()
-    blocks = _decode_pipelined(dispatch, params, cache, first, np.isin(first_h, stop), scores, ctl=ctl,
+    blocks = _decode_pipelined(dispatch, params, cache, first, done, scores, ctl=ctl,
                                max_new_tokens=max_new_tokens, segment_len=segment_len, stats=stats,
                                on_tokens=on_tokens)
     stats.decode_s = time.perf_counter() - t_dec
@@ -273,7 +274,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
 
 def _decode_pipelined(dispatch, params, cache, first, done: np.ndarray, scores, *, ctl: Controller,
                       max_new_tokens: int, segment_len: int, stats: GenerationStats,
-                      on_tokens: Callable[[np.ndarray], None] | None) -> list[np.ndarray]:
+                      on_tokens: Callable[[np.ndarray], bool | None] | None) -> list[np.ndarray]:
     """The decode loop after the prefill's first token (first [B], done bool [B]): while the host
     reads segment i, segment i+1 (dispatched from segment i's device outputs with the params of
     before the hook) runs, and is what the hook receives as in flight. Returns the generated
@@ -294,12 +295,11 @@ def _decode_pipelined(dispatch, params, cache, first, done: np.ndarray, scores, 
         toks_h, dones_h = np.asarray(toks), np.asarray(dones)
         take = min(segment_len, max_new_tokens - produced)
         blocks.append(toks_h[:take].T)
-        if on_tokens:
-            on_tokens(toks_h[:take])
+        enough = bool(on_tokens(toks_h[:take])) if on_tokens else False
         produced += take
         t_ctl = time.perf_counter()
         params = ctl.after_segment(produced - 1, np.asarray(mass)[:take], np.asarray(scores), pending) or params
         stats.segments.append({"steps": take, "wait_s": t_ctl - t_seg, "controller_s": time.perf_counter() - t_ctl})
-        if dones_h[take - 1].all():
+        if dones_h[take - 1].all() or enough:
             pending = None                # every sequence stopped: drop the speculative segment
     return blocks

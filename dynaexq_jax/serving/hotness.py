@@ -13,8 +13,8 @@ What one step is differs by caller, each with the mass it has:
   * prefill (generate.prefill, when the controller counts it): one step for the whole prompt,
     c = the mass over all its real tokens;
   * scoring (scoring.score_chunk): one step per position, c = that position's mass averaged over
-    the batch, so a chunk of C positions advances the EMA as C decode steps would
-    (ema_over_positions);
+    the batch's real rows, so a chunk of C positions advances the EMA as C decode steps would
+    (ema_over_positions; a position of padding only is no step);
   * replay (runtime.replay): a recorded trace keeps only each chunk's mean mass, which is taken
     as the mass of each of the chunk's `chunk` steps (ema_update with steps=chunk).
 ema_update is plain arithmetic (numpy or jax arrays alike); ema_over_positions runs in jax."""
@@ -41,12 +41,15 @@ def selected_mass(ids: tuple[jax.Array, ...], probs: tuple[jax.Array, ...], num_
 
 
 def position_mass(ids: tuple[jax.Array, ...], probs: tuple[jax.Array, ...], num_experts: int,
-                  positions: int) -> jax.Array:
-    """Per position, the selected mass averaged over the batch: ids/probs per MoE layer
-    [B, C, k] -> f32 [C, L_moe, E]."""
+                  positions: int, valid: jax.Array | None = None) -> jax.Array:
+    """Per position, the selected mass averaged over the batch's rows that are real there (valid
+    bool [B, C], default all): ids/probs per MoE layer [B, C, k] -> f32 [C, L_moe, E] (zero where
+    no row is real)."""
     if not ids:
         return jnp.zeros((positions, 0, num_experts), jnp.float32)
-    rows = [(jax.nn.one_hot(i, num_experts, dtype=jnp.float32) * p[..., None]).sum(2).mean(0)
+    w = jnp.ones(ids[0].shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    n = jnp.maximum(w.sum(0), 1.0)[:, None]
+    rows = [((jax.nn.one_hot(i, num_experts, dtype=jnp.float32) * p[..., None]).sum(2) * w[..., None]).sum(0) / n
             for i, p in zip(ids, probs)]
     return jnp.stack(rows, axis=1)
 
@@ -58,9 +61,10 @@ def ema_update(scores, mass, alpha: float, steps: int = 1):
     return decay * scores + (1 - decay) * mass
 
 
-def ema_over_positions(scores, mass, alpha: float):
+def ema_over_positions(scores, mass, alpha: float, active=None):
     """One EMA step per position, mass [C, L_moe, E] in position order, in closed form:
-    S_C = alpha^C S_0 + (1 - alpha) sum_c alpha^(C-1-c) m_c."""
-    C = mass.shape[0]
-    decay = alpha ** jnp.arange(C - 1, -1, -1, dtype=jnp.float32)
-    return alpha ** C * scores + (1 - alpha) * jnp.einsum("c,cle->le", decay, mass)
+    S_C = alpha^C S_0 + (1 - alpha) sum_c alpha^(C-1-c) m_c. active: bool [C], default all: a
+    position where no row is real (padding) is no step at all."""
+    a = jnp.ones(mass.shape[0], jnp.float32) if active is None else active.astype(jnp.float32)
+    after = jnp.cumsum(a[::-1])[::-1] - a          # active positions after each one
+    return alpha ** a.sum() * scores + (1 - alpha) * jnp.einsum("c,cle->le", a * alpha ** after, mass)

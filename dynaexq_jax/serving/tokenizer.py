@@ -19,10 +19,11 @@ class TextCodec:
         else:
             self.tokenizer = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens: what the tokenizer's post-processor adds (e.g. a BOS token)."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
