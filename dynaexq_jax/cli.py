@@ -173,6 +173,33 @@ def _cmd_compare(a):
     return res
 
 
+def _cmd_eval(a):
+    """lm-eval tasks through the runtime: one run per policy (dynaexq_jax.lm_eval.run)."""
+    from dynaexq_jax.lm_eval.run import REFERENCES
+    if a.policy is not None and a.policies:
+        raise RuntimeConfigError("give --policy (one run) or --policies (several side by side), not both")
+    if a.tier is not None and (a.budget is not None or a.policies):
+        raise RuntimeConfigError("--tier applies only to one run without --budget (every expert in that tier)")
+    policies = a.policies or ((a.policy,) if a.policy else ("dynaexq",) if a.budget is not None
+                              else (f"all-{a.tier or 'hi'}",))
+    if a.budget is None:
+        given = [_option(n) for n in _RUNTIME_FIELDS if n != "policy" and getattr(a, n) is not None]
+        given += ["--calibration"] * (a.calibration is not None)
+        if given or any(p not in REFERENCES for p in policies):
+            raise RuntimeConfigError(f"{', '.join(given) or 'a policy other than all-hi/all-lo'} needs --budget "
+                                     f"(without it every expert runs in one tier)")
+    from dynaexq_jax.lm_eval.run import evaluate
+    options = dict(pretrained=a.model, hi=a.hi, lo=a.lo, backend=a.backend, batch_size=a.batch_size,
+                   max_len=a.max_len, segment=a.segment, max_gen_toks=a.max_gen_toks, seed=a.seed,
+                   calibration=a.calibration, **{n: getattr(a, n) for n in _RUNTIME_FIELDS if n != "policy"})
+    limit = None if a.limit is None else int(a.limit) if a.limit >= 1 else a.limit
+    res = evaluate(a.tasks, policies, budget=a.budget, options=options, include_path=a.include_path, limit=limit,
+                   num_fewshot=a.num_fewshot, apply_chat_template=a.apply_chat_template,
+                   confirm_run_unsafe_code=a.confirm_run_unsafe_code, out=a.out)
+    print(res["table"])
+    print(f"wrote {a.out}/results.json, report.md and each run's lm-eval results")
+
+
 # The runtime's options that only the budgeted path uses: CLI name -> EngineConfig field (which
 # holds the default). The parser stores None for an option not given, so that generate can reject
 # one given without --budget instead of dropping it; _fill_runtime_defaults then sets the others.
@@ -337,6 +364,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default int2:g64)")
     p.add_argument("--seed", type=int, default=C.seed, help="seed of the random policy's HI sets")
     p.set_defaults(fn=_cmd_compare)
+
+    p = command("eval", "lm-evaluation-harness tasks served by the runtime, one run per policy side by side "
+                        '(needs the eval extra: pip install -e ".[eval]")')
+    p.add_argument("model", nargs="?", help="a converted checkpoint or a Hugging Face directory (converted once, "
+                                            "with --hi/--lo); default: the embedded model")
+    p.add_argument("--tasks", type=_csv(str), required=True,
+                   help="lm-eval task or group names, comma-separated; the local suite: dynaexq_suite")
+    p.add_argument("--include-path", action="append", help="a folder of more task YAMLs (repeat for several)")
+    p.add_argument("--budget", help=f"device-memory budget of every policy but all-hi/all-lo, {_BUDGET_FORMS}")
+    p.add_argument("--tier", help="without --budget: the tier of the single run, hi or lo (default: hi)")
+    p.add_argument("--policies", type=_csv(str),
+                   help="several runs side by side, e.g. all-hi,all-lo,static-calibrated,dynaexq,oracle")
+    p.add_argument("--calibration", help="corpus domains that rank the experts for static-calibrated and dynaexq: "
+                                         "prose, code, prose+code, all (default) or none")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="prompts through the checkpoint's chat template (chat models)")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute the model's code (humaneval)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (the engine's batch)")
+    p.add_argument("--max-len", type=int, help="cache length in tokens (default: the model's context, at most 2048)")
+    p.add_argument("--segment", type=int, default=EngineConfig.segment_len,
+                   help="positions per scoring chunk and decode steps per segment")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="generation length unless a task sets one")
+    p.add_argument("--hi", help="HI tier when MODEL is a Hugging Face directory (default: the embedded model's "
+                                "int4:g64, otherwise the source dtype)")
+    p.add_argument("--lo", help="LO tier when MODEL is a Hugging Face directory (default: int2:g64 / int4)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of sampled generation tasks")
+    p.add_argument("--out", default="runs/eval", help="output folder (results.json, report.md, lm-eval results)")
+    _add_runtime_args(p, plan_only=False)
+    p.set_defaults(fn=_cmd_eval)
 
     p = command("demo", "the end-to-end demo on the default model")
     p.add_argument("--workdir", default="runs/demo", help="where the converted model, stats and plots go")

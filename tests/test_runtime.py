@@ -447,3 +447,14 @@ def test_batch_larger_than_the_engine_was_sized_for(tiny_ckpt):
     eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=1, max_len=MAX_LEN)
     with pytest.raises(GenerationError, match="sized for batch=1"):
         eng.generate(prompts(0, n=2), max_new_tokens=4)
+
+
+def test_the_update_period_runs_across_requests(tiny_ckpt):
+    """The policy's clock is the steps served since the engine started: three requests of 2 chunks
+    each with a period of 4 chunks plan twice (at the first boundary and at step 4 chunks), not
+    once per request."""
+    eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.4, batch=1, max_len=4 * SEG), policy="dynaexq",
+                 update_period=4 * SEG, batch=1, max_len=4 * SEG, segment_len=SEG)
+    for seed in range(3):
+        eng.score(np.asarray([prompts(seed, n=1, length=2 * SEG + 1)[0]], np.int32))
+    assert eng.steps_served == 6 * SEG and eng.counters.plans == 2

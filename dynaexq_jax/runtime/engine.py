@@ -116,6 +116,10 @@ class Engine(Controller):
         self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
         self.transitions: list[Transition] = []      # swap pairs whose copies are in flight
         self.schedule = TransferSchedule(self.plan.staging, self.plan.m_hi + self.plan.m_lo)
+        # The policy's clock: decode steps (scored positions) of earlier requests, so that its update
+        # period runs across requests (many short ones must not each start a plan).
+        self.steps_served = 0
+        self._last_update: int | None = None
         self._reset_timeline()
 
     # The Controller settings the jitted steps read.
@@ -146,7 +150,6 @@ class Engine(Controller):
     def _reset_timeline(self):
         self.timeline: list[dict] = []
         self._masks = []            # HI mask after each hook call (call 0 = after prefill)
-        self._last_update: int | None = None
 
     def initial_scores(self, num_layers, num_experts):
         return self.scores
@@ -167,9 +170,10 @@ class Engine(Controller):
         total = float(mass.sum())
         hit = float((mass * used[None]).sum() / total) if total > 0 else float("nan")
         published = self._publish_ready(in_flight)
-        if self.policy.wants_update(step, self._last_update):
-            self._last_update = step
-            self._plan(step, scores)
+        clock = self.steps_served + step
+        if self.policy.wants_update(clock, self._last_update):
+            self._last_update = clock
+            self._plan(clock, scores)
         self._start_transfers()
         owned = self.owned_bytes()
         self.counters.max_owned_bytes = max(self.counters.max_owned_bytes, owned)
@@ -251,6 +255,7 @@ class Engine(Controller):
                        cache_dtype=self.cache_dtype, on_tokens=on_tokens, controller=self)
         res.texts = self.codec.texts(res.tokens)
         res.runtime = self._summary(before, self.timeline[1:])   # boundary 0 reports the prefill
+        self.steps_served += max(map(len, res.tokens))
         return res
 
     def score(self, tokens, *, valid=None, window: int | None = None) -> ScoreResult:
@@ -273,6 +278,7 @@ class Engine(Controller):
         res = score(self.params(), self.config, tokens, chunk=s.segment_len, window=window,
                     backend=s.backend, cache_dtype=self.cache_dtype, controller=self, valid=valid)
         res.runtime = self._summary(before, self.timeline)
+        self.steps_served += tokens.shape[1] - 1
         return res
 
     def _summary(self, before: RuntimeCounters, boundaries: list[dict]) -> dict:
