@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 # Nothing is downloaded: the local suite reads its JSONL, the hf reference a local directory.
@@ -208,3 +209,21 @@ def test_chat_templates_render_as_transformers_does(tmp_path, exact):
     assert lm.apply_chat_template(chat).endswith("<think>\n\n</think>\n\n")
     with pytest.raises(GenerationError, match="no chat template"):
         TextCodec(exact).render_chat(chat)
+
+
+def test_the_oracle_reads_the_recorded_traffic_on_the_engines_clock(tmp_path, exact):
+    """record_trace keeps every boundary's routed mass at its step of the engine's clock (across
+    requests); the oracle reads it per chunk of that clock, and only with the same chunk."""
+    from dynaexq_jax.lm_eval.model import _read_trace
+    f = tmp_path / "t.npz"
+    lm = DynaexqLM(pretrained=str(exact), batch_size=2, max_len=128, record_trace=str(f))
+    reqs = [Instance("loglikelihood", {}, ("x = 1\n" * n, " y"), 0) for n in (1, 3, 9)]
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    with np.load(f) as z:
+        clock, mass = z["clock"], z["mass"]
+    assert len(lm.calls) == 2 and lm.engine.steps_served == clock.max()
+    assert (np.diff(clock) > 0).all() and clock.max() > lm.calls[1]["clock0"] > 0
+    trace = _read_trace(f, 16)
+    assert trace.shape[0] == clock.max() // 16 + 1 and np.allclose(trace.sum(0), mass.sum(0))
+    with pytest.raises(EvaluationError, match="segment=16, this run has segment=8"):
+        _read_trace(f, 8)

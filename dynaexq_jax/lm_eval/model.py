@@ -143,14 +143,15 @@ class DynaexqLM(TemplateLM):
         ckpt = load_checkpoint(_converted(pretrained, hi, lo))
         cfg = ckpt.config
         max_len = max_len or min(cfg.max_position_embeddings, 2048)
-        self.trace = _read_trace(trace) if policy == "oracle" else None
-        # The settings every call shares; the oracle's policy object is replaced per call (_before_call).
         self.settings = settings = EngineConfig(
             policy="static" if policy == "static-calibrated" else "all-hi" if policy == "oracle" else policy,
             batch=batch_size, max_len=max_len, segment_len=segment, backend=backend,
             **{_RUNTIME_ARGS[k]: v for k, v in given.items()})
         if policy == "oracle":
-            settings = settings.replace(policy=self._oracle(0))
+            # The best HI set of each period from the all-hi run's traffic at the same steps of the
+            # engine's clock. A decision after chunk b serves from chunk b + 3 on (replay.py).
+            settings = settings.replace(policy=OraclePolicy(_read_trace(trace, segment), segment,
+                                                            settings.update_period, lag=2 * segment))
         ranking = None
         if policy in _USES_RANKING and calibration != "none":
             ranking = _calibration(ckpt, calibration or "all")
@@ -198,27 +199,14 @@ class DynaexqLM(TemplateLM):
         return self.codec.render_chat(chat_history, add_generation_prompt, **self.chat_options)
 
     # ---- engine calls ---------------------------------------------------------------------------------
-    def _oracle(self, call: int, served: int = 0) -> OraclePolicy:
-        """The oracle of engine call `call`: the all-hi run's traffic of the same call ahead of it.
-        A decision after chunk b serves from chunk b + 3 on (replay.py): 2 chunks after its step.
-        The policy sees the engine's clock (steps served before the call, Engine.steps_served),
-        which the lag takes back to the call's own steps, the trace's index."""
-        if call >= len(self.trace):
-            raise EvaluationError(f"the oracle's trace holds {len(self.trace)} engine calls; this evaluation makes "
-                                  f"more: record it with the same tasks, limit and batch_size")
-        s = self.settings.segment_len
-        return OraclePolicy(self.trace[call], s, self.settings.update_period, lag=2 * s - served)
-
-    def _before_call(self):
-        if self.trace is not None:
-            self.engine.policy = self._oracle(len(self.calls), self.engine.steps_served)
-
-    def _after_call(self, kind: str, requests: int, tokens: int, runtime: dict):
-        self.calls.append(dict(kind=kind, requests=requests, tokens=tokens, runtime=runtime))
-        if self.record_trace is not None:
-            traces = {f"call{i}": np.asarray([t["mass"] for t in c["runtime"]["timeline"]], np.float32)
-                      for i, c in enumerate(self.calls)}
-            np.savez_compressed(self.record_trace, **traces)
+    def _after_call(self, kind: str, requests: int, tokens: int, runtime: dict, clock0: int):
+        """clock0: the engine's clock when the call began (Engine.steps_served)."""
+        self.calls.append(dict(kind=kind, requests=requests, tokens=tokens, runtime=runtime, clock0=clock0))
+        if self.record_trace is not None:      # every boundary so far, on the engine's clock
+            boundaries = [(c["clock0"] + t["step"], t["mass"]) for c in self.calls for t in c["runtime"]["timeline"]]
+            np.savez(self.record_trace, chunk=self.settings.segment_len,
+                                clock=np.asarray([b[0] for b in boundaries], np.int64),
+                                mass=np.asarray([b[1] for b in boundaries], np.float32))
 
     def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """rows: (tokens, n): a token sequence of at most max_length + 1 tokens whose last n are
@@ -233,9 +221,9 @@ class DynaexqLM(TemplateLM):
         for b, (t, _) in enumerate(rows):
             tokens[b, :len(t)] = t
             valid[b, :len(t) - 1] = True
-        self._before_call()
+        clock0 = self.engine.steps_served
         res = self.engine.score(tokens, valid=valid, window=window)
-        self._after_call("loglikelihood", len(rows), int(valid.sum()), res.runtime)
+        self._after_call("loglikelihood", len(rows), int(valid.sum()), res.runtime, clock0)
         out = []
         for b, (t, n) in enumerate(rows):
             scored = slice(len(t) - 1 - n, len(t) - 1)      # the positions whose targets are the last n
@@ -339,10 +327,10 @@ class DynaexqLM(TemplateLM):
                 r.extend(col.tolist())
             return all(finished(r) for r in rows)
 
-        self._before_call()
+        clock0 = self.engine.steps_served
         res = self.engine.generate(prompts, max_new_tokens=max_gen, sampling=sampling, seed=self.seed + call,
                                    on_tokens=on_tokens)
-        self._after_call("generate_until", len(prompts), sum(map(len, res.tokens)), res.runtime)
+        self._after_call("generate_until", len(prompts), sum(map(len, res.tokens)), res.runtime, clock0)
         return [postprocess_generated_text(self.codec.decode(t), until, None) for t in res.tokens]
 
     # ---- what the run did -----------------------------------------------------------------------------
@@ -371,15 +359,23 @@ class DynaexqLM(TemplateLM):
         return {"dynaexq": self.runtime_summary()}
 
 
-def _read_trace(path) -> list[np.ndarray]:
+def _read_trace(path, chunk: int) -> np.ndarray:
+    """A recorded all-hi trace as the oracle reads it: routed mass f32 [chunks, L_moe, E] by
+    chunk of the engine's clock (boundaries of one chunk summed)."""
     f = Path(path)
     if not f.is_file():
         raise EvaluationError(f"oracle trace {f} does not exist (write it with policy=all-hi,record_trace={f})")
     try:
         with np.load(f) as z:
-            return [z[f"call{i}"] for i in range(len(z.files))]
+            recorded, clock, mass = int(z["chunk"]), z["clock"], z["mass"]
     except (OSError, ValueError, KeyError) as e:
         raise EvaluationError(f"{f}: not an oracle trace written by record_trace ({e})") from None
+    if recorded != chunk or mass.ndim != 3 or len(clock) != len(mass):
+        raise EvaluationError(f"{f}: recorded with segment={recorded}, this run has segment={chunk}: record it "
+                              "again with the same settings")
+    trace = np.zeros((int(clock.max()) // chunk + 1, *mass.shape[1:]), np.float32)
+    np.add.at(trace, clock // chunk, mass)
+    return trace
 
 
 def _calibration(ckpt, domains: str) -> np.ndarray:

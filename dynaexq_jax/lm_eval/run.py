@@ -16,6 +16,9 @@ from pathlib import Path
 from dynaexq_jax.errors import EvaluationError
 
 REFERENCES = {"all-hi": "hi", "all-lo": "lo"}     # policy -> the tier it runs in without a budget
+# lm-eval's bootstrap resamples for the standard errors of metrics without a closed form
+# (perplexities); means (accuracies) get theirs in closed form.
+BOOTSTRAP = 1000
 
 
 def model_args(policy: str, budget, options: dict, trace: Path | None = None,
@@ -87,7 +90,7 @@ def evaluate(tasks, policies, *, budget=None, options: dict | None = None, inclu
         t0 = time.perf_counter()
         lm = DynaexqLM(**args)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=BOOTSTRAP,
                                       apply_chat_template=apply_chat_template,
                                       confirm_run_unsafe_code=confirm_run_unsafe_code)
         run = {"policy": key, "model_args": args, "seconds": time.perf_counter() - t0,
@@ -109,8 +112,9 @@ def evaluate(tasks, policies, *, budget=None, options: dict | None = None, inclu
 _RESTATED = ("word_perplexity", "byte_perplexity")
 
 
-def metrics(results: dict) -> dict[str, float]:
-    """'task metric[ (filter)]' -> value, for every reported metric but the stderr and restated ones."""
+def metrics(results: dict) -> dict[str, tuple[float, float | None]]:
+    """'task metric[ (filter)]' -> (value, standard error or None), for every reported metric but
+    the restated ones."""
     out = {}
     for task, values in results.items():
         for key, v in values.items():
@@ -119,8 +123,14 @@ def metrics(results: dict) -> dict[str, float]:
             name, filt = key.split(",", 1)
             if name in _RESTATED:
                 continue
-            out[f"{task.removeprefix('dynaexq_')} {name}" + ("" if filt == "none" else f" ({filt})")] = float(v)
+            err = values.get(f"{name}_stderr,{filt}")
+            out[f"{task.removeprefix('dynaexq_')} {name}" + ("" if filt == "none" else f" ({filt})")] = \
+                (float(v), float(err) if isinstance(err, (int, float)) else None)
     return out
+
+
+def _cell(value: float, err: float | None) -> str:
+    return f"{value:.4g}" if err is None else f"{value:.4g} ± {err:.2g}"
 
 
 def report(runs: dict) -> str:
@@ -131,7 +141,7 @@ def report(runs: dict) -> str:
     for key, r in runs.items():
         m, rt = metrics(r["results"]), r["runtime"]
         hit = rt["hi_hit_rate"]
-        lines.append("| " + " | ".join([key, *(f"{m[c]:.4g}" if c in m else "" for c in cols),
+        lines.append("| " + " | ".join([key, *(_cell(*m[c]) if c in m else "" for c in cols),
                                         "" if hit is None else f"{hit:.3f}", str(int(rt["counters"]["promotions"])),
                                         f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
