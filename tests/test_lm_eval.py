@@ -227,3 +227,14 @@ def test_the_oracle_reads_the_recorded_traffic_on_the_engines_clock(tmp_path, ex
     assert trace.shape[0] == clock.max() // 16 + 1 and np.allclose(trace.sum(0), mass.sum(0))
     with pytest.raises(EvaluationError, match="segment=16, this run has segment=8"):
         _read_trace(f, 8)
+
+
+def test_a_long_context_is_cut_to_what_the_cache_holds(exact):
+    """Contexts longer than the cache are cut on the left, the padded prompt and the generation
+    included (here max_len=100: 96 context tokens for one new one)."""
+    lm = DynaexqLM(pretrained=str(exact), max_len=100)
+    context = "def f(x):\n    return x + 1\n" * 40
+    assert len(lm.tok_encode(context)) > 300
+    for n in (1, 8, 40):
+        out = lm.generate_until([Instance("generate_until", {}, (context, {"max_gen_toks": n, "until": []}), 0)])
+        assert isinstance(out[0], str)

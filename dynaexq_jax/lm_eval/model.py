@@ -42,7 +42,8 @@ from dynaexq_jax.serving.tokenizer import TextCodec
 
 # The policies an evaluation can name: the engine's, plus the comparison harness's two that need
 # more than a name: static-calibrated (the static policy from a calibration ranking) and oracle
-# (the best HI set for each period from an all-hi run's recorded traffic of the same requests).
+# (the best HI set for each period from an all-hi run's traffic of the same requests, recorded on
+# the engine's clock).
 POLICIES = tuple(ENGINE_POLICIES) + ("static-calibrated", "oracle")
 # The options of the budgeted path (model arg -> EngineConfig field): an error without a budget.
 _RUNTIME_ARGS = {"strategy": "strategy", "period": "update_period", "delta": "delta", "rate_limit": "rate_limit",
@@ -308,8 +309,9 @@ class DynaexqLM(TemplateLM):
     def _context_room(self, max_gen: int) -> int:
         """Context tokens a prompt may keep (the rest is cut on the left, as lm-eval's hf model
         does): the cache holds the prompt, its first token and whole decode segments."""
-        s = self.settings.segment_len
-        room = self.settings.max_len - 1 - -(-(max_gen - 1) // s) * s
+        s, max_len = self.settings.segment_len, self.settings.max_len
+        # Prompts are padded to a multiple of 16 (generate.bucket), which the cache holds too.
+        room = min(max_len - 1 - -(-(max_gen - 1) // s) * s, max_len // 16 * 16)
         if room < 1:
             raise EvaluationError(f"max_gen_toks={max_gen} leaves no room for a prompt in max_len="
                                   f"{self.settings.max_len}")
