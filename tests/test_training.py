@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_records_its_corpus(trained_tiny):
     saved = json.loads((out / "training.json").read_text())
     assert saved["corpus"]["digest"] == record["corpus"]["digest"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                     "training.json"]
+                                                     "tokenizer_config.json", "training.json"]
 
 
 def test_export_loads_in_transformers_with_our_logits(trained_tiny, tmp_path):
@@ -66,6 +66,10 @@ def test_export_loads_in_transformers_with_our_logits(trained_tiny, tmp_path):
     got = ours.logits(tokens)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    # transformers' tokenizer splits text as the trained one does (tokenizer_config.json).
+    text = "def f(x):\n\n    return x  + 1\r\n\n\tA docstring.\n"
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == \
+        ours.codec.encode(text)
 
 
 def test_a_corpus_too_small_for_a_window_is_a_clear_error(tmp_path):
