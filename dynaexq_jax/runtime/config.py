@@ -52,7 +52,7 @@ class EngineConfig:
     # The staging is capped at budget.STAGING_CAP (576 MiB) for models with larger experts.
     transfers_in_flight: int = 64
     alpha: float = ALPHA               # hotness EMA factor per step
-    update_period: int = UPDATE_PERIOD  # T_u: decode steps between policy updates (dynaexq, random)
+    update_period: int = UPDATE_PERIOD  # T_u: steps between policy updates, counted across requests
     delta: float = DELTA               # hysteresis margin (dynaexq)
     rate_limit: int | None = None      # swaps per layer per update, None = no cap (dynaexq)
     backend: str = "xla"               # the MoE op's backend: xla, xla-only or pallas
