@@ -77,7 +77,7 @@ def _check_generate_options(a):
     """generate has two paths: without --budget every expert runs in one tier (--tier), with it the
     DynaExq runtime decides. An option of the other path is an error, never silently dropped."""
     if a.budget is None:
-        given = [_option(name) for name in _RUNTIME_FIELDS if getattr(a, name) is not None]
+        given = [_option(name) for name in _runtime_fields() if getattr(a, name) is not None]
         if given:
             raise RuntimeConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --budget "
                                      f"(the DynaExq runtime); without it every expert runs in one tier (--tier)")
@@ -183,7 +183,7 @@ def _cmd_eval(a):
     policies = a.policies or ((a.policy,) if a.policy else ("dynaexq",) if a.budget is not None
                               else (f"all-{a.tier or 'hi'}",))
     if a.budget is None:
-        given = [_option(n) for n in _RUNTIME_FIELDS if n != "policy" and getattr(a, n) is not None]
+        given = [_option(n) for n in _runtime_fields() if n != "policy" and getattr(a, n) is not None]
         given += ["--calibration"] * (a.calibration is not None)
         if given or any(p not in REFERENCES for p in policies):
             raise RuntimeConfigError(f"{', '.join(given) or 'a policy other than all-hi/all-lo'} needs --budget "
@@ -191,7 +191,7 @@ def _cmd_eval(a):
     from dynaexq_jax.lm_eval.run import evaluate
     options = dict(pretrained=a.model, hi=a.hi, lo=a.lo, backend=a.backend, batch_size=a.batch_size,
                    max_len=a.max_len, segment=a.segment, max_gen_toks=a.max_gen_toks, seed=a.seed,
-                   calibration=a.calibration, **{n: getattr(a, n) for n in _RUNTIME_FIELDS if n != "policy"})
+                   calibration=a.calibration, **{n: getattr(a, n) for n in _runtime_fields() if n != "policy"})
     limit = None if a.limit is None else int(a.limit) if a.limit >= 1 else a.limit
     res = evaluate(a.tasks, policies, budget=a.budget, options=options, include_path=a.include_path, limit=limit,
                    num_fewshot=a.num_fewshot, apply_chat_template=a.apply_chat_template,
@@ -200,16 +200,17 @@ def _cmd_eval(a):
     print(f"wrote {a.out}/results.json, report.md and each run's lm-eval results")
 
 
-# The runtime's options that only the budgeted path uses: CLI name -> EngineConfig field (which
-# holds the default). The parser stores None for an option not given, so that generate can reject
-# one given without --budget instead of dropping it; _fill_runtime_defaults then sets the others.
-_RUNTIME_FIELDS = {"policy": "policy", "strategy": "strategy", "transfers": "transfers_in_flight",
-                   "period": "update_period", "delta": "delta", "rate_limit": "rate_limit", "alpha": "alpha"}
+# The runtime's options that only the budgeted path uses (runtime.config.RUNTIME_OPTIONS). The
+# parser stores None for an option not given, so that generate can reject one given without
+# --budget instead of dropping it; _fill_runtime_defaults then sets the others.
+def _runtime_fields() -> dict:
+    from dynaexq_jax.runtime.config import RUNTIME_OPTIONS
+    return RUNTIME_OPTIONS
 
 
 def _runtime_defaults() -> dict:
     from dynaexq_jax.runtime.config import EngineConfig
-    return {name: getattr(EngineConfig, field) for name, field in _RUNTIME_FIELDS.items()}
+    return {name: getattr(EngineConfig, field) for name, field in _runtime_fields().items()}
 
 
 # How --budget may be given, in every command that takes one (runtime.budget.resolve_budget).

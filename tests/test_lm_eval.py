@@ -219,6 +219,8 @@ def test_the_oracle_reads_the_recorded_traffic_on_the_engines_clock(tmp_path, ex
     lm = DynaexqLM(pretrained=str(exact), batch_size=2, max_len=128, record_trace=str(f))
     reqs = [Instance("loglikelihood", {}, ("x = 1\n" * n, " y"), 0) for n in (1, 3, 9)]
     lm.loglikelihood(reqs, disable_tqdm=True)
+    assert not f.exists()
+    lm.get_model_info()                     # what lm-eval calls once every request has run
     with np.load(f) as z:
         clock, mass = z["clock"], z["mass"]
     assert len(lm.calls) == 2 and lm.engine.steps_served == clock.max()

@@ -29,10 +29,10 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from dynaexq_jax.errors import DynaexqError, EvaluationError, check_int
+from dynaexq_jax.errors import EvaluationError, check_int
 from dynaexq_jax.experiments import corpus, default_model
 from dynaexq_jax.runtime.budget import budget_for_fraction
-from dynaexq_jax.runtime.config import EngineConfig
+from dynaexq_jax.runtime.config import RUNTIME_OPTIONS, EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import POLICIES as ENGINE_POLICIES
 from dynaexq_jax.runtime.policies import OraclePolicy
@@ -45,9 +45,9 @@ from dynaexq_jax.serving.tokenizer import TextCodec
 # (the best HI set for each period from an all-hi run's traffic of the same requests, recorded on
 # the engine's clock).
 POLICIES = tuple(ENGINE_POLICIES) + ("static-calibrated", "oracle")
-# The options of the budgeted path (model arg -> EngineConfig field): an error without a budget.
-_RUNTIME_ARGS = {"strategy": "strategy", "period": "update_period", "delta": "delta", "rate_limit": "rate_limit",
-                 "alpha": "alpha", "transfers": "transfers_in_flight"}
+# The options of the budgeted path besides the policy (model arg -> EngineConfig field): an error
+# without a budget.
+RUNTIME_ARGS = {k: v for k, v in RUNTIME_OPTIONS.items() if k != "policy"}
 _USES_RANKING = ("static-calibrated", "dynaexq")
 
 
@@ -100,23 +100,18 @@ class DynaexqLM(TemplateLM):
         if max_batch_size is not None:
             raise EvaluationError("max_batch_size applies to batch_size=auto, which dynaexq does not take "
                                   "(the engine's batch is fixed): give batch_size=N")
-        try:
-            runtime = dict(strategy=strategy, period=period, delta=delta, rate_limit=rate_limit, alpha=alpha,
-                           transfers=transfers)
-            self._setup(pretrained, tier, budget, policy, runtime, calibration, trace, record_trace, backend,
-                        batch_size, max_len, segment, max_gen_toks, hi, lo, seed)
-            # The chat template's switches (lm-eval's --apply_chat_template), as the hf model passes them.
-            self.chat_options = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
-        except DynaexqError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise EvaluationError(f"dynaexq model args: {e}") from None
+        runtime = dict(strategy=strategy, period=period, delta=delta, rate_limit=rate_limit, alpha=alpha,
+                       transfers=transfers)
+        self._setup(pretrained, tier, budget, policy, runtime, calibration, trace, record_trace, backend,
+                    batch_size, max_len, segment, max_gen_toks, hi, lo, seed)
+        # The chat template's switches (lm-eval's --apply_chat_template), as the hf model passes them.
+        self.chat_options = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
 
     def _setup(self, pretrained, tier, budget, policy, options, calibration, trace, record_trace, backend,
                batch_size, max_len, segment, max_gen_toks, hi, lo, seed):
-        if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
             raise EvaluationError("batch_size=auto is not supported: the engine's batch is fixed, give batch_size=N")
-        batch_size = int(batch_size)
+        check_int("batch_size", batch_size, EvaluationError)
         check_int("max_gen_toks", max_gen_toks, EvaluationError)
         given = {k: v for k, v in options.items() if v is not None}
         if budget is None:
@@ -147,7 +142,7 @@ class DynaexqLM(TemplateLM):
         self.settings = settings = EngineConfig(
             policy="static" if policy == "static-calibrated" else "all-hi" if policy == "oracle" else policy,
             batch=batch_size, max_len=max_len, segment_len=segment, backend=backend,
-            **{_RUNTIME_ARGS[k]: v for k, v in given.items()})
+            **{RUNTIME_ARGS[k]: v for k, v in given.items()})
         if policy == "oracle":
             # The best HI set of each period from the all-hi run's traffic at the same steps of the
             # engine's clock. A decision after chunk b serves from chunk b + 3 on (replay.py).
@@ -203,11 +198,14 @@ class DynaexqLM(TemplateLM):
     def _after_call(self, kind: str, requests: int, tokens: int, runtime: dict, clock0: int):
         """clock0: the engine's clock when the call began (Engine.steps_served)."""
         self.calls.append(dict(kind=kind, requests=requests, tokens=tokens, runtime=runtime, clock0=clock0))
-        if self.record_trace is not None:      # every boundary so far, on the engine's clock
-            boundaries = [(c["clock0"] + t["step"], t["mass"]) for c in self.calls for t in c["runtime"]["timeline"]]
-            np.savez(self.record_trace, chunk=self.settings.segment_len,
-                                clock=np.asarray([b[0] for b in boundaries], np.int64),
-                                mass=np.asarray([b[1] for b in boundaries], np.float32))
+
+    def save_trace(self) -> None:
+        """Write record_trace: every boundary's routed mass on the engine's clock (lm-eval calls
+        get_model_info, which calls this, once it has run every request)."""
+        boundaries = [(c["clock0"] + t["step"], t["mass"]) for c in self.calls for t in c["runtime"]["timeline"]]
+        np.savez(self.record_trace, chunk=self.settings.segment_len,
+                 clock=np.asarray([b[0] for b in boundaries], np.int64),
+                 mass=np.asarray([b[1] for b in boundaries], np.float32))
 
     def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """rows: (tokens, n): a token sequence of at most max_length + 1 tokens whose last n are
@@ -215,8 +213,8 @@ class DynaexqLM(TemplateLM):
         chunk, B = self.settings.segment_len, self.settings.batch
         longest = max(len(t) for t, _ in rows) - 1
         positions = -(-longest // chunk) * chunk
+        # The cache: a power of two of at least 64 (few compiled shapes), in whole chunks, at most max_length.
         window = min(self.max_length, -(-max(64, 1 << (positions - 1).bit_length()) // chunk) * chunk)
-        window = max(window, positions)
         tokens = np.zeros((B, positions + 1), np.int32)
         valid = np.zeros((B, positions), bool)
         for b, (t, _) in enumerate(rows):
@@ -358,6 +356,8 @@ class DynaexqLM(TemplateLM):
                     tiers={t: f.name for t, f in self.engine.checkpoint.tiers.items()})
 
     def get_model_info(self) -> dict:
+        if self.record_trace is not None:
+            self.save_trace()
         return {"dynaexq": self.runtime_summary()}
 
 

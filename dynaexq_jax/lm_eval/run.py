@@ -28,8 +28,8 @@ def model_args(policy: str, budget, options: dict, trace: Path | None = None,
     the other model args (pretrained, batch_size, ...)."""
     args = {k: v for k, v in options.items() if v is not None}
     if policy in REFERENCES:
-        runtime = ("strategy", "period", "delta", "rate_limit", "alpha", "transfers", "calibration")
-        args = {k: v for k, v in args.items() if k not in runtime} | {"tier": REFERENCES[policy]}
+        from dynaexq_jax.lm_eval.model import RUNTIME_ARGS
+        args = {k: v for k, v in args.items() if k not in (*RUNTIME_ARGS, "calibration")} | {"tier": REFERENCES[policy]}
     else:
         if budget is None:
             raise EvaluationError(f"policy '{policy}' needs a budget (--budget); only all-hi and all-lo run without")

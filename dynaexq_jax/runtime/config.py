@@ -33,6 +33,12 @@ def check_plan_options(strategy: str, transfers_in_flight: int, max_hi_fraction:
         raise RuntimeConfigError(f"max_hi_fraction must be in [0, 1], got {max_hi_fraction}")
 
 
+# The options only the budgeted path uses, by the name the CLI (--rate-limit) and the lm-eval model
+# args (rate_limit=) give them -> the EngineConfig field that holds the default.
+RUNTIME_OPTIONS = {"policy": "policy", "strategy": "strategy", "transfers": "transfers_in_flight",
+                   "period": "update_period", "delta": "delta", "rate_limit": "rate_limit", "alpha": "alpha"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the runtime serves a model under a budget (the model, the budget and a calibration
