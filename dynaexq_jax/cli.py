@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dynaexq_jax.errors import ConfigError, DynaexqError, RuntimeConfigError
+from dynaexq_jax.errors import ConfigError, DynaexqError, RuntimeConfigError, check_int
 
 
 def _cmd_convert(a):
@@ -198,6 +198,51 @@ def _cmd_eval(a):
                    confirm_run_unsafe_code=a.confirm_run_unsafe_code, out=a.out)
     print(res["table"])
     print(f"wrote {a.out}/results.json, report.md and each run's lm-eval results")
+
+
+def _cmd_serve(a):
+    """The OpenAI-compatible server (dynaexq_jax.server): continuous batching under the runtime."""
+    import os
+    _check_generate_options(a)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RuntimeConfigError('dynaexq serve needs the serve extra: pip install -e ".[serve]"') from None
+    for name in ("max_batch", "max_queue", "max_body_bytes"):
+        check_int(f"--{name.replace('_', '-')}", getattr(a, name), RuntimeConfigError)
+    check_int("--port", a.port, RuntimeConfigError, minimum=0)
+    if not a.request_timeout > 0:
+        raise RuntimeConfigError(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
+    _fill_runtime_defaults(a)
+    from dynaexq_jax.experiments import default_model
+    from dynaexq_jax.runtime.budget import budget_for_fraction
+    from dynaexq_jax.runtime.config import EngineConfig
+    from dynaexq_jax.runtime.engine import Engine
+    from dynaexq_jax.server.app import create_app, serve
+    from dynaexq_jax.server.batcher import Batcher
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(default_model.cached_conversion(a.model, a.hi, a.lo, RuntimeConfigError))
+    policy = a.policy if a.budget is not None else f"all-{a.tier or 'hi'}"
+    # The engine's batch holds every slot and the row a joining request is prefilled into.
+    settings = EngineConfig(policy=policy, segment_len=a.segment, batch=a.max_batch + 1,
+                            max_len=a.max_len or min(ckpt.config.max_position_embeddings, 2048),
+                            prefill_chunk=a.prefill_chunk, strategy=a.strategy, transfers_in_flight=a.transfers,
+                            alpha=a.alpha, update_period=a.period, delta=a.delta, rate_limit=a.rate_limit,
+                            backend=a.backend)
+    budget = a.budget if a.budget is not None else budget_for_fraction(ckpt, float(policy == "all-hi"), settings)
+    engine = Engine(ckpt, budget_bytes=budget, settings=settings)
+    batcher = Batcher(engine, slots=a.max_batch, max_queue=a.max_queue).start()
+    name = a.served_model_name or Path(a.model or default_model.HF_DIR).name
+    api_key = a.api_key or os.environ.get("DYNAEXQ_API_KEY") or None
+    print(f"serving {ckpt.path} as '{name}' on http://{a.host}:{a.port}/v1: policy {policy}, budget "
+          f"{engine.plan.budget / 2**20:.1f} MiB, HI slots per layer {engine.n_hi}, {a.max_batch} slots, max_len "
+          f"{settings.max_len}{', API key required' if api_key else ''}", flush=True)
+    try:
+        serve(create_app(batcher, model_name=name, api_key=api_key, request_timeout=a.request_timeout,
+                         max_body_bytes=a.max_body_bytes), a.host, a.port)
+    finally:
+        batcher.close()
 
 
 # The runtime's options that only the budgeted path uses (runtime.config.RUNTIME_OPTIONS). The
@@ -397,6 +442,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output folder (results.json, report.md, lm-eval results)")
     _add_runtime_args(p, plan_only=False)
     p.set_defaults(fn=_cmd_eval)
+
+    from dynaexq_jax.server import MAX_BODY_BYTES, REQUEST_TIMEOUT_S
+    p = command("serve", "an OpenAI-compatible HTTP server with continuous batching under the runtime "
+                         '(needs the serve extra: pip install -e ".[serve]")')
+    p.add_argument("model", nargs="?", help="a converted checkpoint or a Hugging Face directory (converted once, "
+                                            "with --hi/--lo); default: the embedded model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--budget", help=f"device-memory budget, {_BUDGET_FORMS}: runs the DynaExq runtime under it "
+                                    "(default: no budget, every expert in the --tier tier)")
+    p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
+    p.add_argument("--max-batch", type=int, default=8, help="batch slots: requests decoded side by side")
+    p.add_argument("--max-len", type=int, help="context per slot, prompt plus new tokens (default: the model's, "
+                                               "at most 2048)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--segment", type=int, default=EngineConfig.segment_len,
+                   help="decode steps per segment (requests join and leave at segment boundaries)")
+    p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
+                   help="prompt tokens per prefill forward")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                     "(default: $DYNAEXQ_API_KEY, else none)")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S,
+                   help="seconds a request may take, queue included")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body")
+    p.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's folder name)")
+    p.add_argument("--hi", help="HI tier when MODEL is a Hugging Face directory (default: the embedded model's "
+                                "int4:g64, otherwise the source dtype)")
+    p.add_argument("--lo", help="LO tier when MODEL is a Hugging Face directory (default: int2:g64 / int4)")
+    _add_runtime_args(p, plan_only=False)
+    p.set_defaults(fn=_cmd_serve)
 
     p = command("demo", "the end-to-end demo on the default model")
     p.add_argument("--workdir", default="runs/demo", help="where the converted model, stats and plots go")

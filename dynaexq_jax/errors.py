@@ -86,6 +86,14 @@ class EvaluationError(DynaexqError):
     """A bad evaluation option (lm-eval model args, tasks, policies) or a request the model cannot serve."""
 
 
+class ServerError(DynaexqError):
+    """The server cannot take a request now: its queue is full, or it is shutting down or failed."""
+
+
+class QueueFullError(ServerError):
+    """Every batch slot is busy and the queue of waiting requests is full (HTTP 429)."""
+
+
 def check_int(name: str, value, error: type[DynaexqError], *, minimum: int = 1, unit: str = "") -> None:
     """Raise `error` unless value is an integer >= minimum (bools are not counts); `unit` follows
     the bound in the message, e.g. " decode step"."""

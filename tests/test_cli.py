@@ -144,3 +144,18 @@ def test_plot_errors_name_what_is_missing_without_python_exception_names(tmp_pat
     rc, _, err = run(capsys, "plot", stats)
     assert_one_line_error(rc, err, "plot", fragment)
     assert not any(name in err for name in ("KeyError", "TypeError", "JSONDecodeError", "FileNotFoundError"))
+
+
+# ---- serve ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,fragments", [
+    (["--policy", "static"], ["--policy applies only with --budget"]),
+    (["--budget", "20%", "--tier", "lo"], ["--tier applies only without --budget"]),
+    (["--max-batch", "0"], ["--max-batch must be an integer >= 1"]),
+    (["--max-queue", "-3"], ["--max-queue must be an integer >= 1"]),
+    (["--request-timeout", "0"], ["--request-timeout must be > 0"]),
+    (["--budget", "20%", "--policy", "nope"], ["unknown policy 'nope'"]),
+])
+def test_serve_rejects_bad_options_before_loading(capsys, model_dir, argv, fragments):
+    rc, out, err = run(capsys, "serve", model_dir, *argv)
+    assert_one_line_error(rc, err, "serve", *fragments)
+    assert "serving" not in out

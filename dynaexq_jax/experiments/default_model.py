@@ -3,10 +3,11 @@ once on the standard library's code and prose and shipped as a Hugging Face dire
 step that turns a Hugging Face directory into a converted checkpoint (both tiers) on demand."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from dynaexq_jax.errors import CheckpointNotFoundError
+from dynaexq_jax.errors import CheckpointNotFoundError, DynaexqError
 from dynaexq_jax.model.quant import parse_format
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
 from dynaexq_jax.serving.conversion import hf_converter, sha256_files
@@ -40,3 +41,22 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.
     return hf_converter()(src, conv_dir, hi=hi, lo=lo, dtype="f32", overwrite=True, progress=progress)
+
+
+def cached_conversion(model: str | Path | None, hi: str | None, lo: str | None, error: type[DynaexqError]) -> Path:
+    """A converted checkpoint for `model` (None: the embedded model), converting a Hugging Face
+    directory once into the project's cache (reused while its files and tiers are the same), with
+    tiers hi/lo (default: HI/LO for the embedded model, the source dtype / int4 otherwise). hi/lo
+    given for an already converted checkpoint raise `error`."""
+    from dynaexq_jax.model.moe.cpu_kernel import cache_dir
+    src = Path(model) if model is not None else HF_DIR
+    if (src / "metadata.json").is_file():
+        if hi is not None or lo is not None:
+            raise error(f"hi/lo apply only to a Hugging Face directory; {src} is already converted (its tiers are "
+                        f"fixed)")
+        return src
+    embedded = src.resolve() == HF_DIR.resolve()
+    hi = hi or (HI if embedded else "source")
+    lo = lo or (LO if embedded else "int4")
+    key = hashlib.sha256(f"{src.resolve()}|{hi}|{lo}".encode()).hexdigest()[:12]
+    return converted_model(src, cache_dir() / "converted" / f"{src.name}-{key}", hi=hi, lo=lo)

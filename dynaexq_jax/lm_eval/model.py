@@ -18,7 +18,6 @@ not apply (a runtime option without a budget, hi/lo with a converted checkpoint,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -49,23 +48,6 @@ POLICIES = tuple(ENGINE_POLICIES) + ("static-calibrated", "oracle")
 # without a budget.
 RUNTIME_ARGS = {k: v for k, v in RUNTIME_OPTIONS.items() if k != "policy"}
 _USES_RANKING = ("static-calibrated", "dynaexq")
-
-
-def _converted(pretrained, hi, lo) -> Path:
-    """A converted checkpoint for `pretrained` (None: the embedded model), converting a Hugging
-    Face directory once into the project's cache (reused while its files and tiers are the same)."""
-    from dynaexq_jax.model.moe.cpu_kernel import cache_dir
-    src = Path(pretrained) if pretrained is not None else default_model.HF_DIR
-    if (src / "metadata.json").is_file():
-        if hi is not None or lo is not None:
-            raise EvaluationError(f"hi/lo apply only to a Hugging Face directory; {src} is already converted "
-                                  f"(its tiers are fixed)")
-        return src
-    embedded = src.resolve() == default_model.HF_DIR.resolve()
-    hi = hi or (default_model.HI if embedded else "source")
-    lo = lo or (default_model.LO if embedded else "int4")
-    key = hashlib.sha256(f"{src.resolve()}|{hi}|{lo}".encode()).hexdigest()[:12]
-    return default_model.converted_model(src, cache_dir() / "converted" / f"{src.name}-{key}", hi=hi, lo=lo)
 
 
 @register_model("dynaexq")
@@ -136,7 +118,7 @@ class DynaexqLM(TemplateLM):
         if record_trace is not None and policy != "all-hi":
             raise EvaluationError("record_trace applies to the all-hi policy (the oracle's reference run)")
 
-        ckpt = load_checkpoint(_converted(pretrained, hi, lo))
+        ckpt = load_checkpoint(default_model.cached_conversion(pretrained, hi, lo, EvaluationError))
         cfg = ckpt.config
         max_len = max_len or min(cfg.max_position_embeddings, 2048)
         self.settings = settings = EngineConfig(

@@ -151,6 +151,14 @@ class Engine(Controller):
         self.timeline: list[dict] = []
         self._masks = []            # HI mask after each hook call (call 0 = after prefill)
 
+    def take_boundaries(self) -> list[dict]:
+        """The boundaries recorded since the timeline began or this was last called, removed from
+        it: a server that never ends a generation reads them as it goes, keeping the timeline
+        bounded (_boundary needs only the last two HI masks)."""
+        taken, self.timeline = self.timeline, []
+        del self._masks[:-2]
+        return taken
+
     def initial_scores(self, num_layers, num_experts):
         return self.scores
 

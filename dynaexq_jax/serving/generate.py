@@ -109,6 +109,17 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *, sa
     The prompt runs in chunks of `chunk` positions (the last one shorter; every full chunk shares
     one compiled step), each writing its part of the cache; only each prompt's last position
     gets logits."""
+    last_logits, cache, mass_sum = prefill_logits(params, cfg, tokens, lengths, cache, backend=backend, chunk=chunk)
+    first, mass, scores = _first_token(last_logits, mass_sum, jnp.sum(lengths), key, scores, sampling=sampling,
+                                       alpha=alpha)
+    return first, cache, mass, scores
+
+
+def prefill_logits(params, cfg: ModelConfig, tokens, lengths, cache, *, backend: str = "xla",
+                   chunk: int = PREFILL_CHUNK):
+    """prefill's forward: tokens int32 [B, T] right-padded, lengths int32 [B], cache empty (donated)
+    -> (logits f32 [B, V] at each prompt's last token, cache, router mass f32 [L_moe, E] summed
+    over the real prompt tokens)."""
     B, T = tokens.shape
     tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
     last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
@@ -116,9 +127,15 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, cache, key, scores, *, sa
     for start in range(0, T, chunk):
         cache, last_logits, mass_sum = prefill_chunk(params, cfg, tokens[:, start:start + chunk], lengths,
                                                      jnp.int32(start), cache, last_logits, mass_sum, backend=backend)
-    first, mass, scores = _first_token(last_logits, mass_sum, lengths.sum(), key, scores, sampling=sampling,
-                                       alpha=alpha)
-    return first, cache, mass, scores
+    return last_logits, cache, mass_sum
+
+
+def decode_step(params, cfg: ModelConfig, cache, last, done, backend: str):
+    """One decode forward (traced inside a segment's scan): last int32 [B] the previous token of
+    each sequence, done bool [B] -> (logits f32 [B, V], cache, selected mass f32 [L_moe, E] over
+    the unfinished sequences)."""
+    logits, cache, info = family(cfg.model_type).forward(params, cfg, last[:, None], cache, backend=backend)
+    return logits[:, -1], cache, selected_mass(info.ids, info.probs, cfg.num_experts, ~done[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "backend", "alpha"),
@@ -134,9 +151,8 @@ def decode_segment(params, cfg: ModelConfig, cache, last, done, step0, key, stop
 
     def step(carry, i):
         cache, last, done, scores = carry
-        logits, cache, info = family(cfg.model_type).forward(params, cfg, last[:, None], cache, backend=backend)
-        mass = selected_mass(info.ids, info.probs, cfg.num_experts, ~done[:, None])
-        tok = sample(logits[:, -1], jax.random.fold_in(key, step0 + i), sampling)
+        logits, cache, mass = decode_step(params, cfg, cache, last, done, backend)
+        tok = sample(logits, jax.random.fold_in(key, step0 + i), sampling)
         tok = jnp.where(done, last, tok)
         done = done | jnp.isin(tok, stop_ids)
         scores = ema_update(scores, mass, alpha)

@@ -29,19 +29,41 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def _keep(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """logits f32 [B, V] (divided by the temperature) with every token outside the top_k (0: no
+    cut) and outside the smallest set of likeliest tokens whose probability reaches top_p (1: no
+    cut) set to -inf. top_k, top_p: scalars or [B, 1] (one per row)."""
+    V = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.broadcast_to(jnp.where(top_k > 0, jnp.minimum(top_k, V), V), (logits.shape[0], 1))
+    kth = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)
+    # The nucleus is taken among the top-k (ties with the k-th kept, as the cut below keeps them).
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    last = jnp.minimum(jnp.sum(cum < top_p, axis=-1, keepdims=True), V - 1)
+    cutoff = jnp.take_along_axis(sorted_logits, last, axis=-1)
+    return jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """logits f32 [B, V] -> token ids int32 [B]."""
+    """logits f32 [B, V] -> token ids int32 [B]: one setting and one key for the whole batch."""
     if s.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / s.temperature
-    if s.top_k and s.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if s.top_p < 1.0:
-        # Keep the smallest prefix of tokens (by probability) whose mass reaches top_p.
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        cutoff_idx = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if (s.top_k and s.top_k < logits.shape[-1]) or s.top_p < 1.0:
+        logits = _keep(logits, s.top_k, s.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, index: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """One setting and one key per row (a server's requests): logits f32 [B, V]; keys uint32 [B, 2]
+    (jax.random.PRNGKey of each row's seed), drawn at fold_in(key, index) with index int32 [B] the
+    row's token index (as generate folds in the step); temperature f32 [B] (0: greedy), top_k int32
+    [B], top_p f32 [B] -> token ids int32 [B]."""
+    logits = logits.astype(jnp.float32)
+    sampled = temperature > 0
+    scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+    kept = _keep(scaled, top_k[:, None], top_p[:, None])
+    drawn = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in)(keys, index), kept)
+    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
