@@ -186,13 +186,19 @@ def test_a_cancelled_request_frees_its_slot(batcher):
     assert run(batcher, prompts(1), max_tokens=5)[0].finished      # the server goes on
 
 
-def test_dynaexq_under_a_budget_swaps_while_serving(ckpt):
+def test_dynaexq_under_a_budget_swaps_while_serving_and_nothing_recompiles(ckpt):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
     e = engine(ckpt, policy="dynaexq", hi_fraction=0.25, update_period=8)
     b = Batcher(e, slots=SLOTS).start()
+    warm = len(compiles)
     try:
-        reqs = run(b, prompts(12, seed=11), max_tokens=40)
+        reqs = run(b, prompts(12, seed=11, high=MAX_LEN - 40), max_tokens=40)
+        reqs += run(b, prompts(5, seed=12), max_tokens=30, temperature=0.8, top_k=9, top_p=0.9, stop=("ab",))
     finally:
         b.close()
+    assert len(compiles) == warm, f"{len(compiles) - warm} compilations while serving"
     assert all(r.finish_reason in ("stop", "length") for r in reqs)
     assert e.counters.promotions > 0 and e.counters.device_stalls == 0
     assert e.counters.max_owned_bytes <= e.budget_for_owned
@@ -348,3 +354,33 @@ def test_overload_gets_429_and_shutdown_503(ckpt):
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
         assert r.status_code == 503
 
+
+
+def test_a_request_past_its_timeout_and_a_client_that_leaves_while_queued(ckpt):
+    b = Batcher(engine(ckpt, slots=1), slots=1, max_queue=4)       # not started: requests stay queued
+    with serving_in_thread(create_app(b, model_name="tiny", request_timeout=0.5)) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 504 and "0.5 s" in r.json()["error"]["message"]
+        assert not b.queue                                          # and it left the queue
+        with serving_in_thread(create_app(b, model_name="tiny", request_timeout=60)) as url2:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url2 + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=0.3)
+            deadline = time.time() + 10
+            while b.queue and time.time() < deadline:
+                time.sleep(0.05)
+            assert not b.queue
+
+
+def test_chat_through_the_checkpoints_template(batcher, client):
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    batcher.codec.__dict__["chat_template"] = template
+    try:
+        res = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=8, temperature=0)
+        ids = batcher.codec.encode("<|user|>hi\n<|assistant|>", add_special_tokens=False)
+        want = run(batcher, [ids], max_tokens=8)[0]
+        assert res.choices[0].message.content == want.text
+        assert res.usage.prompt_tokens == len(ids)
+    finally:
+        del batcher.codec.__dict__["chat_template"]

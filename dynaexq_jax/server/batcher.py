@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 import traceback
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,7 +36,7 @@ from dynaexq_jax.errors import GenerationError, PromptTooLongError, QueueFullErr
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.serving.generate import stop_ids
 from dynaexq_jax.serving.hotness import ema_update
-from dynaexq_jax.serving.slots import admit, decode_slots, init_slots, prefill_request, retire
+from dynaexq_jax.serving.slots import admit, decode_slots, init_slots, prefill_len, prefill_request, retire
 
 # Tokens per second are reported over this many seconds of recent segments.
 RATE_WINDOW_S = 10.0
@@ -110,13 +112,17 @@ class Batcher:
         self.max_len, self.segment, self.max_queue = s.max_len, s.segment_len, max_queue
         self.eos = set(self.cfg.eos_token_ids)
         self._stop_ids = jnp.asarray(stop_ids(self.cfg, None))
-        self.slots = init_slots(self.cfg, slots, s.max_len, engine.cache_dtype)
+        # Committed to the device from the start, as every jitted output is: an argument that changes
+        # from uncommitted to committed would recompile what the warm-up compiled.
+        device = jax.devices()[0]
+        self.slots = jax.device_put(init_slots(self.cfg, slots, s.max_len, engine.cache_dtype), device)
         self.running: list[Request | None] = [None] * slots
         self.queue: collections.deque[Request] = collections.deque()
         self._retire = np.zeros(slots, bool)
         self._cv = threading.Condition()
         self.params = engine.params()
-        self.scores = jnp.asarray(engine.scores)
+        self.scores = jax.device_put(engine.scores, device)
+        self._prefill_step = jax.jit(functools.partial(ema_update, alpha=engine.alpha))   # a prompt: one EMA step
         self.steps = 0                       # decode steps run (the engine's clock, from its steps_served)
         self.counters = ServerCounters()
         self.error: str | None = None        # set when the loop failed: every request then fails
@@ -187,15 +193,21 @@ class Batcher:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _warm_up(self):
-        """Compile what serving runs, on rows that serve nothing: a segment over free slots (no live
-        row: the hotness and the lengths stay), an admission into slot 0, then its retirement."""
+        """Compile what serving runs, on rows that serve nothing: the prefill of every prompt chunk
+        shape (serving.slots.prefill_len), a segment over free slots (no live row: the hotness and the
+        lengths stay), an admission into slot 0, then its retirement. Nothing compiles later."""
         e, s = self.engine, self.engine.settings
-        first, row, key, _ = prefill_request(self.params, self.cfg, [0], self.max_len, e.cache_dtype, seed=0,
-                                             temperature=0.0, top_k=0, top_p=1.0, backend=s.backend,
-                                             chunk=s.prefill_chunk)
+        # Longer prompts run whole chunks, but for a last one cut by max_len: those are all the shapes.
+        shapes = sorted({prefill_len(n, s.prefill_chunk, self.max_len)
+                         for n in (*range(1, min(s.prefill_chunk, self.max_len) + 1), self.max_len)})
+        for n in shapes:
+            first, row, key, _ = prefill_request(self.params, self.cfg, [0] * n, self.max_len, e.cache_dtype, seed=0,
+                                                 temperature=0.0, top_k=0, top_p=1.0, backend=s.backend,
+                                                 chunk=s.prefill_chunk)
+        self._prefill_step(self.scores, self.scores)
         self.slots = admit(self.slots, row, jnp.int32(0), first, jnp.int32(2), key, jnp.float32(0), jnp.int32(0),
                            jnp.float32(1))
-        self.slots = retire(self.slots, jnp.ones(self.num_slots, bool))
+        self.slots = retire(self.slots, np.ones(self.num_slots, bool))
         out = decode_slots(self.params, self.cfg, self.slots, self._stop_ids, self.scores, steps=self.segment,
                            alpha=e.alpha, backend=s.backend)
         self.slots = out[2]
@@ -211,9 +223,9 @@ class Batcher:
                     if self._closing:
                         return
                     joining = [self.queue.popleft() for _ in range(min(self.running.count(None), len(self.queue)))]
-                if self._retire.any():
-                    self.slots = retire(self.slots, jnp.asarray(self._retire))
-                    self._retire[:] = False
+                if self._retire.any():   # a fresh array: the call may read it after it returns (zero-copy)
+                    rows, self._retire = self._retire, np.zeros(self.num_slots, bool)
+                    self.slots = retire(self.slots, rows)
                 for r in joining:
                     self._admit(r)
                 nxt = self._dispatch() if any(self.running) else None
@@ -233,7 +245,7 @@ class Batcher:
                                                 seed=r.seed, temperature=r.temperature, top_k=r.top_k,
                                                 top_p=r.top_p, backend=s.backend, chunk=s.prefill_chunk)
         if e.hotness_in_prefill:
-            self.scores = ema_update(self.scores, mass, e.alpha)
+            self.scores = self._prefill_step(self.scores, mass)
         token = int(first)    # the prefill has run: nothing published later can overtake it
         r.first_token_s = time.perf_counter() - r.submitted
         self.counters.prompt_tokens += len(r.prompt)

@@ -121,7 +121,8 @@ def prefill_logits(params, cfg: ModelConfig, tokens, lengths, cache, *, backend:
     -> (logits f32 [B, V] at each prompt's last token, cache, router mass f32 [L_moe, E] summed
     over the real prompt tokens)."""
     B, T = tokens.shape
-    tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    # Sliced on the host: a device slice would compile once per prompt length.
+    tokens, lengths = np.asarray(tokens, np.int32), jnp.asarray(lengths, jnp.int32)
     last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     mass_sum = jnp.zeros((len(cfg.moe_layers), cfg.num_experts), jnp.float32)
     for start in range(0, T, chunk):
