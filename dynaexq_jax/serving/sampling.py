@@ -63,7 +63,13 @@ def sample_rows(logits: jax.Array, keys: jax.Array, index: jax.Array, temperatur
     [B], top_p f32 [B] -> token ids int32 [B]."""
     logits = logits.astype(jnp.float32)
     sampled = temperature > 0
-    scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
-    kept = _keep(scaled, top_k[:, None], top_p[:, None])
-    drawn = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in)(keys, index), kept)
-    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+        kept = _keep(scaled, top_k[:, None], top_p[:, None])
+        drawn = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in)(keys, index), kept)
+        return jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+    # The sort and the draws only when a row samples: inside a decode scan on the CPU they cost
+    # more than the rest of a small model's step.
+    return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
