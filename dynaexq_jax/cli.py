@@ -119,7 +119,8 @@ def _cmd_budget(a):
     from dynaexq_jax.runtime.config import EngineConfig
     _fill_runtime_defaults(a)
     settings = EngineConfig(policy=a.policy, batch=a.batch, max_len=a.max_len, prefill_chunk=a.prefill_chunk,
-                            strategy=a.strategy, transfers_in_flight=a.transfers, backend=a.backend)
+                            prefill_batch=a.prefill_batch, strategy=a.strategy, transfers_in_flight=a.transfers,
+                            backend=a.backend)
     info = model_info(a.model, hi=a.hi, lo=a.lo, dtype=a.dtype)
     platform = "gpu" if a.backend == "pallas" else a.platform or jax.default_backend()
     if a.json:
@@ -127,7 +128,8 @@ def _cmd_budget(a):
         return
     plan = plan_for(info, resolve_budget(a.budget, info, settings, platform=platform), settings, platform=platform)
     source = "converted checkpoint" if info.metadata else "Hugging Face config, before conversion"
-    print(f"{a.model} ({source}): budget breakdown for batch {a.batch}, max_len {a.max_len}, prefill chunk "
+    prefill = f" (prefilled {a.prefill_batch} at a time)" if a.prefill_batch else ""
+    print(f"{a.model} ({source}): budget breakdown for batch {a.batch}{prefill}, max_len {a.max_len}, prefill chunk "
           f"{a.prefill_chunk}, backend {a.backend} on {platform}, tiers HI {info.tiers['hi'].name} / "
           f"LO {info.tiers['lo'].name}, dense {info.dense_format.name}")
     print(plan.table())
@@ -224,8 +226,8 @@ def _cmd_serve(a):
     from dynaexq_jax.serving.checkpoint import load_checkpoint
     ckpt = load_checkpoint(default_model.cached_conversion(a.model, a.hi, a.lo, RuntimeConfigError))
     policy = a.policy if a.budget is not None else f"all-{a.tier or 'hi'}"
-    # The engine's batch holds every slot and the row a joining request is prefilled into.
-    settings = EngineConfig(policy=policy, segment_len=a.segment, batch=a.max_batch + 1,
+    # The engine's batch holds every slot and the row a joining request is prefilled into, alone.
+    settings = EngineConfig(policy=policy, segment_len=a.segment, batch=a.max_batch + 1, prefill_batch=1,
                             max_len=a.max_len or min(ckpt.config.max_position_embeddings, 2048),
                             prefill_chunk=a.prefill_chunk, strategy=a.strategy, transfers_in_flight=a.transfers,
                             alpha=a.alpha, update_period=a.period, delta=a.delta, rate_limit=a.rate_limit,
@@ -352,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=2048, help="cache length in tokens (sizes cache and workspace)")
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
                    help="prompt tokens per prefill forward (sizes the workspace)")
+    p.add_argument("--prefill-batch", type=int, help="prompts prefilled together (sizes the workspace; default: "
+                                                     "--batch; `serve` prefills 1 and has --batch = its slots + 1)")
     p.add_argument("--hi", help="for a Hugging Face config: HI tier format, as in `dynaexq convert` (default: source)")
     p.add_argument("--lo", help="for a Hugging Face config: LO tier format, as in `dynaexq convert` (default: int4)")
     p.add_argument("--dtype", help="for a Hugging Face config: dense parameter dtype, as in `dynaexq convert` "

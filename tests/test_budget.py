@@ -133,6 +133,25 @@ def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, d
         assert formula <= 2 * need, (formula, measured, scratch)
 
 
+def test_a_one_prompt_prefill_workspace_bounds_the_servers_programs():
+    """prefill_batch=1 (the server prefills one joining request while `batch` rows decode): the term
+    bounds the batch-1 prefill chunk and the batch-B decode segment, and is far below batch-B prefill's."""
+    cfg = parse_hf_config(qwen3_moe_config(**MOE))
+    hi, lo = parse_format("bf16"), parse_format("int4")
+    batch, chunk, max_len = 9, 256, 1024
+    one = budget.measured_workspace(cfg, hi=hi, lo=lo, n_hi=8, dtype=np.float32, batch=1, max_len=max_len,
+                                    prefill_len=chunk, backend="xla")
+    rows = budget.measured_workspace(cfg, hi=hi, lo=lo, n_hi=8, dtype=np.float32, batch=batch, max_len=max_len,
+                                     prefill_len=chunk, backend="xla")
+    scratch = 2 * budget.cpu_kernel.scratch_bytes(chunk, cfg.num_experts_per_tok, cfg.hidden_size,
+                                                  cfg.moe_intermediate_size)
+    formula = budget.workspace_bytes(cfg, batch, max_len, chunk, "xla", hi, lo, np.float32, prefill_batch=1)
+    assert formula >= max(one["prefill"], rows["decode"], scratch), (formula, one, rows)
+    assert formula < budget.workspace_bytes(cfg, batch, max_len, chunk, "xla", hi, lo, np.float32) / 3
+    with pytest.raises(RuntimeConfigError, match="prefill_batch"):
+        EngineConfig(batch=2, prefill_batch=3)
+
+
 def test_scoring_holds_one_chunk_of_logits_and_nothing_vocabulary_sized_besides():
     cfg = parse_hf_config(qwen3_moe_config(**dict(TINY, vocab_size=65536, num_hidden_layers=2)))
     B, C, S = 2, 16, 64

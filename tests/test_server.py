@@ -37,8 +37,8 @@ def ckpt(tmp_path_factory):
 
 
 def engine(ckpt, policy="static", hi_fraction=0.5, slots=SLOTS, **settings):
-    s = EngineConfig(policy=policy, batch=slots + 1, max_len=MAX_LEN, segment_len=SEG, prefill_chunk=32,
-                     **settings)
+    s = EngineConfig(**{**dict(policy=policy, batch=slots + 1, prefill_batch=1, max_len=MAX_LEN, segment_len=SEG,
+                               prefill_chunk=32), **settings})
     fraction = {"all-hi": 1.0, "all-lo": 0.0}.get(policy, hi_fraction)
     return Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, fraction, s), settings=s)
 
@@ -127,7 +127,7 @@ def test_requests_alone_equal_requests_side_by_side_and_generate(ckpt, batcher):
     assert [r.tokens for r in alone] == [r.tokens for r in together]
     assert all(r.finish_reason in ("stop", "length") for r in together)
     # The same greedy tokens as a static batch of the frozen assignment (Engine.generate, static policy).
-    ref = engine(ckpt).generate(ps[:SLOTS], max_new_tokens=20)
+    ref = engine(ckpt, prefill_batch=None).generate(ps[:SLOTS], max_new_tokens=20)
     for want, r in zip(ref.tokens, together):
         assert r.tokens == want[:len(r.tokens)]
 

@@ -196,9 +196,10 @@ def uses_cpu_kernel(backend: str, platform: str) -> bool:
 
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
                     hi: Format, lo: Format, dtype=np.float32, dense_params: int = 0,
-                    platform: str | None = None) -> int:
-    """Peak transient device memory of serving: the larger of the compiled prefill chunk (batch x
-    min(prefill_len, max_len) tokens over a max_len cache) and the decode segment (batch tokens a
+                    platform: str | None = None, prefill_batch: int | None = None) -> int:
+    """Peak transient device memory of serving: the larger of the compiled prefill chunk
+    (prefill_batch, default batch, x min(prefill_len, max_len) tokens over a max_len cache; a
+    server prefills one joining request at a time) and the decode segment (batch tokens a
     step: sampling over the vocabulary; the segment's stacked outputs, some KB of router mass,
     are left to the margin, so that the plan does not depend on the segment length). dtype: the
     activations' (the dense parameters'). platform: where it runs (default: JAX's default
@@ -214,7 +215,8 @@ def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int
     # decode loop holds f32 copies of every dense weight unless the kernel's matmul reads them in
     # place (products of few rows).
     in_place = platform == "cpu" and cpu_kernel.enabled() and batch <= cpu_kernel.MATMUL_MAX_ROWS
-    prefill = (_forward_bytes(cfg, batch, min(prefill_len, max_len), max_len, backend, hi, lo, dtype, kernel, widen)
+    prefill = (_forward_bytes(cfg, prefill_batch or batch, min(prefill_len, max_len), max_len, backend, hi, lo, dtype,
+                              kernel, widen)
                + (4 * cfg.hidden_size * cfg.vocab_size if widen else 0))
     decode = (_forward_bytes(cfg, batch, 1, max_len, backend, hi, lo, dtype, kernel, widen)
               + 4 * batch * cfg.vocab_size * 4 + (2 * dense_params if widen and not in_place else 0))
@@ -269,12 +271,14 @@ def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, d
 
 def fixed_costs(cfg: ModelConfig, *, budget: int, dense_params: int, batch: int, max_len: int,
                 prefill_len: int | None, cache_dtype, backend: str, hi: Format, lo: Format,
-                margin_fraction: float = MARGIN_FRACTION, platform: str | None = None) -> FixedCosts:
+                margin_fraction: float = MARGIN_FRACTION, platform: str | None = None,
+                prefill_batch: int | None = None) -> FixedCosts:
     """M_fixed of the method: the dense params, the cache, the workspace (prefill_len: tokens per
-    sequence in one prefill forward, None: a whole max_len prompt at once), the margin."""
+    sequence in one prefill forward, None: a whole max_len prompt at once; prefill_batch: sequences
+    prefilled together, None: batch), the margin."""
     return FixedCosts(dense_params, cache_bytes(cfg, batch, max_len, cache_dtype),
                       workspace_bytes(cfg, batch, max_len, prefill_len or max_len, backend, hi, lo, cache_dtype,
-                                      dense_params, platform),
+                                      dense_params, platform, prefill_batch),
                       margin_bytes(budget, margin_fraction))
 
 
@@ -359,7 +363,8 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
                 batch: int, max_len: int, prefill_len: int | None = None, cache_dtype=np.float32,
                 backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = MARGIN_FRACTION,
                 strategy: str = "proportional", max_hi_fraction: float = 1.0,
-                layer_priority: np.ndarray | None = None, platform: str | None = None) -> BudgetPlan:
+                layer_priority: np.ndarray | None = None, platform: str | None = None,
+                prefill_batch: int | None = None) -> BudgetPlan:
     """Fix the number of HI slots per MoE layer for a budget.
 
     uniform: the same n for every layer; proportional: n_hi[l] = floor(r * E_l) with the largest
@@ -372,7 +377,7 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     E, L = cfg.num_experts, len(cfg.moe_layers)
     fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
                         prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
-                        margin_fraction=margin_fraction, platform=platform)
+                        margin_fraction=margin_fraction, platform=platform, prefill_batch=prefill_batch)
     m_hi, m_lo = (schema.expert_bytes(cfg, f) for f in (hi, lo))
     if m_hi < m_lo:
         raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")

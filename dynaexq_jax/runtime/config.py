@@ -49,6 +49,7 @@ class EngineConfig:
     batch: int = 1                     # the largest batch served (sizes the KV cache inside the budget)
     max_len: int = 512                 # the longest sequence served (sizes the KV cache; the scoring window)
     prefill_chunk: int = PREFILL_CHUNK  # prompt positions per prefill forward (sizes the workspace)
+    prefill_batch: int | None = None   # prompts prefilled together, at most batch (None: batch; the server: 1)
     strategy: str = "proportional"     # HI slots per layer: uniform, proportional or greedy (budget.plan_budget)
     # K: transfer staging of K copies of the largest expert; swaps fly while their bytes (m_hi + m_lo
     # each) fit (runtime.transfers). 64: on Qwen3-30B-A3B bf16/int4, 576 MiB staging (1.8% of 32 GiB),
@@ -77,6 +78,10 @@ class EngineConfig:
             raise RuntimeConfigError(f"policy must be a policy name or a Policy, got {self.policy!r}")
         for name in ("segment_len", "batch", "max_len", "prefill_chunk"):
             check_int(name, getattr(self, name), RuntimeConfigError)
+        if self.prefill_batch is not None:
+            check_int("prefill_batch", self.prefill_batch, RuntimeConfigError)
+            if self.prefill_batch > self.batch:
+                raise RuntimeConfigError(f"prefill_batch ({self.prefill_batch}) must not exceed batch ({self.batch})")
         check_plan_options(self.strategy, self.transfers_in_flight, self.max_hi_fraction)
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0):
             raise RuntimeConfigError(f"hotness EMA alpha must be in [0, 1), got {self.alpha!r}")
@@ -99,6 +104,7 @@ class EngineConfig:
 
     def plan_options(self) -> dict:
         """The budget.plan_budget arguments these settings fix."""
-        return dict(batch=self.batch, max_len=self.max_len, prefill_len=self.prefill_chunk, backend=self.backend,
+        return dict(batch=self.batch, max_len=self.max_len, prefill_len=self.prefill_chunk,
+                    prefill_batch=self.prefill_batch, backend=self.backend,
                     strategy=self.strategy, transfers_in_flight=self.transfers_in_flight,
                     max_hi_fraction=self.max_hi_fraction)

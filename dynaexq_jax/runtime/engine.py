@@ -253,8 +253,9 @@ class Engine(Controller):
         (counters, per-boundary timeline, budget plan)."""
         s = self.settings
         prompts = self.codec.prompts(prompts)
-        if len(prompts) > s.batch:
-            raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={s.batch}")
+        if len(prompts) > (s.prefill_batch or s.batch):
+            raise GenerationError(f"{len(prompts)} prompts but the engine was sized for batch={s.batch}"
+                                  + (f", prefill_batch={s.prefill_batch}" if s.prefill_batch else ""))
         self._reset_timeline()
         before = dataclasses.replace(self.counters)
         res = generate(self.params(), self.config, prompts, max_new_tokens=max_new_tokens, sampling=sampling,

@@ -11,7 +11,8 @@ At every segment boundary the loop
      max_tokens or a stop string, and runs the engine's boundary (Engine.after_segment: publish
      arrived copies, plan, start copies) on the aggregate router traffic of all slots.
 The engine's policy clock counts the server's decode steps; its budget holds the cache of every
-slot plus the one row a joining request is prefilled into (EngineConfig.batch = slots + 1).
+slot plus the one row a joining request is prefilled into (EngineConfig.batch = slots + 1), and
+the workspace of one prompt's prefill (prefill_batch=1).
 
 Text: each request's generated tokens are decoded as a whole after every segment; new text is
 streamed except a tail that may still change (an incomplete UTF-8 character) or that may begin a
