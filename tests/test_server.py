@@ -384,3 +384,40 @@ def test_chat_through_the_checkpoints_template(batcher, client):
         assert res.usage.prompt_tokens == len(ids)
     finally:
         del batcher.codec.__dict__["chat_template"]
+
+
+def test_dynaexq_serve_from_the_command_line_with_a_key_from_the_environment(ckpt):
+    """The CLI as a user starts it: a converted checkpoint under a budget, the key from
+    $DYNAEXQ_API_KEY, the openai client against it, then stopped by a signal."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dynaexq_jax.cli", "serve", str(ckpt.path), "--port", str(port),
+                             "--budget", "30%", "--max-batch", "2", "--max-len", "96", "--prefill-chunk", "32",
+                             "--segment", "4"], env={**os.environ, "DYNAEXQ_API_KEY": "from-env"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        assert name == ckpt.path.name
+        res = client.completions.create(model=name, prompt="hello", max_tokens=5, temperature=0)
+        assert res.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    assert "serving" in out and "policy dynaexq" in out and "API key required" in out, out
