@@ -421,3 +421,42 @@ def test_dynaexq_serve_from_the_command_line_with_a_key_from_the_environment(ckp
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0]
     assert "serving" in out and "policy dynaexq" in out and "API key required" in out, out
+
+
+def _family_configs():
+    from tests.hf_deepseek import TINY_DEEPSEEK
+    from tests.hf_gpt_oss import TINY_GPT_OSS
+    from tests.hf_mixtral import TINY_MIXTRAL
+    from tests.hf_models import TINY_QWEN3_NEXT
+    return {
+        "qwen3_next": dict(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], rope_theta=10000.0,
+                           eos_token_id=0, full_attention_interval=2, decoder_sparse_step=1, **TINY_QWEN3_NEXT),
+        "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], rope_theta=10000.0,
+                        eos_token_id=0, sliding_window=8, **TINY_MIXTRAL),
+        "deepseek_v3": dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], rope_theta=10000.0,
+                            eos_token_id=0, q_lora_rank=24, **TINY_DEEPSEEK),
+        "gpt_oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], **TINY_GPT_OSS),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_every_cache_layout_serves_as_generate_does(tmp_path, name):
+    """Slots work for each family's cache (recurrent state, sliding windows, the MLA latent cache,
+    attention sinks): requests side by side give each prompt's tokens generated alone."""
+    import dynaexq_jax
+    from checkpoints_convert import convert
+    from dynaexq_jax.experiments.synthetic import write_random_checkpoint
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    config = {**_family_configs()[name], "vocab_size": VOCAB}
+    hf = write_random_checkpoint(tmp_path / "hf", config, seed=4, tokenizer=True)
+    path = convert(hf, tmp_path / "conv", lo="int4:g16", progress=False)
+    ps = prompts(5, seed=21, high=30)
+    b = Batcher(engine(load_checkpoint(path), policy="all-hi", slots=3), slots=3).start()
+    try:
+        served = [r.tokens for r in run(b, ps, max_tokens=10)]
+    finally:
+        b.close()
+    model = dynaexq_jax.load(path)
+    for p, got in zip(ps, served):
+        want = model.generate([p], max_new_tokens=10, max_len=MAX_LEN).tokens[0]
+        assert got == want
