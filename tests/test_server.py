@@ -186,6 +186,18 @@ def test_a_cancelled_request_frees_its_slot(batcher):
     assert run(batcher, prompts(1), max_tokens=5)[0].finished      # the server goes on
 
 
+def test_a_consumer_that_fails_ends_only_its_own_request(batcher, capfd):
+    def broken(ev):
+        raise RuntimeError("the consumer's loop is closed")
+    r = Request(prompts(1, seed=4)[0], 50, broken)
+    batcher.submit(r)
+    deadline = time.time() + 30
+    while r.finish_reason != "cancelled" and time.time() < deadline:
+        time.sleep(0.01)
+    assert r.finish_reason == "cancelled" and "loop is closed" in capfd.readouterr().err
+    assert batcher.error is None and run(batcher, prompts(2), max_tokens=5)[0].finished
+
+
 def test_dynaexq_under_a_budget_swaps_while_serving_and_nothing_recompiles(ckpt):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(

@@ -109,7 +109,7 @@ def create_app(batcher: batching.Batcher, *, model_name: str, api_key: str | Non
     async def run(request: Request, jobs: list[batching.Request], req, render):
         """Submit the jobs and answer with render's JSON, or stream its chunks."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        for i, j in enumerate(jobs):
+        for i, j in enumerate(jobs):   # called from the batcher's thread
             j.on_event = lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
         try:
             for j in jobs:

@@ -46,7 +46,8 @@ RATE_WINDOW_S = 10.0
 @dataclasses.dataclass
 class Event:
     """What a request's consumer receives (from the batcher's thread): kind "text" (text: the new
-    text), "done" (finish_reason: stop, length or cancelled) or "error" (text: the message)."""
+    text), "done" (finish_reason: stop or length) or "error" (text: the message). A cancelled
+    request gets none."""
     kind: str
     text: str = ""
     finish_reason: str | None = None
@@ -313,12 +314,12 @@ class Batcher:
         if reason is None:
             text = text[:len(text) - _unsettled(text, r.stop)]
         if len(text) > len(r.text) and text.startswith(r.text):
-            r.on_event(Event("text", text[len(r.text):]))
+            _send(r, Event("text", text[len(r.text):]))
             r.text = text
         if reason is not None:
             r.finish_reason = reason
             self.counters.requests[reason] += 1
-            r.on_event(Event("done", finish_reason=reason))
+            _send(r, Event("done", finish_reason=reason))
         return reason is not None
 
     def _end(self, i: int, r: Request, reason: str):
@@ -339,7 +340,16 @@ class Batcher:
         for r in waiting:
             if not r.finished:
                 r.finish_reason = "error"
-                r.on_event(Event("error", message))
+                _send(r, Event("error", message))
+
+
+def _send(r: Request, event: Event):
+    """A consumer that fails (e.g. its event loop has closed) ends its own request, not the loop."""
+    try:
+        r.on_event(event)
+    except Exception:
+        traceback.print_exc()
+        r.cancelled = True
 
 
 def _unsettled(text: str, stops: tuple[str, ...]) -> int:
