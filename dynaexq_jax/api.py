@@ -10,7 +10,7 @@ import numpy as np
 from dynaexq_jax.errors import GenerationError
 from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families import family
-from dynaexq_jax.model.moe import BACKENDS, single_tier
+from dynaexq_jax.model.moe import BACKENDS, sharded, single_tier
 from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
 from dynaexq_jax.serving.generate import SEGMENT_LEN, GenerationResult, bucket, generate
 from dynaexq_jax.serving.sampling import Sampling
@@ -19,9 +19,9 @@ from dynaexq_jax.serving.tokenizer import TextCodec
 
 class Model:
     """A converted model with every expert resident in one tier (no budget; see Engine for the
-    budgeted runtime). tier: "hi" or "lo"."""
+    budgeted runtime). tier: "hi" or "lo"; devices: see load."""
 
-    def __init__(self, ckpt: Checkpoint, *, tier: str = "hi", backend: str = "xla"):
+    def __init__(self, ckpt: Checkpoint, *, tier: str = "hi", backend: str = "xla", devices=None):
         if tier not in ckpt.tiers:
             raise GenerationError(f"unknown tier '{tier}' (this checkpoint has {', '.join(ckpt.tiers)})")
         if backend not in BACKENDS:
@@ -31,7 +31,12 @@ class Model:
         self.backend = backend
         self.tier = tier
         pools = {l: single_tier(jax.tree.map(jnp.asarray, tiers[tier])) for l, tiers in ckpt.experts.items()}
-        self.params = attach_experts(jax.tree.map(jnp.asarray, ckpt.params), pools)
+        dense = jax.tree.map(jnp.asarray, ckpt.params)
+        self.mesh = None if devices is None else sharded.expert_mesh(devices)
+        if self.mesh is not None:     # expert parallel: each layer's experts split, the rest replicated
+            pools = {l: sharded.split_pools(p, self.mesh) for l, p in pools.items()}
+            dense = sharded.replicated(dense, self.mesh)
+        self.params = attach_experts(dense, pools)
         self.codec = TextCodec(ckpt.path)
         self._family = family(self.config.model_type)
         self._forward = jax.jit(self._family.forward, static_argnames=("cfg", "backend"))
@@ -66,7 +71,8 @@ class Model:
         return res
 
 
-def load(path, *, tier: str = "hi", backend: str = "xla") -> Model:
+def load(path, *, tier: str = "hi", backend: str = "xla", devices=None) -> Model:
     """Load a converted checkpoint (see `dynaexq convert`): its dense params and one expert tier
-    (the other tier's files are never read)."""
-    return Model(load_checkpoint(path), tier=tier, backend=backend)
+    (the other tier's files are never read). devices: a count or a list of devices to split every
+    layer's experts across (expert parallel, model.moe.sharded; the rest replicated), None: one."""
+    return Model(load_checkpoint(path), tier=tier, backend=backend, devices=devices)

@@ -7,6 +7,7 @@
   xla.py          "xla" / "xla-only": plain XLA, plus the CPU kernel for every tier where it is built
   cpu_kernel.py   the CPU kernel (csrc/moe_cpu.cc, an XLA FFI custom call) and its builder
   pallas.py       "pallas": the adapter from ExpertPools to the kernels in pallas_kernels/
+  sharded.py      expert parallelism: pools split across a device mesh, one psum per layer
   nnx.py          the MoE layer as a Flax NNX module over the same functions
 """
 from dynaexq_jax.model.moe.api import BACKENDS, XLA_BACKENDS, moe_experts

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dynaexq_jax.model.moe.base import ExpertPools
 from dynaexq_jax.model.moe.pallas import moe_experts_pallas
+from dynaexq_jax.model.moe.sharded import moe_experts_sharded
 from dynaexq_jax.model.moe.xla import moe_experts_xla
 from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation
 
@@ -15,7 +16,12 @@ def moe_experts(x, ids, weights, experts: ExpertPools, backend: str = "xla", act
     backend: "xla" (XLA, with the CPU kernel for the routed experts on a CPU), "xla-only" (XLA
     everywhere) or "pallas" (the Pallas kernels; interpreted, slowly, without a GPU). activation
     (static): SwiGLU, or gpt-oss's clamped variant (pallas_kernels.grouped_matmul.activation); the
-    experts' biases, where the pools hold them, are added on every backend."""
+    experts' biases, where the pools hold them, are added on every backend. Pools split across
+    devices (experts.mesh set, moe.sharded) run on each device over its own slots, summed."""
+    if experts.mesh is not None:
+        return moe_experts_sharded(x, ids, weights, experts,
+                                   lambda x, ids, weights, mine: moe_experts(x, ids, weights, mine, backend,
+                                                                             activation))
     if backend in XLA_BACKENDS:
         return moe_experts_xla(x, ids, weights, experts, use_kernel=backend == "xla", activation=activation)
     if backend == "pallas":

@@ -53,10 +53,13 @@ class TierPool:
 
 @struct.dataclass
 class ExpertPools:
-    """One MoE layer's resident experts. pools[t] is tier t's pool; tier/slot: int32 [E]."""
+    """One MoE layer's resident experts. pools[t] is tier t's pool; tier/slot: int32 [E]. mesh
+    (static): set when the pools are split across devices (moe.sharded: the op runs expert
+    parallel), None on one device."""
     pools: tuple[TierPool, ...]
     tier: jax.Array
     slot: jax.Array
+    mesh: object = struct.field(pytree_node=False, default=None)
 
     @property
     def num_experts(self) -> int:
