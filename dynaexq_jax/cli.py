@@ -93,10 +93,15 @@ def _fill_runtime_defaults(a):
 
 def _cmd_generate(a):
     _check_generate_options(a)
+    if a.devices is not None:
+        check_int("--devices", a.devices, RuntimeConfigError)
+        if a.budget is not None:
+            raise RuntimeConfigError("--devices runs without --budget for now (every expert in one tier, split "
+                                     "across the devices); the budgeted runtime serves one device")
     _fill_runtime_defaults(a)
     if a.budget is None:
         import dynaexq_jax
-        model = dynaexq_jax.load(a.model, tier=a.tier or "hi", backend=a.backend)
+        model = dynaexq_jax.load(a.model, tier=a.tier or "hi", backend=a.backend, devices=a.devices)
         res = model.generate(a.prompt, max_len=a.max_len, **_generate_kwargs(a))
     else:
         from dynaexq_jax.serving.generate import bucket
@@ -341,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
     p.add_argument("--max-len", type=int, help="cache length in tokens (default: fits the prompts and new tokens)")
     p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
+    p.add_argument("--devices", type=int, help="split every layer's experts across this many devices (expert "
+                                               "parallel; without --budget; default: one device)")
     _add_runtime_args(p, plan_only=False)
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)

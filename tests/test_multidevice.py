@@ -73,3 +73,25 @@ def test_experts_split_across_four_cpu_devices_give_one_devices_logits_and_token
     assert sizes == [dense + 2 * 4 * 8 * 3 + pools // 4] * 4, (sizes, dense, pools)
     assert "do not split evenly across 3 devices" in out["errors"][0]
     assert "devices=8, but JAX sees 4 cpu device(s)" in out["errors"][1]
+
+
+def test_generate_devices_from_the_command_line(tmp_path):
+    """`dynaexq generate --devices 2` on the default model: the tokens of one device; with --budget
+    (the runtime is one device's so far) an error."""
+    from dynaexq_jax.experiments import default_model
+    model = default_model.converted_model(None, tmp_path / "converted", progress=False)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+    def generate(*options):
+        stats = tmp_path / "stats.json"
+        proc = subprocess.run([sys.executable, "-m", "dynaexq_jax.cli", "generate", str(model), "--prompt",
+                               "def f(x):", "--max-new-tokens", "12", "--stats", str(stats), *options], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        return proc, json.loads(stats.read_text())["tokens"] if proc.returncode == 0 else None
+    (one, want), (two, got) = generate(), generate("--devices", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert got == want and len(got[0]) == 12
+    proc, _ = generate("--devices", "2", "--budget", "50%")
+    assert proc.returncode == 2 and "--devices runs without --budget" in proc.stderr, proc.stderr
+    proc, _ = generate("--devices", "4")
+    assert proc.returncode == 2 and "devices=4, but JAX sees 2 cpu device(s)" in proc.stderr, proc.stderr
