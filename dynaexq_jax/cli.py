@@ -128,13 +128,17 @@ def _cmd_budget(a):
                             backend=a.backend)
     info = model_info(a.model, hi=a.hi, lo=a.lo, dtype=a.dtype)
     platform = "gpu" if a.backend == "pallas" else a.platform or jax.default_backend()
+    check_int("--devices", a.devices, RuntimeConfigError)
+    where = dict(platform=platform, devices=a.devices)
     if a.json:
-        print(json.dumps(budget_report(info, a.budget, settings, platform=platform), indent=1))
+        print(json.dumps(budget_report(info, a.budget, settings, **where), indent=1))
         return
-    plan = plan_for(info, resolve_budget(a.budget, info, settings, platform=platform), settings, platform=platform)
+    plan = plan_for(info, resolve_budget(a.budget, info, settings, **where), settings, **where)
     source = "converted checkpoint" if info.metadata else "Hugging Face config, before conversion"
     prefill = f" (prefilled {a.prefill_batch} at a time)" if a.prefill_batch else ""
-    print(f"{a.model} ({source}): budget breakdown for batch {a.batch}{prefill}, max_len {a.max_len}, prefill chunk "
+    each = (f"budget breakdown of each of {a.devices} devices (experts split across them, the rest replicated)"
+            if a.devices > 1 else "budget breakdown")
+    print(f"{a.model} ({source}): {each} for batch {a.batch}{prefill}, max_len {a.max_len}, prefill chunk "
           f"{a.prefill_chunk}, backend {a.backend} on {platform}, tiers HI {info.tiers['hi'].name} / "
           f"LO {info.tiers['lo'].name}, dense {info.dense_format.name}")
     print(plan.table())
@@ -367,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", help="for a Hugging Face config: LO tier format, as in `dynaexq convert` (default: int4)")
     p.add_argument("--dtype", help="for a Hugging Face config: dense parameter dtype, as in `dynaexq convert` "
                                    "(default: source)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices of an expert-parallel mesh: every layer's experts split across them, the dense "
+                        "parameters, cache and workspace on each; --budget is then each device's")
     p.add_argument("--platform", choices=("cpu", "gpu"),
                    help="where the plan is served: sizes the workspace (default: this machine's; gpu for pallas)")
     p.add_argument("--json", action="store_true",

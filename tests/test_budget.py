@@ -318,6 +318,31 @@ def test_budget_shares(tiny):
             budget.resolve_budget(bad, ckpt, settings)
 
 
+def test_a_plan_per_device_of_an_expert_parallel_mesh(tiny, capsys):
+    """devices=N: each device holds the dense parameters, cache and workspace and E / N experts of
+    every layer under its own budget; shares count its own experts."""
+    _, ckpt = tiny
+    settings = EngineConfig(batch=2, max_len=128)
+    one = budget.plan_for(ckpt, "1GiB", settings)
+    two = budget.plan_for(ckpt, "1GiB", settings, devices=2)
+    E = ckpt.config.num_experts
+    assert two.num_experts == E // 2 and two.fixed == one.fixed and two.devices == 2
+    assert two.resident == sum(n * two.m_hi + (E // 2 - n) * two.m_lo for n in two.n_hi)
+    quarter = budget.plan_for(ckpt, budget.resolve_budget("50%", ckpt, settings, devices=2), settings, devices=2)
+    assert quarter.n_hi == (E // 4,) * len(ckpt.config.moe_layers)            # half of each device's E / 2
+    assert quarter.total < budget.plan_for(ckpt, budget.resolve_budget("50%", ckpt, settings), settings).total
+    with pytest.raises(RuntimeConfigError, match="do not split evenly across 3 devices"):
+        budget.plan_for(ckpt, "1GiB", settings, devices=3)
+    rc, out, err = run(capsys, "budget", ckpt.path, "--budget", "50%", "--batch", 2, "--max-len", 128, "--devices", 2,
+                       "--json")
+    report = json.loads(out)
+    assert rc == 0 and report["devices"] == 2 and report["hi_slots_per_layer"] == list(quarter.n_hi), err
+    rc, out, _ = run(capsys, "budget", ckpt.path, "--budget", "50%", "--devices", 2)
+    assert rc == 0 and "each of 2 devices" in out
+    rc, _, err = run(capsys, "budget", ckpt.path, "--budget", "50%", "--devices", 0)
+    assert rc == 2 and "--devices must be an integer >= 1" in err
+
+
 def test_a_policy_that_fixes_every_tier_is_planned_whole(tiny):
     """all-hi needs every expert HI: a budget short of it is infeasible and names the smallest that
     holds it; at that budget every slot is HI."""

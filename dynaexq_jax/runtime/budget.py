@@ -36,6 +36,7 @@ from dynaexq_jax.errors import (
     InfeasibleBudgetError,
     QuantFormatError,
     RuntimeConfigError,
+    check_int,
 )
 from dynaexq_jax.model.config import ModelConfig, parse_hf_config, read_hf_config
 from dynaexq_jax.model.families import family, schema
@@ -319,8 +320,9 @@ class BudgetPlan:
     m_lo: int
     transfers_in_flight: int        # K
     strategy: str
-    n_hi: tuple[int, ...]           # HI slots per MoE layer (cfg.moe_layers order)
-    num_experts: int
+    n_hi: tuple[int, ...]           # HI slots per MoE layer (cfg.moe_layers order), of one device
+    num_experts: int                # experts per layer on one device
+    devices: int = 1                # devices of the expert-parallel mesh, each with this plan
 
     @property
     def staging(self) -> int:
@@ -354,7 +356,8 @@ class BudgetPlan:
 
     def table(self) -> str:
         lines = [f"{name:<40} {format_bytes(b):>12} {b:>16,d}" for name, b in self.rows()]
-        lines.append(f"{'HI slots per MoE layer':<40} {', '.join(map(str, self.n_hi))}  "
+        each = f" on each of {self.devices} devices" if self.devices > 1 else ""
+        lines.append(f"{'HI slots per MoE layer' + each:<40} {', '.join(map(str, self.n_hi))}  "
                      f"({100 * self.hi_fraction:.1f}% of experts, strategy {self.strategy})")
         return "\n".join(lines)
 
@@ -364,8 +367,12 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
                 backend: str = "xla", transfers_in_flight: int = 4, margin_fraction: float = MARGIN_FRACTION,
                 strategy: str = "proportional", max_hi_fraction: float = 1.0,
                 layer_priority: np.ndarray | None = None, platform: str | None = None,
-                prefill_batch: int | None = None) -> BudgetPlan:
+                prefill_batch: int | None = None, devices: int = 1) -> BudgetPlan:
     """Fix the number of HI slots per MoE layer for a budget.
+
+    devices > 1: the plan of one device of an expert-parallel mesh (model.moe.sharded): the
+    budget is that device's, it holds the dense parameters, cache and workspace (replicated) and
+    E / devices experts of every layer, and n_hi counts its own HI slots.
 
     uniform: the same n for every layer; proportional: n_hi[l] = floor(r * E_l) with the largest
     ratio r that fits (binary search); greedy: add HI slots one at a time to the layer whose next
@@ -374,7 +381,10 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
     platform: where the plan is served (workspace_bytes; default: this process's JAX backend)."""
     budget = parse_bytes(budget)
     check_plan_options(strategy, transfers_in_flight, max_hi_fraction)
-    E, L = cfg.num_experts, len(cfg.moe_layers)
+    check_int("devices", devices, RuntimeConfigError)
+    if cfg.num_experts % devices:
+        raise RuntimeConfigError(f"{cfg.num_experts} experts per layer do not split evenly across {devices} devices")
+    E, L = cfg.num_experts // devices, len(cfg.moe_layers)
     fixed = fixed_costs(cfg, budget=budget, dense_params=dense_params, batch=batch, max_len=max_len,
                         prefill_len=prefill_len, cache_dtype=cache_dtype, backend=backend, hi=hi, lo=lo,
                         margin_fraction=margin_fraction, platform=platform, prefill_batch=prefill_batch)
@@ -383,7 +393,8 @@ def plan_budget(cfg: ModelConfig, *, budget: int | str, hi: Format, lo: Format, 
         raise RuntimeConfigError(f"the HI tier ({hi.name}) must not be smaller than the LO tier ({lo.name})")
 
     def make(n_hi):
-        return BudgetPlan(budget, fixed, m_hi, m_lo, transfers_in_flight, strategy, tuple(int(n) for n in n_hi), E)
+        return BudgetPlan(budget, fixed, m_hi, m_lo, transfers_in_flight, strategy, tuple(int(n) for n in n_hi), E,
+                          devices)
 
     floor_plan = make([0] * L)
     if floor_plan.total > budget:
@@ -490,7 +501,7 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
     if fixed is not None:
         options["max_hi_fraction"] = fixed
     plan = plan_budget(model.config, budget=budget, **(options | overrides))
-    want = None if fixed is None else round(fixed * model.config.num_experts)
+    want = None if fixed is None else round(fixed * model.config.num_experts // overrides.get("devices", 1))
     if want is not None and "max_hi_fraction" not in overrides and any(n != want for n in plan.n_hi):
         smallest = budget_for_fraction(model, fixed, settings, **overrides)
         raise InfeasibleBudgetError(
@@ -534,7 +545,8 @@ def resolve_budget(budget: int | str, model: CheckpointInfo, settings: EngineCon
 
 def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConfig, **overrides) -> dict:
     """The plan for `budget` as plain data (what `dynaexq budget --json` prints): every fixed cost,
-    the HI slots per layer and the resident expert bytes (None where infeasible, with the error),
+    the HI slots per layer and the resident expert bytes (None where infeasible, with the error;
+    with devices=N in overrides, all of one device's, whose budget it is),
     and the smallest feasible budget (for a policy that fixes every tier, the smallest that holds
     it), rounded up to a byte. Bytes are exact integers."""
     fixed = settings.make_policy().fixed_hi_fraction
@@ -550,7 +562,8 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
                                     margin=margin_bytes(budget))
     cfg, sizes = model.config, checkpoint_sizes(model)
     return dict(model=str(model.path), model_type=cfg.model_type, moe_layers=len(cfg.moe_layers),
-                num_experts=cfg.num_experts, hi=sizes["hi"].name, lo=sizes["lo"].name,
+                num_experts=cfg.num_experts, devices=overrides.get("devices", 1), hi=sizes["hi"].name,
+                lo=sizes["lo"].name,
                 dense_dtype=model.dense_format.name, budget_bytes=budget, feasible=plan is not None, error=error,
                 hi_slots_per_layer=list(plan.n_hi) if plan else None, min_feasible_bytes=smallest,
                 dense_bytes=costs.dense_params, kv_cache_bytes=costs.kv_cache, workspace_bytes=costs.workspace,
