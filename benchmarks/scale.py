@@ -493,7 +493,7 @@ def shift_workload(engine, settings, spec: dict, rng) -> dict:
     cfg, P, width = engine.config, spec["phase_positions"], spec["domain_tokens"]
     stream = np.concatenate([domain_tokens(cfg.vocab_size, width, 0, rng, (1, P)),
                              domain_tokens(cfg.vocab_size, width, 1, rng, (1, P + 1))], axis=1)
-    start_mask = engine.pools.hi_mask()
+    start_mask = engine.hi_mask()
     scored = engine.score(stream)
     timeline = scored.runtime["timeline"]
     trace = np.array([t["mass"] for t in timeline])                   # [chunks, L, E]

@@ -69,7 +69,7 @@ def _engine(a, batch: int, max_len: int):
     from dynaexq_jax.runtime.engine import Engine
     settings = EngineConfig(policy=a.policy, segment_len=a.segment, batch=batch, max_len=max_len, strategy=a.strategy,
                             transfers_in_flight=a.transfers, alpha=a.alpha, update_period=a.period, delta=a.delta,
-                            rate_limit=a.rate_limit, backend=a.backend)
+                            rate_limit=a.rate_limit, backend=a.backend, devices=a.devices)
     return Engine(a.model, budget_bytes=a.budget, settings=settings)
 
 
@@ -93,15 +93,12 @@ def _fill_runtime_defaults(a):
 
 def _cmd_generate(a):
     _check_generate_options(a)
-    if a.devices is not None:
-        check_int("--devices", a.devices, RuntimeConfigError)
-        if a.budget is not None:
-            raise RuntimeConfigError("--devices runs without --budget for now (every expert in one tier, split "
-                                     "across the devices); the budgeted runtime serves one device")
+    check_int("--devices", a.devices, RuntimeConfigError)
     _fill_runtime_defaults(a)
     if a.budget is None:
         import dynaexq_jax
-        model = dynaexq_jax.load(a.model, tier=a.tier or "hi", backend=a.backend, devices=a.devices)
+        model = dynaexq_jax.load(a.model, tier=a.tier or "hi", backend=a.backend,
+                                 devices=None if a.devices == 1 else a.devices)
         res = model.generate(a.prompt, max_len=a.max_len, **_generate_kwargs(a))
     else:
         from dynaexq_jax.serving.generate import bucket
@@ -240,7 +237,7 @@ def _cmd_serve(a):
                             max_len=a.max_len or min(ckpt.config.max_position_embeddings, 2048),
                             prefill_chunk=a.prefill_chunk, strategy=a.strategy, transfers_in_flight=a.transfers,
                             alpha=a.alpha, update_period=a.period, delta=a.delta, rate_limit=a.rate_limit,
-                            backend=a.backend)
+                            backend=a.backend, devices=a.devices)
     budget = a.budget if a.budget is not None else budget_for_fraction(ckpt, float(policy == "all-hi"), settings)
     engine = Engine(ckpt, budget_bytes=budget, settings=settings)
     batcher = Batcher(engine, slots=a.max_batch, max_queue=a.max_queue).start()
@@ -350,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
     p.add_argument("--max-len", type=int, help="cache length in tokens (default: fits the prompts and new tokens)")
     p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
-    p.add_argument("--devices", type=int, help="split every layer's experts across this many devices (expert "
-                                               "parallel; without --budget; default: one device)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split every layer's experts across this many devices (expert parallel; with --budget, the "
+                        "budget is each device's)")
     _add_runtime_args(p, plan_only=False)
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)
@@ -485,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queue included")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body")
     p.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's folder name)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split every layer's experts across this many devices (expert parallel; the budget is each "
+                        "device's)")
     p.add_argument("--hi", help="HI tier when MODEL is a Hugging Face directory (default: the embedded model's "
                                 "int4:g64, otherwise the source dtype)")
     p.add_argument("--lo", help="LO tier when MODEL is a Hugging Face directory (default: int2:g64 / int4)")

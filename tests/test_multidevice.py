@@ -1,6 +1,9 @@
-"""Expert parallelism on a forced 4-device CPU mesh (model.moe.sharded, load(devices=N)): each
-layer's experts split across the devices, the rest replicated; logits and greedy tokens equal one
-device's. JAX fixes its device count at start-up, so the checks run in a subprocess."""
+"""Expert parallelism on a forced 4-device CPU mesh (model.moe.sharded, load(devices=N),
+Engine with EngineConfig(devices=N)): each layer's experts split across the devices, the rest
+replicated; logits and greedy tokens equal one device's; under a budget per device with swaps,
+every token equals a one-device model frozen at the same per-expert assignment, each device's
+bytes stay within its budget, runs are deterministic and nothing recompiles. JAX fixes its
+device count at start-up, so the checks run in a subprocess."""
 import json
 import os
 import subprocess
@@ -51,9 +54,78 @@ CHECK = textwrap.dedent('''
 ''')
 
 
-def run_on_devices(n: int, *args) -> dict:
+ENGINE_CHECK = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from dynaexq_jax.model.families import qwen3_moe
+    from dynaexq_jax.runtime.budget import budget_for_fraction
+    from dynaexq_jax.runtime.config import EngineConfig
+    from dynaexq_jax.runtime.engine import Engine
+    from dynaexq_jax.runtime.pools import DevicePools
+    from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
+    from tests.test_runtime import RandomSwaps
+    ckpt, out = load_checkpoint(sys.argv[1]), {}
+    cfg, SEG, MAX_LEN = ckpt.config, 4, 128
+    prompts = [[5, 17, 99, 3, 8, 8, 1], [200, 1, 42, 7, 8, 9, 100, 3, 2]]
+    settings = EngineConfig(policy="all-hi", batch=2, max_len=MAX_LEN, segment_len=SEG)
+
+    def tokens(n, **kw):
+        s = settings.replace(devices=n, **kw)
+        e = Engine(ckpt, budget_bytes=budget_for_fraction(ckpt, 1.0 if s.policy == "all-hi" else 0.5, s), settings=s)
+        return e, e.generate(prompts, max_new_tokens=16, stop_tokens=())
+    _, one = tokens(1)
+    out["all_hi_equal"] = {n: tokens(n)[1].tokens == one.tokens for n in (2, 4)}
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    runs = []
+    for seed in (7, 7):
+        eng, _ = tokens(4, policy=RandomSwaps(seed), backend="xla-only")
+        eng.generate([prompts[1]], max_new_tokens=12, stop_tokens=())      # warm-up at batch 1
+        warm = len(compiles)
+        res = eng.generate([prompts[0]], max_new_tokens=20, stop_tokens=())
+        runs.append(dict(tokens=res.tokens, published=[t["published"] for t in eng.timeline],
+                         compiles=len(compiles) - warm, promotions=res.runtime["counters"]["promotions"],
+                         stalls=res.runtime["counters"]["device_stalls"],
+                         max_owned=max(t["owned_bytes"] for t in eng.timeline), for_owned=eng.budget_for_owned,
+                         budget=eng.plan.budget, n_hi=list(eng.n_hi)))
+    out["runs"] = runs
+    per = {}
+    for a in jax.live_arrays():
+        for sh in a.addressable_shards:
+            per[str(sh.device)] = per.get(str(sh.device), 0) + sh.data.nbytes
+    out["last_engine_device_bytes"] = sorted(
+        sum(sh.data.nbytes for a in jax.tree.leaves(eng.params()) for sh in a.addressable_shards if sh.device == d)
+        for d in jax.devices())
+
+    # Every token equals a one-device model frozen at the assignment that served it, decoding with
+    # the same cache (whose earlier positions earlier assignments wrote). Plain XLA on both sides:
+    # the CPU kernel's int8 activations could round a value on a code boundary either way when the
+    # devices' partial sums add up in another order.
+    forward = jax.jit(qwen3_moe.forward, static_argnames=("cfg", "backend"))
+    dense = jax.device_put(ckpt.params, jax.devices()[0])
+    toks = res.tokens[0]
+    masks = [np.array(t["served_hi_mask"], bool) for t in eng.timeline]
+    served = [masks[0] if j == 0 else masks[1 + (j - 1) // SEG] for j in range(len(toks))]
+
+    def frozen(mask):
+        pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in mask], cfg.num_experts)
+        return attach_experts(dense, dict(zip(cfg.moe_layers, pools.expert_pools())))
+    cache, bad = qwen3_moe.init_cache(cfg, 1, MAX_LEN), []
+    inputs = [prompts[0]] + [[t] for t in toks[:-1]]
+    for j, ids in enumerate(inputs):
+        logits, cache, _ = forward(frozen(served[j]), cfg, np.asarray([ids], np.int32), cache, backend="xla-only")
+        if int(np.argmax(np.asarray(logits[0, -1]))) != toks[j]:
+            bad.append(j)
+    out["frozen_mismatches"], out["assignments"] = bad, len({m.tobytes() for m in masks})
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def run_on_devices(n: int, *args, script: str = CHECK) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-    proc = subprocess.run([sys.executable, "-c", CHECK, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -75,9 +147,20 @@ def test_experts_split_across_four_cpu_devices_give_one_devices_logits_and_token
     assert "devices=8, but JAX sees 4 cpu device(s)" in out["errors"][1]
 
 
+def test_the_budgeted_runtime_on_four_devices_keeps_its_invariants_per_device(tiny_ckpt):
+    out = run_on_devices(4, tiny_ckpt.path, script=ENGINE_CHECK)
+    assert out["all_hi_equal"] == {"2": True, "4": True}
+    a, b = out["runs"]
+    assert a["tokens"] == b["tokens"] and a["published"] == b["published"], "not deterministic"
+    assert a["promotions"] > 0 and a["stalls"] == 0 and a["compiles"] == 0, a
+    assert a["max_owned"] <= a["for_owned"] and a["n_hi"] == [1] * 3      # half of each device's 2 experts
+    assert max(out["last_engine_device_bytes"]) <= a["budget"]
+    assert out["assignments"] > 2 and out["frozen_mismatches"] == [], out
+
+
 def test_generate_devices_from_the_command_line(tmp_path):
-    """`dynaexq generate --devices 2` on the default model: the tokens of one device; with --budget
-    (the runtime is one device's so far) an error."""
+    """`dynaexq generate --devices 2` on the default model: the tokens of one device; under a budget
+    per device; `dynaexq serve --devices 2` answers."""
     from dynaexq_jax.experiments import default_model
     model = default_model.converted_model(None, tmp_path / "converted", progress=False)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -91,7 +174,35 @@ def test_generate_devices_from_the_command_line(tmp_path):
     (one, want), (two, got) = generate(), generate("--devices", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert got == want and len(got[0]) == 12
-    proc, _ = generate("--devices", "2", "--budget", "50%")
-    assert proc.returncode == 2 and "--devices runs without --budget" in proc.stderr, proc.stderr
+    proc, budgeted = generate("--devices", "2", "--budget", "50%", "--period", "4", "--segment", "4")
+    assert proc.returncode == 0 and "device stalls 0" in proc.stdout and "HI slots per layer [8," in proc.stdout, \
+        proc.stdout + proc.stderr
+    # The server on the same mesh: its greedy text is generate's (every expert HI, no budget).
+    import socket
+    import time
+
+    import httpx
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "dynaexq_jax.cli", "serve", str(model), "--port", str(port),
+                               "--devices", "2", "--max-batch", "2", "--max-len", "128", "--prefill-chunk", "32"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": model.name, "prompt": "def f(x):", "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == len(want[0])
+    finally:
+        server.terminate()
+        server.wait(30)
     proc, _ = generate("--devices", "4")
     assert proc.returncode == 2 and "devices=4, but JAX sees 2 cpu device(s)" in proc.stderr, proc.stderr

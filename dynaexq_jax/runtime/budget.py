@@ -501,7 +501,8 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
     if fixed is not None:
         options["max_hi_fraction"] = fixed
     plan = plan_budget(model.config, budget=budget, **(options | overrides))
-    want = None if fixed is None else round(fixed * model.config.num_experts // overrides.get("devices", 1))
+    devices = overrides.get("devices", settings.devices)
+    want = None if fixed is None else round(fixed * model.config.num_experts // devices)
     if want is not None and "max_hi_fraction" not in overrides and any(n != want for n in plan.n_hi):
         smallest = budget_for_fraction(model, fixed, settings, **overrides)
         raise InfeasibleBudgetError(
@@ -562,7 +563,7 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
                                     margin=margin_bytes(budget))
     cfg, sizes = model.config, checkpoint_sizes(model)
     return dict(model=str(model.path), model_type=cfg.model_type, moe_layers=len(cfg.moe_layers),
-                num_experts=cfg.num_experts, devices=overrides.get("devices", 1), hi=sizes["hi"].name,
+                num_experts=cfg.num_experts, devices=overrides.get("devices", settings.devices), hi=sizes["hi"].name,
                 lo=sizes["lo"].name,
                 dense_dtype=model.dense_format.name, budget_bytes=budget, feasible=plan is not None, error=error,
                 hi_slots_per_layer=list(plan.n_hi) if plan else None, min_feasible_bytes=smallest,
@@ -572,4 +573,4 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
                 expert_lo_bytes=schema.expert_bytes(cfg, sizes["lo"]),
                 expert_bytes=plan.resident if plan else None, staging_bytes=plan.staging if plan else None,
                 total_bytes=plan.total if plan else None,
-                settings=dict(policy=settings.make_policy().name, **settings.plan_options(), **overrides))
+                settings=dict(policy=settings.make_policy().name, **(settings.plan_options() | overrides)))

@@ -50,6 +50,9 @@ class EngineConfig:
     max_len: int = 512                 # the longest sequence served (sizes the KV cache; the scoring window)
     prefill_chunk: int = PREFILL_CHUNK  # prompt positions per prefill forward (sizes the workspace)
     prefill_batch: int | None = None   # prompts prefilled together, at most batch (None: batch; the server: 1)
+    # An expert-parallel mesh of the first `devices` devices (model.moe.sharded): each layer's experts
+    # split across them, the rest replicated; the budget, the HI slots and the staging are per device.
+    devices: int = 1
     strategy: str = "proportional"     # HI slots per layer: uniform, proportional or greedy (budget.plan_budget)
     # K: transfer staging of K copies of the largest expert; swaps fly while their bytes (m_hi + m_lo
     # each) fit (runtime.transfers). 64: on Qwen3-30B-A3B bf16/int4, 576 MiB staging (1.8% of 32 GiB),
@@ -76,7 +79,7 @@ class EngineConfig:
             policy_class(self.policy)
         elif not isinstance(self.policy, Policy):
             raise RuntimeConfigError(f"policy must be a policy name or a Policy, got {self.policy!r}")
-        for name in ("segment_len", "batch", "max_len", "prefill_chunk"):
+        for name in ("segment_len", "batch", "max_len", "prefill_chunk", "devices"):
             check_int(name, getattr(self, name), RuntimeConfigError)
         if self.prefill_batch is not None:
             check_int("prefill_batch", self.prefill_batch, RuntimeConfigError)
@@ -105,6 +108,6 @@ class EngineConfig:
     def plan_options(self) -> dict:
         """The budget.plan_budget arguments these settings fix."""
         return dict(batch=self.batch, max_len=self.max_len, prefill_len=self.prefill_chunk,
-                    prefill_batch=self.prefill_batch, backend=self.backend,
+                    prefill_batch=self.prefill_batch, devices=self.devices, backend=self.backend,
                     strategy=self.strategy, transfers_in_flight=self.transfers_in_flight,
                     max_hi_fraction=self.max_hi_fraction)

@@ -24,10 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dynaexq_jax.errors import GenerationError
-from dynaexq_jax.model.moe import HI, LO
+from dynaexq_jax.errors import GenerationError, RuntimeConfigError
+from dynaexq_jax.model.moe import HI, LO, sharded
 from dynaexq_jax.runtime.budget import BudgetPlan, plan_for, resolve_budget
 from dynaexq_jax.runtime.config import EngineConfig
+from dynaexq_jax.runtime.policies import OraclePolicy
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
 from dynaexq_jax.runtime.transfers import PlannedSwap, TransferSchedule
 from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
@@ -103,19 +104,28 @@ class Engine(Controller):
         # policy's budget is checked to hold every expert in its tier).
         self.plan: BudgetPlan = plan_for(ckpt, resolve_budget(budget_bytes, ckpt, settings), settings,
                                          layer_priority=calibration)
-        self.dense = jax.device_put(ckpt.params)
+        # On an expert-parallel mesh every device runs this plan for its own E / N experts of each
+        # layer: the policy, the residency and the transfers work on shards (DevicePools), and every
+        # [L_moe, E] array reads as [L_moe * N, E / N] shards by a reshape (self.shards).
+        n = settings.devices
+        if n > 1 and isinstance(self.policy, OraclePolicy):
+            raise RuntimeConfigError("the oracle policy replays one device's trace; run it with devices=1")
+        self.mesh = sharded.expert_mesh(n) if n > 1 else None
+        self.dense = jax.device_put(ckpt.params) if self.mesh is None else sharded.replicated(ckpt.params, self.mesh)
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
-        self.n_hi = list(self.plan.n_hi)
+        self.n_hi = list(self.plan.n_hi)                      # per layer, on each device
+        self._shard_hi = [k for k in self.n_hi for _ in range(n)]
         self.store = HostStore(ckpt.experts, cfg.moe_layers)
-        hi_sets = self.policy.initial_hi(self.n_hi, E, calibration)
-        self.pools = DevicePools(self.store, hi_sets, E)
+        ranking = None if calibration is None else self.shards(np.asarray(calibration))
+        hi_sets = self.policy.initial_hi(self._shard_hi, E // n, ranking)
+        self.pools = DevicePools(self.store, hi_sets, E // n, self.mesh)
         self.pools.warm_up()
         # Dense params and pools never change size (swaps rewrite slots in place).
         self._resident_bytes = self.plan.fixed.dense_params + self.pools.nbytes
         self.counters = RuntimeCounters()
         self.scores = np.zeros((L, E), np.float32)   # hotness EMA, carried across requests
         self.transitions: list[Transition] = []      # swap pairs whose copies are in flight
-        self.schedule = TransferSchedule(self.plan.staging, self.plan.m_hi + self.plan.m_lo)
+        self.schedule = TransferSchedule(self.plan.staging, self.plan.m_hi + self.plan.m_lo, groups=n)
         # The policy's clock: decode steps (scored positions) of earlier requests, so that its update
         # period runs across requests (many short ones must not each start a plan).
         self.steps_served = 0
@@ -132,12 +142,22 @@ class Engine(Controller):
         return self.settings.hotness_in_prefill
 
     # ---- accounting -------------------------------------------------------------------------
+    def shards(self, a: np.ndarray) -> np.ndarray:
+        """[..., L_moe, E] -> [..., L_moe * N, E / N]: every layer's experts by device (a view)."""
+        n = self.settings.devices
+        return a.reshape(*a.shape[:-2], a.shape[-2] * n, a.shape[-1] // n)
+
     def owned_bytes(self) -> int:
-        """Device bytes the runtime owns now: dense params, pools + assignment, copies in flight,
-        the KV cache and the hotness scores. Workspace and margin are reserved in the plan."""
+        """Device bytes the runtime owns now, on the device that owns the most: dense params,
+        pools + assignment, copies in flight, the KV cache and the hotness scores (every device
+        holds the dense params, the cache and equal pools). Workspace and margin are reserved in
+        the plan."""
         kv = self.plan.fixed.kv_cache
         scores = 4 * len(self.config.moe_layers) * self.config.num_experts
-        return self._resident_bytes + sum(t.nbytes for t in self.transitions) + kv + scores
+        copies = np.zeros(self.settings.devices, np.int64)
+        for t in self.transitions:
+            copies[t.swap.pos % self.settings.devices] += t.nbytes
+        return self._resident_bytes + int(copies.max()) + kv + scores
 
     @property
     def budget_for_owned(self) -> int:
@@ -174,7 +194,7 @@ class Engine(Controller):
         # Segment k was dispatched with the params returned by hook call max(0, k - 1) (generate
         # dispatches one segment ahead), so that is the HI set that served its routed mass.
         seg = len(self._masks) - 1
-        used = self._masks[max(0, seg - 1)] if self._masks else self.pools.hi_mask()
+        used = self._masks[max(0, seg - 1)] if self._masks else self.hi_mask()
         total = float(mass.sum())
         hit = float((mass * used[None]).sum() / total) if total > 0 else float("nan")
         published = self._publish_ready(in_flight)
@@ -185,7 +205,7 @@ class Engine(Controller):
         self._start_transfers()
         owned = self.owned_bytes()
         self.counters.max_owned_bytes = max(self.counters.max_owned_bytes, owned)
-        mask = self.pools.hi_mask()
+        mask = self.hi_mask()
         self._masks.append(mask)
         self.timeline.append(dict(step=int(step), prefill=prefill, hit_rate=hit, routed_mass=total,
                                   published=published, in_flight=len(self.transitions),
@@ -220,7 +240,8 @@ class Engine(Controller):
                 self.counters.promotions += 1
                 self.counters.demotions += 1
                 self.counters.bytes_moved += t.nbytes
-                published.append((s.pos, s.promote, s.demote))
+                first = self.pools.first_expert(s.pos)
+                published.append((s.pos // self.settings.devices, first + s.promote, first + s.demote))
             else:
                 waiting.append(t)
         if waiting:
@@ -228,8 +249,13 @@ class Engine(Controller):
         self.transitions = waiting
         return published
 
+    def hi_mask(self) -> np.ndarray:
+        """bool [L_moe, E]: which experts are HI now."""
+        return self.pools.hi_mask().reshape(len(self.config.moe_layers), self.config.num_experts)
+
     def _plan(self, step, scores):
-        swaps = self.policy.plan(step, scores, self.schedule.target_hi(self.pools.hi_mask()), self.n_hi)
+        scores = self.shards(np.asarray(scores))
+        swaps = self.policy.plan(step, scores, self.schedule.target_hi(self.pools.hi_mask()), self._shard_hi)
         self.counters.plans += 1
         self.counters.swaps_planned += sum(map(len, swaps))
         self.schedule.replan(swaps, scores)
@@ -238,11 +264,13 @@ class Engine(Controller):
         """Start copies for the schedule's best queued swaps that fit in the staging bytes. All
         copies started at one boundary go to the copier thread as one job (one thread hand-off
         per boundary)."""
-        starts = [(s, (self.store.expert(s.pos, HI, s.promote), self.store.expert(s.pos, LO, s.demote)))
-                  for s in self.schedule.start(self.pools.hi_mask())]
+        p, n = self.pools, self.settings.devices
+        starts = [(s, (self.store.expert(s.pos // n, HI, p.first_expert(s.pos) + s.promote),
+                       self.store.expert(s.pos // n, LO, p.first_expert(s.pos) + s.demote)))
+                  for s in self.schedule.start(p.hi_mask())]
         if not starts:
             return
-        job = _COPIER.submit(self.store.to_device, [copies for _, copies in starts])
+        job = _COPIER.submit(lambda: [self.store.to_device(copies, p.device(s.pos)) for s, copies in starts])
         for i, (s, copies) in enumerate(starts):
             self.transitions.append(Transition(s, job, i, tree_nbytes(copies)))
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.model.moe import HI, LO, ExpertPools, TierPool
+from dynaexq_jax.model.moe import HI, LO, ExpertPools, TierPool, sharded
 from dynaexq_jax.serving.safetensors_io import release_pages
 
 # Start-up fills a pool through host chunks of at most this many bytes (at least one expert).
@@ -56,32 +56,37 @@ class HostStore:
     def __init__(self, experts_by_layer: dict[int, dict[str, TierPool]], moe_layers: tuple[int, ...]):
         self.pools = [[experts_by_layer[l]["hi"], experts_by_layer[l]["lo"]] for l in moe_layers]
         self._pinned = _host_memory_sharding()
-        self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    @staticmethod
+    def _on(device) -> jax.sharding.Sharding:
+        return jax.sharding.SingleDeviceSharding(device if device is not None else jax.devices()[0])
 
     def expert(self, pos: int, tier: int, e: int) -> TierPool:
         """A one-slot TierPool (leading dim 1) of expert e of MoE layer pos in `tier`: views of the
         map, nothing read until to_device copies them."""
         return jax.tree.map(lambda a: a[e:e + 1], self.pools[pos][tier])
 
-    def to_device(self, copies):
-        """expert() slices (any pytree of them) -> device arrays: each read once into its staging
-        buffer (the one host copy), after which the pages it read are dropped from this process."""
+    def to_device(self, copies, device=None):
+        """expert() slices (any pytree of them) -> arrays on `device` (default: the first): each
+        read once into its staging buffer (the one host copy), after which the pages it read are
+        dropped from this process."""
         if self._pinned is not None:
             staged = jax.block_until_ready(jax.device_put(copies, self._pinned))
         else:
             staged = jax.tree.map(lambda a: _staged(a, slice(None)), copies)
         release_pages(copies)
-        return jax.device_put(staged, self._device)
+        return jax.device_put(staged, self._on(device))
 
-    def pool(self, pos: int, tier: int, experts: list[int]) -> TierPool:
-        """A device TierPool of the given experts in order, filled FILL_CHUNK_BYTES of host memory
-        at a time: only those experts are read from the map, never a whole layer at once. The
-        pool is a buffer of the device's own (publications donate it; an adopted host buffer
-        cannot be donated), written chunk by chunk."""
+    def pool(self, pos: int, tier: int, experts: list[int], device=None) -> TierPool:
+        """A TierPool of the given experts in order on `device` (default: the first), filled
+        FILL_CHUNK_BYTES of host memory at a time: only those experts are read from the map, never
+        a whole layer at once. The pool is a buffer of the device's own (publications donate it;
+        an adopted host buffer cannot be donated), written chunk by chunk."""
         src = self.pools[pos][tier]
         n = len(experts)
         step = max(1, min(n, FILL_CHUNK_BYTES * src.size // max(1, tree_nbytes(src))))
-        out = jax.tree.map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype, device=self._device), src)
+        on = self._on(device)
+        out = jax.tree.map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype, device=on), src)
         for start in range(0, n, step):
             start = min(start, n - step)          # the last chunk overlaps: one chunk shape, one compile
             idx = np.asarray(experts[start:start + step], np.int64)
@@ -89,7 +94,7 @@ class HostStore:
             release_pages(src)
             if self._pinned is not None:
                 host = jax.device_put(host, self._pinned)
-            out = _write_rows(out, np.int32(start), jax.device_put(host, self._device))
+            out = _write_rows(out, np.int32(start), jax.device_put(host, on))
         return out
 
 
@@ -158,19 +163,63 @@ class LayerResidency:
 
 
 class DevicePools:
-    """The device-resident pools of every MoE layer plus their host-side residency mirrors."""
+    """The device-resident pools of every MoE layer plus their host-side residency mirrors.
 
-    def __init__(self, store: HostStore, hi_sets: list, num_experts: int):
-        self.store = store
+    On an expert-parallel mesh (mesh: model.moe.sharded) of N devices, device d owns experts
+    [d E/N, (d + 1) E/N) of every layer and has pools of its own for them: the residency is kept
+    per *shard*, shard v = pos * N + d (one device's part of one layer, with local expert ids
+    0..E/N - 1), and a swap is one shard's, so an expert never leaves its device. Every [L_moe, E]
+    array reads as [L_moe * N, E/N] shards by a reshape. expert_pools() assembles each layer's
+    pools from its shards' buffers (no copy) into arrays split across the mesh."""
+
+    def __init__(self, store: HostStore, hi_sets: list, num_experts: int, mesh=None):
+        """hi_sets: one per shard (local expert ids); num_experts: experts per shard."""
+        self.store, self.mesh = store, mesh
+        self.devices = [None] if mesh is None else list(mesh.devices.flat)
+        self.per_shard = num_experts
         self.residency = [LayerResidency.from_hi_set(h, num_experts) for h in hi_sets]
         self.pools = []
-        for pos, r in enumerate(self.residency):
-            self.pools.append([store.pool(pos, t, r.holders[t]) for t in (HI, LO)])
-        self._assignments = [self._assignment(pos) for pos in range(len(self.residency))]
+        for v, r in enumerate(self.residency):
+            first = self.first_expert(v)
+            self.pools.append([store.pool(v // self.n, t, [first + e for e in r.holders[t]], self.device(v))
+                               for t in (HI, LO)])
+        self._assignments = [self._assignment(pos) for pos in range(self.layers)]
+
+    @property
+    def n(self) -> int:
+        return len(self.devices)
+
+    @property
+    def layers(self) -> int:
+        return len(self.residency) // self.n
+
+    def device(self, v: int):
+        """The device of shard v (None: the default one)."""
+        return self.devices[v % self.n]
+
+    def first_expert(self, v: int) -> int:
+        """The layer's expert id of shard v's local expert 0."""
+        return (v % self.n) * self.per_shard
 
     def _assignment(self, pos: int) -> ExpertPools:
-        r = self.residency[pos]
-        return ExpertPools(tuple(self.pools[pos]), jnp.asarray(r.tier), jnp.asarray(r.slot))
+        shards = self.residency[pos * self.n:(pos + 1) * self.n]
+        pools = self.pools[pos * self.n:(pos + 1) * self.n]
+        if self.mesh is None:
+            r = shards[0]
+            return ExpertPools(tuple(pools[0]), jnp.asarray(r.tier), jnp.asarray(r.slot))
+        split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(sharded.AXIS))
+
+        def whole(*parts):
+            return jax.make_array_from_single_device_arrays((sum(p.shape[0] for p in parts),) + parts[0].shape[1:],
+                                                            split, list(parts))
+        tiers = tuple(jax.tree.map(whole, *[p[t] for p in pools]) for t in (HI, LO))
+        tier = np.concatenate([r.tier for r in shards])
+        # Global slots: shard d's slots follow those of the shards before it, in each tier's pool.
+        sizes = np.array([[p[t].size for t in (HI, LO)] for p in pools])
+        slot = np.concatenate([r.slot + np.where(r.tier == HI, d * sizes[0, HI], d * sizes[0, LO])
+                               for d, r in enumerate(shards)]).astype(np.int32)
+        return ExpertPools(tiers, *sharded.replicated((jnp.asarray(tier), jnp.asarray(slot)), self.mesh),
+                           mesh=self.mesh)
 
     def expert_pools(self) -> list[ExpertPools]:
         for pos, a in enumerate(self._assignments):
@@ -178,27 +227,30 @@ class DevicePools:
                 self._assignments[pos] = self._assignment(pos)
         return self._assignments
 
-    def publish(self, pos: int, promote: int, demote: int, hi_copy: TierPool, lo_copy: TierPool) -> None:
-        """Write arrived copies into their slots (donated, in place) and publish the new assignment.
-        Device work runs in dispatch order, so a segment dispatched before this reads the old
-        slots and one dispatched after reads only complete new ones."""
-        s_hi, s_lo = self.residency[pos].swap(promote, demote)
-        self.pools[pos] = list(write_swap(*self.pools[pos], np.int32(s_hi), np.int32(s_lo), hi_copy, lo_copy))
-        self._assignments[pos] = None      # rebuilt once, when next asked for
+    def publish(self, v: int, promote: int, demote: int, hi_copy: TierPool, lo_copy: TierPool) -> None:
+        """Write arrived copies into shard v's slots (donated, in place) and publish the new
+        assignment. Device work runs in dispatch order, so a segment dispatched before this reads
+        the old slots and one dispatched after reads only complete new ones."""
+        s_hi, s_lo = self.residency[v].swap(promote, demote)
+        self.pools[v] = list(write_swap(*self.pools[v], np.int32(s_hi), np.int32(s_lo), hi_copy, lo_copy))
+        self._assignments[v // self.n] = None      # rebuilt once, when next asked for
 
     def warm_up(self) -> None:
         """Compile write_swap for every pair of pool shapes now (rewriting slot 0 of each pool with
         its own content), so that the first real publish does not compile while serving."""
-        for pos, r in enumerate(self.residency):
+        for v, r in enumerate(self.residency):
             if r.holders[HI] and r.holders[LO]:
-                copies = [self.store.to_device(self.store.expert(pos, t, r.holders[t][0])) for t in (HI, LO)]
-                self.pools[pos] = list(write_swap(*self.pools[pos], np.int32(0), np.int32(0), *copies))
-        self._assignments = [self._assignment(pos) for pos in range(len(self.residency))]
+                pos, first = v // self.n, self.first_expert(v)
+                copies = [self.store.to_device(self.store.expert(pos, t, first + r.holders[t][0]), self.device(v))
+                          for t in (HI, LO)]
+                self.pools[v] = list(write_swap(*self.pools[v], np.int32(0), np.int32(0), *copies))
+        self._assignments = [self._assignment(pos) for pos in range(self.layers)]
 
     @property
     def nbytes(self) -> int:
-        return sum(tree_nbytes(p) for p in self.expert_pools())
+        """Bytes of one device's pools (every device holds as many)."""
+        return sum(tree_nbytes(p) for p in self.pools) // self.n
 
     def hi_mask(self) -> np.ndarray:
-        """bool [L_moe, E]: which experts are HI now."""
+        """bool [L_moe * N, E/N] (shards): which experts are HI now."""
         return np.stack([r.hi_mask for r in self.residency])

@@ -47,23 +47,27 @@ class PlannedSwap:
 
 class TransferSchedule:
     """staging_bytes: the bytes copies in flight may hold (None: unlimited); swap_bytes: what one
-    swap holds (m_hi + m_lo). order 'benefit' ranks the whole model's swaps by benefit; 'layer' is
+    swap holds (m_hi + m_lo). groups: swaps of position pos belong to group pos % groups, each
+    group with staging_bytes of its own (the devices of an expert-parallel engine, whose positions
+    are shards: DevicePools). order 'benefit' ranks the whole model's swaps by benefit; 'layer' is
     the schedule before issue 12 (layer by layer, in each layer's plan order), kept as the baseline
     that starves deep layers (benchmarks/transfers.py, tests/test_transfers.py)."""
 
-    def __init__(self, staging_bytes: int | None, swap_bytes: int, order: str = "benefit"):
+    def __init__(self, staging_bytes: int | None, swap_bytes: int, order: str = "benefit", groups: int = 1):
         if order not in ORDERS:
             raise RuntimeConfigError(f"unknown transfer order '{order}' (use one of {', '.join(ORDERS)})")
         if staging_bytes is not None and staging_bytes < swap_bytes:
             raise RuntimeConfigError(f"transfer staging of {staging_bytes:,d} B cannot hold one swap "
                                      f"({swap_bytes:,d} B: a HI and a LO copy)")
-        self.staging_bytes, self.swap_bytes, self.order = staging_bytes, swap_bytes, order
+        self.staging_bytes, self.swap_bytes, self.order, self.groups = staging_bytes, swap_bytes, order, groups
         self.queue: list[PlannedSwap] = []       # wanted, not started; best first
         self.in_flight: list[PlannedSwap] = []   # started, not published
 
     @property
     def in_flight_bytes(self) -> int:
-        return len(self.in_flight) * self.swap_bytes
+        """Of the busiest group: each group (device) has staging_bytes of its own."""
+        per = np.bincount([s.pos % self.groups for s in self.in_flight], minlength=self.groups)
+        return int(per.max()) * self.swap_bytes
 
     def target_hi(self, hi_mask: np.ndarray) -> np.ndarray:
         """bool [L_moe, E]: the published HI sets hi_mask with every swap in flight applied."""
@@ -84,15 +88,17 @@ class TransferSchedule:
         """The swaps to start now, best first, given the published HI sets hi_mask bool [L_moe, E];
         they join the in-flight set."""
         busy = {(s.pos, e) for s in self.in_flight for e in (s.promote, s.demote)}
-        room = float("inf") if self.staging_bytes is None else self.staging_bytes - self.in_flight_bytes
+        held = np.bincount([s.pos % self.groups for s in self.in_flight], minlength=self.groups) * self.swap_bytes
+        room = np.full(self.groups, np.inf) if self.staging_bytes is None else self.staging_bytes - held
         started, waiting = [], []
         for s in self.queue:
-            if (s.pos, s.promote) in busy or (s.pos, s.demote) in busy or room < self.swap_bytes:
+            g = s.pos % self.groups
+            if (s.pos, s.promote) in busy or (s.pos, s.demote) in busy or room[g] < self.swap_bytes:
                 waiting.append(s)
             elif not hi_mask[s.pos, s.promote] and hi_mask[s.pos, s.demote]:
                 started.append(s)
                 busy.update(((s.pos, s.promote), (s.pos, s.demote)))
-                room -= self.swap_bytes
+                room[g] -= self.swap_bytes
         self.queue = waiting
         self.in_flight += started
         return started

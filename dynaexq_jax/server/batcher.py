@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.errors import GenerationError, PromptTooLongError, QueueFullError, RuntimeConfigError, ServerError
+from dynaexq_jax.model.moe import sharded
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.serving.generate import stop_ids
 from dynaexq_jax.serving.hotness import ema_update
@@ -116,7 +117,7 @@ class Batcher:
         self._stop_ids = jnp.asarray(stop_ids(self.cfg, None))
         # Committed to the device from the start, as every jitted output is: an argument that changes
         # from uncommitted to committed would recompile what the warm-up compiled.
-        device = jax.devices()[0]
+        device = jax.devices()[0] if engine.mesh is None else sharded.replicated_on(engine.mesh)
         self.slots = jax.device_put(init_slots(self.cfg, slots, s.max_len, engine.cache_dtype), device)
         self.running: list[Request | None] = [None] * slots
         self.queue: collections.deque[Request] = collections.deque()

@@ -32,9 +32,14 @@ def expert_mesh(devices: int | Sequence[jax.Device]) -> Mesh:
     return Mesh(np.asarray(list(devices)), (AXIS,))
 
 
+def replicated_on(mesh: Mesh) -> NamedSharding:
+    """The sharding of an array held whole by every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def replicated(tree, mesh: Mesh):
     """Every leaf of tree on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(tree, replicated_on(mesh))
 
 
 def split_pools(experts: ExpertPools, mesh: Mesh) -> ExpertPools:
