@@ -270,9 +270,19 @@ class Engine(Controller):
                   for s in self.schedule.start(p.hi_mask())]
         if not starts:
             return
-        job = _COPIER.submit(lambda: [self.store.to_device(copies, p.device(s.pos)) for s, copies in starts])
+        job = _COPIER.submit(self._copy, [(s.pos % n, copies) for s, copies in starts])
         for i, (s, copies) in enumerate(starts):
             self.transitions.append(Transition(s, job, i, tree_nbytes(copies)))
+
+    def _copy(self, jobs: list[tuple[int, tuple]]) -> list:
+        """(device index, copies) pairs -> the copies on their devices, in order: one transfer per
+        device (the copier thread's work)."""
+        out = [None] * len(jobs)
+        for d in sorted({d for d, _ in jobs}):
+            mine = [i for i, (e, _) in enumerate(jobs) if e == d]
+            for i, moved in zip(mine, self.store.to_device([jobs[i][1] for i in mine], self.pools.device(d))):
+                out[i] = moved
+        return out
 
     # ---- serving ----------------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
