@@ -214,32 +214,30 @@ def test_owned_device_bytes_never_exceed_the_budget(tiny_ckpt, seed, hi_fraction
 _forward = jax.jit(qwen3_moe.forward, static_argnames=("cfg", "backend"))
 
 
-def frozen_logits(tiny_ckpt, eng, hi_mask, ids):
-    """Full-forward logits [T, V] of a model whose experts are frozen at the HI set hi_mask [L, E]."""
+def frozen_params(tiny_ckpt, eng, hi_mask):
+    """Params of a model whose experts are frozen at the HI set hi_mask [L, E]."""
     pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in hi_mask], TINY["num_experts"])
-    params = attach_experts(eng.dense, dict(zip(tiny_ckpt.config.moe_layers, pools.expert_pools())))
-    cache = qwen3_moe.init_cache(tiny_ckpt.config, 1, MAX_LEN)
-    logits, _, _ = _forward(params, tiny_ckpt.config, np.asarray([ids], np.int32), cache)
-    return np.asarray(logits[0])
+    return attach_experts(eng.dense, dict(zip(tiny_ckpt.config.moe_layers, pools.expert_pools())))
 
 
 def test_each_step_equals_a_model_frozen_at_its_assignment(tiny_ckpt):
+    """Every token equals the one a model frozen at the assignment that served it decodes from the
+    same cache (whose earlier positions the earlier assignments wrote): the prompt under the
+    prefill's assignment, then each step under its segment's."""
     eng = Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.4, batch=1), policy=RandomSwaps(7), batch=1,
                  max_len=MAX_LEN, segment_len=SEG)
     p = prompts(3, n=1)[0]
     res = eng.generate([p], max_new_tokens=20, stop_tokens=())
     toks = res.tokens[0]
-    seq = p + toks
     masks = [np.array(t["served_hi_mask"], bool) for t in eng.timeline]
     assert len({m.tobytes() for m in masks}) > 2, "the test needs assignments that change"
     # Token 0 comes from prefill (boundary 0); segment k's tokens 1+k*SEG .. from boundary k+1.
-    # By causality, one full forward per distinct assignment gives every position's logits.
     served = [masks[0] if j == 0 else masks[1 + (j - 1) // SEG] for j in range(len(toks))]
-    for mask in {m.tobytes(): m for m in served}.values():
-        logits = frozen_logits(tiny_ckpt, eng, mask, seq)
-        for j, tok in enumerate(toks):
-            if served[j].tobytes() == mask.tobytes():
-                assert int(np.argmax(logits[len(p) + j - 1])) == tok, f"token {j} differs from the frozen model's"
+    cache = qwen3_moe.init_cache(tiny_ckpt.config, 1, MAX_LEN)
+    for j, ids in enumerate([p] + [[t] for t in toks[:-1]]):
+        logits, cache, _ = _forward(frozen_params(tiny_ckpt, eng, served[j]), tiny_ckpt.config,
+                                    np.asarray([ids], np.int32), cache)
+        assert int(np.argmax(logits[0, -1])) == toks[j], f"token {j} differs from the frozen model's"
 
 
 def test_scoring_equals_models_frozen_at_each_chunks_assignment(tiny_ckpt):
@@ -258,9 +256,7 @@ def test_scoring_equals_models_frozen_at_each_chunks_assignment(tiny_ckpt):
     for j, mask in enumerate(masks):
         if j * SEG % window == 0:
             cache = qwen3_moe.init_cache(cfg, 1, window)
-        pools = DevicePools(eng.store, [set(np.flatnonzero(m)) for m in mask], TINY["num_experts"])
-        params = attach_experts(eng.dense, dict(zip(cfg.moe_layers, pools.expert_pools())))
-        logits, cache, _ = _forward(params, cfg, tokens[:, j * SEG:(j + 1) * SEG], cache)
+        logits, cache, _ = _forward(frozen_params(tiny_ckpt, eng, mask), cfg, tokens[:, j * SEG:(j + 1) * SEG], cache)
         logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
         want = -logp[np.arange(SEG), tokens[0, j * SEG + 1:(j + 1) * SEG + 1]]
         np.testing.assert_allclose(res.nll[0, j * SEG:(j + 1) * SEG], want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {j}")
