@@ -64,13 +64,18 @@ def _print_generation(prompts, res, stats_path=None):
         print(f"--- wrote {stats_path}")
 
 
-def _engine(a, batch: int, max_len: int):
+def _settings(a, **shape):
+    """The EngineConfig of the runtime options in a (filled by _fill_runtime_defaults); shape: batch,
+    max_len and the like."""
     from dynaexq_jax.runtime.config import EngineConfig
+    return EngineConfig(policy=a.policy, segment_len=a.segment, strategy=a.strategy, transfers_in_flight=a.transfers,
+                        alpha=a.alpha, update_period=a.period, delta=a.delta, rate_limit=a.rate_limit,
+                        backend=a.backend, devices=a.devices, **shape)
+
+
+def _engine(a, batch: int, max_len: int):
     from dynaexq_jax.runtime.engine import Engine
-    settings = EngineConfig(policy=a.policy, segment_len=a.segment, batch=batch, max_len=max_len, strategy=a.strategy,
-                            transfers_in_flight=a.transfers, alpha=a.alpha, update_period=a.period, delta=a.delta,
-                            rate_limit=a.rate_limit, backend=a.backend, devices=a.devices)
-    return Engine(a.model, budget_bytes=a.budget, settings=settings)
+    return Engine(a.model, budget_bytes=a.budget, settings=_settings(a, batch=batch, max_len=max_len))
 
 
 def _check_generate_options(a):
@@ -225,7 +230,6 @@ def _cmd_serve(a):
     _fill_runtime_defaults(a)
     from dynaexq_jax.experiments import default_model
     from dynaexq_jax.runtime.budget import budget_for_fraction
-    from dynaexq_jax.runtime.config import EngineConfig
     from dynaexq_jax.runtime.engine import Engine
     from dynaexq_jax.server.app import create_app, serve
     from dynaexq_jax.server.batcher import Batcher
@@ -233,11 +237,9 @@ def _cmd_serve(a):
     ckpt = load_checkpoint(default_model.cached_conversion(a.model, a.hi, a.lo, RuntimeConfigError))
     policy = a.policy if a.budget is not None else f"all-{a.tier or 'hi'}"
     # The engine's batch holds every slot and the row a joining request is prefilled into, alone.
-    settings = EngineConfig(policy=policy, segment_len=a.segment, batch=a.max_batch + 1, prefill_batch=1,
-                            max_len=a.max_len or min(ckpt.config.max_position_embeddings, 2048),
-                            prefill_chunk=a.prefill_chunk, strategy=a.strategy, transfers_in_flight=a.transfers,
-                            alpha=a.alpha, update_period=a.period, delta=a.delta, rate_limit=a.rate_limit,
-                            backend=a.backend, devices=a.devices)
+    a.policy = policy
+    settings = _settings(a, batch=a.max_batch + 1, prefill_batch=1, prefill_chunk=a.prefill_chunk,
+                         max_len=a.max_len or min(ckpt.config.max_position_embeddings, 2048))
     budget = a.budget if a.budget is not None else budget_for_fraction(ckpt, float(policy == "all-hi"), settings)
     engine = Engine(ckpt, budget_bytes=budget, settings=settings)
     batcher = Batcher(engine, slots=a.max_batch, max_queue=a.max_queue).start()

@@ -149,8 +149,7 @@ def create_app(batcher: batching.Batcher, *, model_name: str, api_key: str | Non
             total_tokens=sum(len(j.prompt) + len(j.tokens) for j in jobs))
         head = dict(id=ident, created=int(time.time()), model=model_name)
         if not req.stream:
-            async for _ in receive():
-                pass
+            [_ async for _ in receive()]      # each job's text accumulates on it; only wait for the ends
             return dict(**head, object=render.object, usage=usage(),
                         choices=[render.choice(i, j.text, j.finish_reason) for i, j in enumerate(jobs)])
 

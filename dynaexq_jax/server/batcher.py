@@ -94,10 +94,18 @@ class ServerCounters:
     routed_mass: float = 0.0
     recent: collections.deque = dataclasses.field(default_factory=collections.deque)   # (time, tokens)
 
+    def add_segment(self, now: float, tokens: int) -> None:
+        self.recent.append((now, tokens))
+        self._forget(now)
+
     def tokens_per_s(self, now: float) -> float:
+        self._forget(now)
+        return sum(n for _, n in self.recent) / RATE_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        """Only the window is kept, whether or not /metrics is read."""
         while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
             self.recent.popleft()
-        return sum(n for _, n in self.recent) / RATE_WINDOW_S
 
 
 class Batcher:
@@ -286,7 +294,7 @@ class Batcher:
         c.busy_slot_steps += live
         c.slot_steps += self.segment * self.num_slots
         c.generated_tokens += live
-        c.recent.append((time.perf_counter(), live))
+        c.add_segment(time.perf_counter(), live)
         self.steps += self.segment
         params = self.engine.after_segment(self.steps, np.asarray(mass), np.asarray(scores), in_flight)
         if params is not None:
