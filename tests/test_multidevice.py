@@ -123,6 +123,37 @@ ENGINE_CHECK = textwrap.dedent('''
 ''')
 
 
+# The same program in one process of 4 devices, or in each of 2 processes of 2 devices joined by
+# jax.distributed (argv: checkpoint, process id, process count, coordinator port).
+PROCESSES_CHECK = textwrap.dedent('''
+    import gc, json, sys
+    import jax, numpy as np
+    path, pid, count, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if count > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")     # CPU collectives across processes
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=count, process_id=pid)
+    import dynaexq_jax
+    from dynaexq_jax.runtime.engine import Engine
+    prompts, out = [[5, 17, 99, 3, 8, 8, 1], [200, 1, 42, 7, 8, 9, 100, 3, 2]], {}
+    m = dynaexq_jax.load(path, devices=4)
+    out["one_tier"] = m.generate(prompts, max_new_tokens=12, stop_tokens=()).tokens
+    del m
+    gc.collect()
+    eng = Engine(path, budget_bytes="50%", devices=4, batch=2, max_len=128, segment_len=4, update_period=4,
+                 backend="xla-only")
+    res = eng.generate(prompts, max_new_tokens=24, stop_tokens=())
+    c = res.runtime["counters"]
+    mine = {d: 0 for d in jax.local_devices()}
+    for a in jax.live_arrays():
+        for sh in a.addressable_shards:
+            mine[sh.device] += sh.data.nbytes
+    out.update(budgeted=res.tokens, promotions=c["promotions"], stalls=c["device_stalls"],
+               published=[t["published"] for t in eng.timeline], budget=eng.plan.budget,
+               local_devices=len(mine), device_bytes=sorted(mine.values()))
+    print("RESULT " + json.dumps(out))
+''')
+
+
 def run_on_devices(n: int, *args, script: str = CHECK) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
     proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
@@ -206,3 +237,35 @@ def test_generate_devices_from_the_command_line(tmp_path):
         server.wait(30)
     proc, _ = generate("--devices", "4")
     assert proc.returncode == 2 and "devices=4, but JAX sees 2 cpu device(s)" in proc.stderr, proc.stderr
+
+
+def test_two_processes_of_two_devices_run_as_one_process_of_four(tiny_ckpt):
+    """jax.distributed on localhost: 2 processes x 2 CPU devices each serve one 4-device mesh (each
+    process holding its own devices' experts); the tokens in one tier and under a budget per
+    device with dynaexq swaps equal one process of 4 devices, and each process's devices stay
+    within the budget."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESSES_CHECK, str(tiny_ckpt.path), str(i), "2", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        want = run_on_devices(4, tiny_ckpt.path, 0, 1, 0, script=PROCESSES_CHECK)
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:          # one that failed leaves the other waiting for it
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+        results.append(json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):]))
+    assert want["promotions"] > 0 and want["stalls"] == 0 and want["local_devices"] == 4
+    for got in results:
+        assert got["local_devices"] == 2
+        for key in ("one_tier", "budgeted", "promotions", "published", "stalls"):
+            assert got[key] == want[key], key
+        assert max(got["device_bytes"]) <= got["budget"]

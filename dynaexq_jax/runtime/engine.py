@@ -48,6 +48,7 @@ class Transition:
     """One swap pair in flight: both copies are futures of device arrays that may not have arrived."""
     swap: PlannedSwap
     job: concurrent.futures.Future   # -> a list of (hi_copy, lo_copy) one-slot TierPools on the device
+                                     #    (None: a shard of another process's device, copied there)
     index: int                       # this pair's entry in the job's list
     nbytes: int
 
@@ -108,8 +109,13 @@ class Engine(Controller):
         # layer: the policy, the residency and the transfers work on shards (DevicePools), and every
         # [L_moe, E] array reads as [L_moe * N, E / N] shards by a reshape (self.shards).
         n = settings.devices
-        if n > 1 and isinstance(self.policy, OraclePolicy):
-            raise RuntimeConfigError("the oracle policy replays one device's trace; run it with devices=1")
+        if n > 1 and isinstance(self.policy, OraclePolicy):      # its trace, read by shards
+            self.policy = dataclasses.replace(self.policy, trace=self.shards(self.policy.trace))
+        if jax.process_count() > 1 and not settings.deterministic:
+            # Every process plans alone from the same scores: their assignments agree only if
+            # they publish the same swaps at the same boundaries.
+            raise RuntimeConfigError("across processes the engine must be deterministic (each process publishes "
+                                     "at the same boundaries as the others)")
         self.mesh = sharded.expert_mesh(n) if n > 1 else None
         self.dense = jax.device_put(ckpt.params) if self.mesh is None else sharded.replicated(ckpt.params, self.mesh)
         self.cache_dtype = np.dtype(ckpt.params.embed.dtype)
@@ -235,7 +241,7 @@ class Engine(Controller):
                 self.counters.copy_wait_s += time.perf_counter() - t0
             if t.ready:
                 s = t.swap
-                self.pools.publish(s.pos, s.promote, s.demote, *t.copies)
+                self.pools.publish(s.pos, s.promote, s.demote, *(t.copies or (None, None)))
                 self.schedule.published(s)
                 self.counters.promotions += 1
                 self.counters.demotions += 1
@@ -270,16 +276,16 @@ class Engine(Controller):
                   for s in self.schedule.start(p.hi_mask())]
         if not starts:
             return
-        job = _COPIER.submit(self._copy, [(s.pos % n, copies) for s, copies in starts])
+        job = _COPIER.submit(self._copy, [(s.pos, copies) for s, copies in starts])
         for i, (s, copies) in enumerate(starts):
             self.transitions.append(Transition(s, job, i, tree_nbytes(copies)))
 
     def _copy(self, jobs: list[tuple[int, tuple]]) -> list:
-        """(device index, copies) pairs -> the copies on their devices, in order: one transfer per
-        device (the copier thread's work)."""
-        out = [None] * len(jobs)
-        for d in sorted({d for d, _ in jobs}):
-            mine = [i for i, (e, _) in enumerate(jobs) if e == d]
+        """(shard, copies) pairs -> the copies on their shards' devices, in order, None for a
+        shard of another process: one transfer per device (the copier thread's work)."""
+        n, out = self.settings.devices, [None] * len(jobs)
+        for d in sorted({v % n for v, _ in jobs if self.pools.local(v)}):
+            mine = [i for i, (v, _) in enumerate(jobs) if v % n == d]
             for i, moved in zip(mine, self.store.to_device([jobs[i][1] for i in mine], self.pools.device(d))):
                 out[i] = moved
         return out

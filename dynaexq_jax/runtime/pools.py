@@ -170,7 +170,11 @@ class DevicePools:
     per *shard*, shard v = pos * N + d (one device's part of one layer, with local expert ids
     0..E/N - 1), and a swap is one shard's, so an expert never leaves its device. Every [L_moe, E]
     array reads as [L_moe * N, E/N] shards by a reshape. expert_pools() assembles each layer's
-    pools from its shards' buffers (no copy) into arrays split across the mesh."""
+    pools from its shards' buffers (no copy) into arrays split across the mesh.
+
+    Across processes (jax.distributed), every process keeps every shard's residency mirror (each
+    plans the same swaps from the same replicated scores) but buffers only for the shards of its
+    own devices (local(v)); publishing another process's shard updates the mirror alone."""
 
     def __init__(self, store: HostStore, hi_sets: list, num_experts: int, mesh=None):
         """hi_sets: one per shard (local expert ids); num_experts: experts per shard."""
@@ -178,11 +182,11 @@ class DevicePools:
         self.devices = [None] if mesh is None else list(mesh.devices.flat)
         self.per_shard = num_experts
         self.residency = [LayerResidency.from_hi_set(h, num_experts) for h in hi_sets]
-        self.pools = []
+        self.pools = []              # per shard: [HI pool, LO pool], None for another process's device
         for v, r in enumerate(self.residency):
             first = self.first_expert(v)
             self.pools.append([store.pool(v // self.n, t, [first + e for e in r.holders[t]], self.device(v))
-                               for t in (HI, LO)])
+                               for t in (HI, LO)] if self.local(v) else None)
         self._assignments = [self._assignment(pos) for pos in range(self.layers)]
 
     @property
@@ -197,6 +201,11 @@ class DevicePools:
         """The device of shard v (None: the default one)."""
         return self.devices[v % self.n]
 
+    def local(self, v: int) -> bool:
+        """Whether shard v's device belongs to this process (always, within one process)."""
+        d = self.device(v)
+        return d is None or d.process_index == jax.process_index()
+
     def first_expert(self, v: int) -> int:
         """The layer's expert id of shard v's local expert 0."""
         return (v % self.n) * self.per_shard
@@ -210,12 +219,14 @@ class DevicePools:
         split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(sharded.AXIS))
 
         def whole(*parts):
-            return jax.make_array_from_single_device_arrays((sum(p.shape[0] for p in parts),) + parts[0].shape[1:],
+            return jax.make_array_from_single_device_arrays((self.n * parts[0].shape[0],) + parts[0].shape[1:],
                                                             split, list(parts))
-        tiers = tuple(jax.tree.map(whole, *[p[t] for p in pools]) for t in (HI, LO))
+        mine = [p for p in pools if p is not None]
+        tiers = tuple(jax.tree.map(whole, *[p[t] for p in mine]) for t in (HI, LO))
         tier = np.concatenate([r.tier for r in shards])
-        # Global slots: shard d's slots follow those of the shards before it, in each tier's pool.
-        sizes = np.array([[p[t].size for t in (HI, LO)] for p in pools])
+        # Global slots: shard d's slots follow those of the shards before it, in each tier's pool
+        # (every shard's pools are as large as the first's).
+        sizes = np.array([[len(r.holders[t]) for t in (HI, LO)] for r in shards])
         slot = np.concatenate([r.slot + np.where(r.tier == HI, d * sizes[0, HI], d * sizes[0, LO])
                                for d, r in enumerate(shards)]).astype(np.int32)
         return ExpertPools(tiers, *sharded.replicated((jnp.asarray(tier), jnp.asarray(slot)), self.mesh),
@@ -230,16 +241,18 @@ class DevicePools:
     def publish(self, v: int, promote: int, demote: int, hi_copy: TierPool, lo_copy: TierPool) -> None:
         """Write arrived copies into shard v's slots (donated, in place) and publish the new
         assignment. Device work runs in dispatch order, so a segment dispatched before this reads
-        the old slots and one dispatched after reads only complete new ones."""
+        the old slots and one dispatched after reads only complete new ones. Another process's
+        shard (no copies here) changes only the mirror."""
         s_hi, s_lo = self.residency[v].swap(promote, demote)
-        self.pools[v] = list(write_swap(*self.pools[v], np.int32(s_hi), np.int32(s_lo), hi_copy, lo_copy))
+        if self.local(v):
+            self.pools[v] = list(write_swap(*self.pools[v], np.int32(s_hi), np.int32(s_lo), hi_copy, lo_copy))
         self._assignments[v // self.n] = None      # rebuilt once, when next asked for
 
     def warm_up(self) -> None:
         """Compile write_swap for every pair of pool shapes now (rewriting slot 0 of each pool with
         its own content), so that the first real publish does not compile while serving."""
         for v, r in enumerate(self.residency):
-            if r.holders[HI] and r.holders[LO]:
+            if r.holders[HI] and r.holders[LO] and self.local(v):
                 pos, first = v // self.n, self.first_expert(v)
                 copies = [self.store.to_device(self.store.expert(pos, t, first + r.holders[t][0]), self.device(v))
                           for t in (HI, LO)]
@@ -249,7 +262,8 @@ class DevicePools:
     @property
     def nbytes(self) -> int:
         """Bytes of one device's pools (every device holds as many)."""
-        return sum(tree_nbytes(p) for p in self.pools) // self.n
+        mine = [p for p in self.pools if p is not None]         # this process's shards
+        return tree_nbytes(mine) * self.layers // len(mine)
 
     def hi_mask(self) -> np.ndarray:
         """bool [L_moe * N, E/N] (shards): which experts are HI now."""

@@ -5,7 +5,9 @@ the contributions of the experts it holds (in its local view the others sit on a
 tier, which every backend skips: moe.base's contract) and one psum over the axis adds them up:
 one all-reduce of the layer's [T, H] output per MoE layer. The assignment stays global: slot[e]
 indexes the concatenation of the devices' slots, so a runtime that plans per device keeps each
-expert's slot on the device that owns it."""
+expert's slot on the device that owns it. The mesh may span processes (jax.distributed, each
+with devices of its own): every process runs the same program over the whole mesh and holds only
+its own devices' shards."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -28,6 +30,9 @@ def expert_mesh(devices: int | Sequence[jax.Device]) -> Mesh:
         if not 1 <= devices <= len(have):
             raise RuntimeConfigError(f"devices={devices}, but JAX sees {len(have)} {jax.default_backend()} device(s) "
                                      f"(on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
+        if jax.process_count() > 1 and devices != len(have):
+            raise RuntimeConfigError(f"devices={devices}: across {jax.process_count()} processes the mesh spans "
+                                     f"every process's devices ({len(have)})")
         devices = have[:devices]
     return Mesh(np.asarray(list(devices)), (AXIS,))
 
