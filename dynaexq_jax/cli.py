@@ -178,7 +178,7 @@ def _cmd_compare(a):
                         phase_tokens=a.phase_tokens, chunk=a.chunk, window=a.window, period=a.period, delta=a.delta,
                         alpha=a.alpha, transfers=a.transfers, calibration_domain=a.calibration_domain, sweep=a.sweep,
                         throughput_batches=a.throughput_batches, baselines=a.baselines, new_tokens=a.new_tokens,
-                        seed=a.seed)
+                        seed=a.seed, devices=a.devices)
     model = default_model.converted_model(a.model, Path(a.out) / "converted", hi=a.hi or default_model.HI, lo=a.lo)
     res = Harness(model, cfg).run(a.out)
     print(Path(a.out, "report.md").read_text())
@@ -204,7 +204,8 @@ def _cmd_eval(a):
     from dynaexq_jax.lm_eval.run import evaluate
     options = dict(pretrained=a.model, hi=a.hi, lo=a.lo, backend=a.backend, batch_size=a.batch_size,
                    max_len=a.max_len, segment=a.segment, max_gen_toks=a.max_gen_toks, seed=a.seed,
-                   calibration=a.calibration, **{n: getattr(a, n) for n in _runtime_fields() if n != "policy"})
+                   calibration=a.calibration, devices=a.devices,
+                   **{n: getattr(a, n) for n in _runtime_fields() if n != "policy"})
     limit = None if a.limit is None else int(a.limit) if a.limit >= 1 else a.limit
     res = evaluate(a.tasks, policies, budget=a.budget, options=options, include_path=a.include_path, limit=limit,
                    num_fewshot=a.num_fewshot, apply_chat_template=a.apply_chat_template,
@@ -274,6 +275,12 @@ _BUDGET_FORMS = "a size (20GiB, 512MiB, 1.5GB, bytes) or a share of each layer's
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _add_devices_arg(p, note: str = ""):
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices of an expert-parallel mesh: every layer's experts split across them, the dense "
+                        "parameters, cache and workspace on each; a --budget is each device's" + note)
 
 
 def _add_runtime_args(p, plan_only: bool):
@@ -349,9 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", help="without --budget: the tier every expert runs in, hi or lo (default: hi)")
     p.add_argument("--max-len", type=int, help="cache length in tokens (default: fits the prompts and new tokens)")
     p.add_argument("--stats", help="write tokens, statistics and the runtime timeline to this JSON file")
-    p.add_argument("--devices", type=int, default=1,
-                   help="split every layer's experts across this many devices (expert parallel; with --budget, the "
-                        "budget is each device's)")
+    _add_devices_arg(p)
     _add_runtime_args(p, plan_only=False)
     _add_sampling_args(p)
     p.set_defaults(fn=_cmd_generate)
@@ -371,9 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", help="for a Hugging Face config: LO tier format, as in `dynaexq convert` (default: int4)")
     p.add_argument("--dtype", help="for a Hugging Face config: dense parameter dtype, as in `dynaexq convert` "
                                    "(default: source)")
-    p.add_argument("--devices", type=int, default=1,
-                   help="devices of an expert-parallel mesh: every layer's experts split across them, the dense "
-                        "parameters, cache and workspace on each; --budget is then each device's")
+    _add_devices_arg(p)
     p.add_argument("--platform", choices=("cpu", "gpu"),
                    help="where the plan is served: sizes the workspace (default: this machine's; gpu for pallas)")
     p.add_argument("--json", action="store_true",
@@ -427,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", default=None, help="HI tier when MODEL is a Hugging Face directory (default int4:g64)")
     p.add_argument("--lo", default=None, help="LO tier when MODEL is a Hugging Face directory (default int2:g64)")
     p.add_argument("--seed", type=int, default=C.seed, help="seed of the random policy's HI sets")
+    _add_devices_arg(p, " (the offloading baselines run on one device: give --baselines '')")
     p.set_defaults(fn=_cmd_compare)
 
     p = command("eval", "lm-evaluation-harness tasks served by the runtime, one run per policy side by side "
@@ -458,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", help="LO tier when MODEL is a Hugging Face directory (default: int2:g64 / int4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of sampled generation tasks")
     p.add_argument("--out", default="runs/eval", help="output folder (results.json, report.md, lm-eval results)")
+    _add_devices_arg(p)
     _add_runtime_args(p, plan_only=False)
     p.set_defaults(fn=_cmd_eval)
 
@@ -485,9 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queue included")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body")
     p.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's folder name)")
-    p.add_argument("--devices", type=int, default=1,
-                   help="split every layer's experts across this many devices (expert parallel; the budget is each "
-                        "device's)")
+    _add_devices_arg(p)
     p.add_argument("--hi", help="HI tier when MODEL is a Hugging Face directory (default: the embedded model's "
                                 "int4:g64, otherwise the source dtype)")
     p.add_argument("--lo", help="LO tier when MODEL is a Hugging Face directory (default: int2:g64 / int4)")

@@ -70,6 +70,8 @@ def test_gap_recovery_and_workload_streams():
     (dict(budget="150%"), "budget share"),
     (dict(budget="lots%"), "budget share"),
     (dict(rows=0), "rows must be an integer >= 1"),
+    (dict(devices=0), "devices must be an integer >= 1"),
+    (dict(devices=2), "offloading baselines .* run on one device"),
 ])
 def test_bad_compare_options(kwargs, match):
     """Construction checks every value, so a CLI can reject options before converting a model."""

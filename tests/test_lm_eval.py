@@ -150,10 +150,17 @@ def test_on_tokens_can_end_a_generation(exact):
     (dict(max_batch_size=64), "max_batch_size"),
     (dict(record_trace="x.npz", budget="20%"), "record_trace applies"),
     (dict(device="tpu"), "JAX runs on"),
+    (dict(devices=0), "devices must be an integer >= 1"),
 ])
 def test_bad_model_args_are_typed_errors(args, message, exact):
     with pytest.raises(EvaluationError, match=message):
         DynaexqLM(pretrained=str(exact), **args)
+
+
+def test_more_devices_than_jax_sees_is_the_runtimes_error(exact):
+    from dynaexq_jax.errors import RuntimeConfigError
+    with pytest.raises(RuntimeConfigError, match="devices=2, but JAX sees 1 cpu device"):
+        DynaexqLM(pretrained=str(exact), devices=2)
 
 
 def test_bad_requests_and_generation_kwargs_are_typed_errors(exact):

@@ -154,6 +154,34 @@ PROCESSES_CHECK = textwrap.dedent('''
 ''')
 
 
+# `dynaexq compare` and `dynaexq eval` on 2 devices (argv: a converted default model, an output
+# folder), with the comparison's one-device run of the same configuration as the reference.
+HARNESS_CHECK = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from dynaexq_jax.cli import main
+    from dynaexq_jax.experiments.compare import CompareConfig, Harness
+    model, out = sys.argv[1], Path(sys.argv[2])
+    rc = [main(["compare", model, "--out", str(out / "two"), "--devices", "2", "--baselines", "", "--budget", "25%",
+                "--rows", "2", "--phase-tokens", "64", "--chunk", "8", "--window", "64", "--period", "16",
+                "--throughput-batches", "", "--policies", "dynaexq,oracle"])]
+    one = Harness(model, CompareConfig(budget="25%", rows=2, phase_tokens=64, chunk=8, window=64, period=16,
+                                       throughput_batches=(), policies=("dynaexq", "oracle"))).run(out / "one")
+    rc.append(main(["eval", model, "--tasks", "dynaexq_prose_choice", "--limit", "4", "--budget", "25%",
+                    "--batch-size", "4", "--max-len", "256", "--policies", "oracle,dynaexq", "--devices", "2",
+                    "--out", str(out / "eval")]))
+    two = json.loads((out / "two" / "results.json").read_text())
+    ev = json.loads((out / "eval" / "results.json").read_text())
+    print("RESULT " + json.dumps(dict(
+        rc=rc, ppl_two={k: v["ppl"]["overall"] for k, v in two["policies"].items()},
+        ppl_one={k: v["ppl"]["overall"] for k, v in one["policies"].items()},
+        n_hi=[two["budget"]["n_hi"], one["budget"]["n_hi"]], report=(out / "two" / "report.md").read_text(),
+        promotions={k: v["counters"]["promotions"] for k, v in two["policies"].items()},
+        stalls=max(v["counters"]["device_stalls"] for v in two["policies"].values()),
+        eval={k: v["runtime"]["counters"]["promotions"] for k, v in ev["runs"].items()})))
+''')
+
+
 def run_on_devices(n: int, *args, script: str = CHECK) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
     proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
@@ -269,3 +297,20 @@ def test_two_processes_of_two_devices_run_as_one_process_of_four(tiny_ckpt):
         for key in ("one_tier", "budgeted", "promotions", "published", "stalls"):
             assert got[key] == want[key], key
         assert max(got["device_bytes"]) <= got["budget"]
+
+
+def test_compare_and_eval_on_two_devices(tmp_path):
+    """`dynaexq compare --devices 2` (dynaexq and the oracle, whose trace is read by shards) and
+    `dynaexq eval --devices 2`: the budget is each device's (25% of its 16 experts per layer), the
+    all-HI and all-LO perplexities equal one device's, the policies swap without stalls."""
+    from dynaexq_jax.experiments import default_model
+    model = default_model.converted_model(None, tmp_path / "converted", progress=False)
+    out = run_on_devices(2, model, tmp_path / "runs", script=HARNESS_CHECK)
+    assert out["rc"] == [0, 0]
+    assert out["n_hi"] == [[4] * 6, [8] * 6]
+    for name in ("all-hi", "all-lo"):
+        assert abs(out["ppl_two"][name] / out["ppl_one"][name] - 1) < 1e-4, (name, out)
+    assert out["ppl_two"]["all-hi"] < out["ppl_two"]["dynaexq"] < out["ppl_two"]["all-lo"]
+    assert out["promotions"]["dynaexq"] > 0 and out["promotions"]["oracle"] > 0 and out["stalls"] == 0
+    assert out["eval"]["oracle"] > 0 and out["eval"]["dynaexq"] > 0 and out["eval"]["all-hi"] == 0
+    assert "on each of 2 devices" in out["report"] and "HI slots per layer [4, 4, 4, 4, 4, 4] of 16" in out["report"]

@@ -60,6 +60,7 @@ class CompareConfig:
     new_tokens: int = 64
     prompt_tokens: int = 32
     seed: int = 0                    # the random policy's HI sets
+    devices: int = 1                 # an expert-parallel mesh of this many devices, the budget each one's
 
     def __post_init__(self):
         self.check()
@@ -77,8 +78,11 @@ class CompareConfig:
         if [b for b in self.baselines if b not in BASELINES]:
             raise ConfigError(f"unknown baselines {list(self.baselines)} (use {', '.join(BASELINES)})")
         for name in ("rows", "phase_tokens", "chunk", "window", "period", "transfers", "calibration_tokens",
-                     "new_tokens", "prompt_tokens"):
+                     "new_tokens", "prompt_tokens", "devices"):
             check_int(name, getattr(self, name), ConfigError)
+        if self.devices > 1 and self.baselines and self.throughput_batches:
+            raise ConfigError(f"the offloading baselines ({', '.join(self.baselines)}) run on one device: with "
+                              f"devices={self.devices} leave them out (baselines=(), --baselines '')")
         if self.phase_tokens % self.chunk or self.window % self.chunk or self.calibration_tokens % self.chunk:
             raise ConfigError(f"phase_tokens ({self.phase_tokens}), window ({self.window}) and calibration_tokens "
                               f"({self.calibration_tokens}) must be multiples of chunk ({self.chunk})")
@@ -100,7 +104,7 @@ class CompareConfig:
         """The runtime settings of every engine of the run (batch default rows, max_len default window)."""
         return EngineConfig(policy=policy, batch=batch or self.rows, max_len=max_len or self.window,
                             segment_len=self.chunk, update_period=self.period, delta=self.delta, alpha=self.alpha,
-                            transfers_in_flight=self.transfers)
+                            transfers_in_flight=self.transfers, devices=self.devices)
 
 
 # ---- token streams ---------------------------------------------------------------------------------
@@ -148,12 +152,13 @@ def corpus_check(model_dir: Path) -> dict:
 # ---- calibration -----------------------------------------------------------------------------------
 def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = CompareConfig.rows,
                         positions: int = CompareConfig.calibration_tokens, chunk: int = CompareConfig.chunk,
-                        window: int = CompareConfig.window) -> np.ndarray:
+                        window: int = CompareConfig.window, devices: int = 1) -> np.ndarray:
     """Mean token-normalised routed mass per expert [L_moe, E] of the all-LO model on the
     calibration split of the given domains (the method's offline initial HI set): rows streams per domain
-    of up to `positions` positions, scored through the runtime."""
+    of up to `positions` positions, scored through the runtime (on `devices` devices)."""
     streams = domain_streams(codec, "calibration")
-    settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2)
+    settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2,
+                            devices=devices)
     masses = []
     for d in domains:
         n = min(positions, (len(streams[d]) // rows - 1) // chunk * chunk)
@@ -222,7 +227,7 @@ class Harness:
     def calibration(self) -> np.ndarray:
         c = self.cfg
         return calibration_ranking(self.ckpt, self.codec, (c.calibration_domain or c.workload[0],), rows=c.rows,
-                                   positions=c.calibration_tokens, chunk=c.chunk, window=c.window)
+                                   positions=c.calibration_tokens, chunk=c.chunk, window=c.window, devices=c.devices)
 
     def run_policy(self, name: str, budget: int, ranking: np.ndarray, oracle_trace: np.ndarray | None) -> dict:
         c = self.cfg
@@ -392,12 +397,14 @@ def _yes_no(flag) -> str:
 
 def report(results: dict, plots: list[Path]) -> str:
     b, m = results["budget"], results["machine"]
+    n = results["config"].get("devices", 1)
+    each = f" on each of {n} devices (experts split across them)" if n > 1 else ""
     phases = results["workload"]["phases"]
     doms = list(dict.fromkeys(phases))
     lines = [f"# Policy comparison ({results['date']})", "",
              f"Model `{results['model']['path']}`, tiers HI {results['model']['tiers']['hi']} / LO "
-             f"{results['model']['tiers']['lo']}; budget {b['requested']} = {b['bytes']:,d} B, HI slots per "
-             f"layer {b['n_hi']} of {b['num_experts']}. Workload {' -> '.join(phases)} "
+             f"{results['model']['tiers']['lo']}; budget {b['requested']} = {b['bytes']:,d} B{each}, HI slots per "
+             f"layer {b['n_hi']} of {b['num_experts'] // n}. Workload {' -> '.join(phases)} "
              f"({results['workload']['phase_tokens']} positions per phase, {results['workload']['rows']} streams). "
              f"Machine: {m['processor']}, {m['cpus']} CPUs, jax {m['jax']}, device {m['device']}.", "",
              f"Evaluation text: {results['workload']['corpus']['documents']} validation/calibration documents of "

@@ -61,7 +61,9 @@ class DynaexqLM(TemplateLM):
     recorded traffic (record_trace=FILE), which the oracle policy needs. backend: the MoE backend.
     batch_size: rows per forward (the engine's batch); max_len: the cache length (default: the
     model's context, at most 2048); segment: positions per chunk / decode steps per segment;
-    max_gen_toks: the default generation length; seed: sampling seed of generate_until;
+    max_gen_toks: the default generation length; seed: sampling seed of generate_until; devices:
+    an expert-parallel mesh of that many devices (each layer's experts split across them, the
+    budget each device's);
     enable_thinking: the chat template's switch of that name (Qwen3), with --apply_chat_template."""
 
     def __init__(self, pretrained=None, tier=None, budget=None, policy=None, strategy=None, period=None,
@@ -69,7 +71,7 @@ class DynaexqLM(TemplateLM):
                  record_trace=None,
                  backend=EngineConfig.backend, batch_size=1, max_len=None, segment=EngineConfig.segment_len,
                  max_gen_toks=256, hi=None, lo=None, seed=0, enable_thinking=None, device=None, max_batch_size=None,
-                 **unknown):
+                 devices=1, **unknown):
         super().__init__()
         if unknown:
             raise EvaluationError(f"unknown dynaexq model args {sorted(unknown)}")
@@ -85,16 +87,17 @@ class DynaexqLM(TemplateLM):
         runtime = dict(strategy=strategy, period=period, delta=delta, rate_limit=rate_limit, alpha=alpha,
                        transfers=transfers)
         self._setup(pretrained, tier, budget, policy, runtime, calibration, trace, record_trace, backend,
-                    batch_size, max_len, segment, max_gen_toks, hi, lo, seed)
+                    batch_size, max_len, segment, max_gen_toks, hi, lo, seed, devices)
         # The chat template's switches (lm-eval's --apply_chat_template), as the hf model passes them.
         self.chat_options = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
 
     def _setup(self, pretrained, tier, budget, policy, options, calibration, trace, record_trace, backend,
-               batch_size, max_len, segment, max_gen_toks, hi, lo, seed):
+               batch_size, max_len, segment, max_gen_toks, hi, lo, seed, devices):
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             raise EvaluationError("batch_size=auto is not supported: the engine's batch is fixed, give batch_size=N")
         check_int("batch_size", batch_size, EvaluationError)
         check_int("max_gen_toks", max_gen_toks, EvaluationError)
+        check_int("devices", devices, EvaluationError)
         given = {k: v for k, v in options.items() if v is not None}
         if budget is None:
             if policy is not None or given:
@@ -123,7 +126,7 @@ class DynaexqLM(TemplateLM):
         max_len = max_len or min(cfg.max_position_embeddings, 2048)
         self.settings = settings = EngineConfig(
             policy="static" if policy == "static-calibrated" else "all-hi" if policy == "oracle" else policy,
-            batch=batch_size, max_len=max_len, segment_len=segment, backend=backend,
+            batch=batch_size, max_len=max_len, segment_len=segment, backend=backend, devices=devices,
             **{RUNTIME_ARGS[k]: v for k, v in given.items()})
         if policy == "oracle":
             # The best HI set of each period from the all-hi run's traffic at the same steps of the
@@ -132,7 +135,7 @@ class DynaexqLM(TemplateLM):
                                                             settings.update_period, lag=2 * segment))
         ranking = None
         if policy in _USES_RANKING and calibration != "none":
-            ranking = _calibration(ckpt, calibration or "all")
+            ranking = _calibration(ckpt, calibration or "all", devices)
         if budget is None:
             budget = budget_for_fraction(ckpt, 1.0 if tier == "hi" else 0.0, settings)
         self.engine = Engine(ckpt, budget_bytes=budget, settings=settings, calibration=ranking)
@@ -362,7 +365,7 @@ def _read_trace(path, chunk: int) -> np.ndarray:
     return trace
 
 
-def _calibration(ckpt, domains: str) -> np.ndarray:
+def _calibration(ckpt, domains: str, devices: int) -> np.ndarray:
     """The comparison harness's ranking (compare.calibration_ranking, its defaults) on the
     calibration split of the given corpus domains (computed once per checkpoint and domains)."""
     names = corpus.DOMAINS if domains == "all" else tuple(str(domains).split("+"))
@@ -372,7 +375,7 @@ def _calibration(ckpt, domains: str) -> np.ndarray:
     key = (str(Path(ckpt.path).resolve()), names)
     if key not in _RANKINGS:
         from dynaexq_jax.experiments.compare import calibration_ranking
-        _RANKINGS[key] = calibration_ranking(ckpt, TextCodec(ckpt.path), names)
+        _RANKINGS[key] = calibration_ranking(ckpt, TextCodec(ckpt.path), names, devices=devices)
     return _RANKINGS[key]
 
 
