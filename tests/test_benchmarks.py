@@ -1,6 +1,7 @@
 """Benchmark scripts run end to end at toy sizes so that they are known to work on the day they are
 needed: benchmarks/gpu_check.py in its reduced CPU mode (every stage must pass), benchmarks/scale.py
-at tiny shapes (every phase must report) and benchmarks/families_check.py on one drawn config."""
+at tiny shapes (every phase must report), benchmarks/families_check.py on one drawn config and
+benchmarks/expert_parallel.py on 1 and 2 forced CPU devices."""
 from __future__ import annotations
 
 import json
@@ -83,3 +84,15 @@ def test_families_check_runs_one_config(tmp_path):
     row = result["rows"][0]
     assert row["logits_rel_err"] <= 1e-4 and row["greedy_equal"] and row["promotions"] > 0
     assert row["max_owned_bytes"] <= row["budget_for_owned"]
+
+
+def test_expert_parallel_runs_and_its_all_to_all_equals_the_psum(tmp_path):
+    out = tmp_path / "ep.json"
+    proc = run("expert_parallel.py", "--devices", "1,2", "--batches", "1", "--new-tokens", "4", "--repeats", "1",
+               "--layer-tokens", "1,5", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same_tokens"] and [r["devices"] for r in res["rows"]] == [1, 2]
+    assert [(r["devices"], r["tokens"]) for r in res["layer"]] == [(2, 1), (2, 5)]
+    assert all(r["max_abs_diff"] < 1e-5 and r["psum_ms"] > 0 and r["all_to_all_ms"] > 0 for r in res["layer"])
+    assert "all-to-all / psum" in proc.stdout
