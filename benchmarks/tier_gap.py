@@ -1,11 +1,13 @@
 """How much each expert format costs the embedded default model: validation perplexity per domain
-with every expert in one format (bf16 = the trained weights, int8/int4/int2 group 64), on the
-first windows of each domain's validation split. This is what chose the model's tier pair.
-Writes benchmarks/results/tier_gap.json."""
+with every expert in one format (bf16 = the trained weights; int8/int4/int2 group 64, quantized
+round-to-nearest (rtn, the method's) or by the least-error scale search (mse): model.quant), on the
+first windows of each domain's validation split, with each conversion's time. This is what chose
+the model's tier pair. Writes benchmarks/results/tier_gap.json."""
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,24 +31,36 @@ def perplexity(model, stream: np.ndarray, window: int, windows: int, batch: int 
     return float(np.exp(np.concatenate(nll).mean()))
 
 
+FORMATS = ("bf16", "int8:g64", "int4:g64", "int2:g64", "int8:g64:mse", "int4:g64:mse", "int2:g64:mse")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=24, help="windows per domain")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="expert formats, comma-separated (bf16: trained)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tier_gap.json"))
     a = ap.parse_args()
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
-    rows = {}
+    rows, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # One conversion per pair of formats: its HI tier and its LO tier are two models.
-        for hi, lo in (("source", "int8:g64"), ("int4:g64", "int2:g64")):
-            conv = convert(default_model.HF_DIR, Path(tmp) / lo.replace(":", "_"), hi=hi, lo=lo, dtype="f32",
-                           progress=False)
-            for tier, fmt in (("hi", "bf16" if hi == "source" else hi), ("lo", lo)):
+        for i in range(0, len(formats), 2):
+            pair = formats[i:i + 2]
+            hi, lo = ("source" if pair[0] == "bf16" else pair[0]), pair[-1]
+            t0 = time.perf_counter()
+            conv = convert(default_model.HF_DIR, Path(tmp) / str(i), hi=hi, lo=lo, dtype="f32", progress=False)
+            seconds[" + ".join(pair)] = time.perf_counter() - t0
+            for tier, fmt in zip(("hi", "lo"), pair):
                 model = dynaexq_jax.load(conv, tier=tier)
                 rows[fmt] = {d: perplexity(model, s, a.window, a.windows) for d, s in streams.items()}
-                print(f"{fmt:>9}: " + ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items()), flush=True)
-    write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows)
+                gap = "" if "bf16" not in rows else "  (" + ", ".join(
+                    f"{d} {100 * (p / rows['bf16'][d] - 1):+.1f}%" for d, p in rows[fmt].items()) + " vs bf16)"
+                print(f"{fmt:>13}: " + ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items()) + gap, flush=True)
+    print("conversion seconds (both tiers): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows,
+                 conversion_seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,14 @@ def test_other_formats_and_bf16_source(tmp_path):
         assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, parse_format("int8:g16"))
         assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g16"))
 
+    # The mse quantizer, named by the format's suffix, recorded in the metadata and read back.
+    ckpt = load_checkpoint(convert(hf_dir, tmp_path / "m", hi="int4:g16:mse", lo="int2:mse", progress=False))
+    # (int2's default group 64, fitted to the tiny model's dimensions: 32.)
+    assert ckpt.tiers["hi"].name == "int4:g16:mse" and ckpt.tiers["lo"] == parse_format("int2:g32:mse")
+    for i, stacks in experts.items():
+        assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, parse_format("int4:g16:mse"))
+        assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g32:mse"))
+
     # A bf16 checkpoint: "source" means bf16 for the hi tier and the dense params.
     for shard in hf_dir.glob("*.safetensors"):
         tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in stn.load_file(shard).items()}

@@ -39,6 +39,50 @@ def test_quantize_dequantize_error_is_bounded_by_half_a_step(spec, bits, group):
     assert np.all(np.abs(back - w) <= 0.5 * step + np.abs(w) * 2e-3 + 1e-6), f"seed {SEED}"
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+def test_the_mse_quantizer_writes_the_same_layout_with_never_more_error_than_rtn(kind):
+    """int*:g64:mse: the rtn layout and bytes (the kernels read it unchanged), the whole code grid
+    (code -2**(bits-1) below int8, and scales of both signs), and per group and column at most
+    rtn's error."""
+    w = rng(5).standard_t(4, (3, 256, 48)).astype(np.float32)       # heavy tails, as trained weights have
+    rtn, mse = quantize(w, f"{kind}:g64"), quantize(w, f"{kind}:g64:mse")
+    assert mse.fmt.name == f"{kind}:g64:mse" and parse_format(mse.fmt.name) == mse.fmt
+    assert parse_format(f"{kind}:mse").group == parse_format(kind).group and parse_format(f"{kind}:g64:rtn") == rtn.fmt
+    assert mse.fmt.kernel_format == rtn.fmt.kernel_format and mse.nbytes == rtn.nbytes
+    assert mse.data.shape == rtn.data.shape and mse.scales.shape == rtn.scales.shape
+    codes = np.asarray(unpack_codes(jnp.asarray(mse.data), mse.fmt.kernel_format))
+    assert codes.min() == mse.fmt.qmin == (-127 if kind == "int8" else -mse.fmt.offset) and codes.max() <= mse.fmt.qmax
+    assert (mse.scales < 0).any() == (kind != "int8") and (mse.scales > 0).any()
+
+    def group_error(t):
+        return ((np.asarray(dequantize(t)) - w) ** 2).reshape(3, 4, 64, 48).sum(axis=2)
+    assert np.all(group_error(mse) <= group_error(rtn) * (1 + 1e-5) + 1e-12), f"seed {SEED}"
+    gain = {"int8": 0.98, "int4": 0.95, "int2": 0.7}[kind]
+    assert group_error(mse).sum() < gain * group_error(rtn).sum()
+
+
+def test_the_quantizers_against_llama_cpps_own_at_group_32():
+    """gguf (llama.cpp's Python package) quantizes Q8_0 (fp16 scale max|w| / 127 per 32 values)
+    and Q4_0 (scale -max / 8 from the value of largest magnitude: the whole 16-level grid) in the
+    layout of int8:g32 / int4:g32 along K. int8:g32 (rtn) reconstructs as Q8_0 does; both mse
+    formats lose no more than llama.cpp's quantizer of the same bits."""
+    gguf = pytest.importorskip("gguf")
+    w = rng(6).standard_t(4, (256, 64)).astype(np.float32)
+
+    def llama_cpp(qtype):        # gguf quantizes rows in blocks of 32 along the last axis: K, transposed
+        t = getattr(gguf.GGMLQuantizationType, qtype)
+        return gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(w.T), t), t).reshape(64, 256).T
+
+    def error(back):
+        return float(((back - w) ** 2).sum())
+    q8, q4 = llama_cpp("Q8_0"), llama_cpp("Q4_0")
+    rtn8 = np.asarray(dequantize(quantize(w, "int8:g32")))
+    assert np.allclose(rtn8, q8, atol=np.abs(w).max() / 127 * 1.01)     # a code apart at most (ties)
+    assert abs(error(rtn8) / error(q8) - 1) < 0.02
+    assert error(np.asarray(dequantize(quantize(w, "int8:g32:mse")))) <= error(q8)
+    assert error(np.asarray(dequantize(quantize(w, "int4:g32:mse")))) <= error(q4)
+
+
 def test_sub_byte_values_are_packed_within_each_k_block():
     """int4, group 8: byte row r of a block holds rows r (low nibble) and r + 4 (high nibble)."""
     fmt = parse_format("int4:g8")
@@ -63,7 +107,8 @@ def test_byte_accounting_reproduces_published_expert_sizes():
 
 
 @pytest.mark.parametrize("spec, match", [("int5", "unknown format"), ("bf16:g64", "no group"),
-                                         ("int4:g3", "multiple of 2")])
+                                         ("int4:g3", "multiple of 2"), ("int4:g64:gptq", "unknown format"),
+                                         ("bf16:mse", "no group size or quantizer")])
 def test_bad_formats(spec, match):
     with pytest.raises(QuantFormatError, match=match):
         parse_format(spec)

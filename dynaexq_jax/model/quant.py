@@ -1,9 +1,16 @@
-"""Expert weight formats: bf16/fp16/f32 and group-wise symmetric int8/int4/int2.
+"""Expert weight formats: bf16/fp16/f32 and group-wise int8/int4/int2.
 
 A weight is stored input-major, [..., K, N] with K the input (reduction) dimension, so that
-y = x @ W. Integer formats quantize round-to-nearest, symmetric, one fp16 scale per group of
-`group` consecutive rows along K and per column: s = max|w| / qmax with qmax = 2**(bits-1) - 1,
-q = clip(round(w / s), -qmax, qmax), stored offset-binary as q + 2**(bits-1).
+y = x @ W. Integer formats keep one fp16 scale s per group of `group` consecutive rows along K and
+per column, and codes q stored offset-binary as q + 2**(bits-1); w ~ s * q. Two quantizers, named
+by a suffix on the format, write the same layout (every backend reads both):
+  rtn (default, the method's): s = max|w| / qmax with qmax = 2**(bits-1) - 1,
+      q = clip(round(w / s), -qmax, qmax): symmetric, code 0 unused (int2 keeps 3 of its 4 levels);
+  mse ('int2:g64:mse'): per group and column the scale, of either sign, whose codes on the whole
+      grid [-2**(bits-1), qmax] (int8: [-qmax, qmax], Format.qmin) reconstruct the group with the
+      least squared error (a search over
+      candidate scales, each refined by least-squares steps; rtn's scale among them, so never
+      worse than rtn). No data, as for rtn; the grid's extra level is what int2 gains most from.
 
 Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
 byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
@@ -27,6 +34,7 @@ from pallas_kernels import packing
 
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
+QUANTIZERS = ("rtn", "mse")
 SCALE_DTYPE = np.float16
 BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
 
@@ -36,6 +44,7 @@ class Format:
     """A named storage format. `group` is the quantization group along K (0 = whole K, 'channel')."""
     kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int2"
     group: int = 0
+    quantizer: str = "rtn"   # integer formats: "rtn" | "mse" (module docstring)
 
     @property
     def is_int(self) -> bool:
@@ -59,10 +68,18 @@ class Format:
         return 2 ** (self.bits - 1)
 
     @property
+    def qmin(self) -> int:
+        """The lowest code the quantizer writes: -qmax (rtn, symmetric) or -offset (mse, the whole
+        grid; int8 excepted: the CPU kernel's AVX2 dot product negates weight codes, and -128 has
+        no int8 negation, while the extra level is worth 1/255 of the range)."""
+        return -self.offset if self.quantizer == "mse" and self.bits < 8 else -self.qmax
+
+    @property
     def name(self) -> str:
         if not self.is_int:
             return self.kind
-        return f"{self.kind}:g{self.group}" if self.group else f"{self.kind}:channel"
+        name = f"{self.kind}:g{self.group}" if self.group else f"{self.kind}:channel"
+        return name if self.quantizer == "rtn" else f"{name}:{self.quantizer}"
 
     @property
     def storage_dtype(self):
@@ -100,23 +117,26 @@ class Format:
 
 
 def parse_format(spec: str | Format) -> Format:
-    """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int2', 'int4:g64', 'int8:channel'."""
+    """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int2', 'int4:g64', 'int8:channel', and a quantizer
+    suffix on an integer format: 'int2:g64:mse', 'int4:mse' (default group), ':rtn' (the default)."""
     if isinstance(spec, Format):
         return spec
-    m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int2)(?::(?:g(\d+)|(channel)))?",
-                     spec.strip().lower())
+    m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int2)(?::(?:g(\d+)|(channel)))?"
+                     r"(?::(rtn|mse))?", spec.strip().lower())
     if not m:
         raise QuantFormatError(
-            f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int2, optionally ':gN' or ':channel')")
+            f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int2, optionally ':gN' or ':channel', "
+            f"then optionally a quantizer, {' or '.join(QUANTIZERS)}: e.g. int2:g64:mse)")
     kind = {"float32": "f32", "bfloat16": "bf16", "float16": "fp16"}.get(m.group(1), m.group(1))
     if kind in _FLOAT_DTYPES:
-        if m.group(2) or m.group(3):
-            raise QuantFormatError(f"format '{spec}': float formats take no group size")
+        if m.group(2) or m.group(3) or m.group(4):
+            raise QuantFormatError(f"format '{spec}': float formats take no group size or quantizer")
         return Format(kind)
+    quantizer = m.group(4) or "rtn"
     if m.group(3):
-        return Format(kind, 0)
+        return Format(kind, 0, quantizer)
     group = int(m.group(2)) if m.group(2) else _DEFAULT_GROUP[int(kind[3:])]
-    fmt = Format(kind, group)
+    fmt = Format(kind, group, quantizer)
     if group <= 0 or group % fmt.per_byte:
         raise QuantFormatError(f"format '{spec}': group must be a positive multiple of {fmt.per_byte}")
     return fmt
@@ -127,7 +147,7 @@ def fit_default_group(spec, fmt: Format, dims: tuple[int, ...]) -> tuple[Format,
     group (no ':gN' in spec) that does not divide them becomes the largest smaller one that does
     and holds whole bytes, with a note saying so; an explicit group is kept (Format.check then
     names the problem)."""
-    if not (fmt.is_int and fmt.group and isinstance(spec, str) and ":" not in spec
+    if not (fmt.is_int and fmt.group and isinstance(spec, str) and not re.search(r":(g\d|channel)", spec)
             and any(d % fmt.group for d in dims)):
         return fmt, None
     fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
@@ -183,9 +203,9 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
     scales = (amax / fmt.qmax).astype(SCALE_DTYPE)
     if not np.all(np.isfinite(scales)):
         raise QuantFormatError(f"format {fmt.name}: a group's max |w| overflows fp16 scales")
-    s = scales.astype(np.float32)
-    safe = np.where(s > 0, s, 1.0)[..., None, :]
-    q = np.clip(np.rint(wg / safe), -fmt.qmax, fmt.qmax).astype(np.int32) + fmt.offset
+    if fmt.quantizer == "mse":
+        scales = _least_error_scales(wg, scales, fmt)
+    q = _codes(wg, scales, fmt).astype(np.int32) + fmt.offset
     # Pack within each block of g rows: byte row r holds rows r + j*g/p at bit offset j*bits.
     q = q.reshape(*w.shape[:-2], k // g, p, g // p, w.shape[-1])
     packed = np.zeros(q.shape[:-3] + q.shape[-2:], np.int32)
@@ -193,6 +213,40 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
         packed |= q[..., j, :, :] << (j * fmt.bits)
     packed = packed.reshape(*w.shape[:-2], k // p, w.shape[-1]).astype(np.uint8)
     return QTensor(packed, scales, fmt)
+
+
+def _codes(wg: np.ndarray, scales: np.ndarray, fmt: Format) -> np.ndarray:
+    """The codes (offset not added) of groups wg [..., G, g, N] under fp16 scales [..., G, N]."""
+    s = scales.astype(np.float32)[..., None, :]
+    return np.clip(np.rint(wg / np.where(s != 0, s, 1.0)), fmt.qmin, fmt.qmax)
+
+
+# The mse quantizer's search: candidate scales +-max|w| / t for CANDIDATES values of t between
+# 0.6 qmax and the grid's long side (offset), each refined by REFINE least-squares steps.
+CANDIDATES, REFINE = 12, 2
+
+
+def _least_error_scales(wg: np.ndarray, rtn: np.ndarray, fmt: Format) -> np.ndarray:
+    """Per group and column the fp16 scale (rtn's or a searched one, either sign) whose codes on
+    [qmin, qmax] give the least squared error over the group."""
+    amax = np.abs(wg).max(axis=-2)
+
+    def error(scales):
+        return ((wg - _codes(wg, scales, fmt) * scales.astype(np.float32)[..., None, :]) ** 2).sum(axis=-2)
+    best, best_err = rtn, error(rtn)
+    for sign in (1.0, -1.0) if fmt.qmin != -fmt.qmax else (1.0,):     # a symmetric grid: one sign is enough
+        for t in np.linspace(0.6 * fmt.qmax, fmt.offset, CANDIDATES):
+            s = sign * amax / t
+            for _ in range(REFINE):
+                # The least-squares scale for these codes: sum(w q) / sum(q^2) over the group.
+                q = np.clip(np.rint(wg / np.where(s != 0, s, 1.0)[..., None, :]), fmt.qmin, fmt.qmax)
+                qq = (q * q).sum(axis=-2)
+                s = np.where(qq > 0, (wg * q).sum(axis=-2) / np.where(qq > 0, qq, 1.0), s)
+            s = np.clip(s, -65504.0, 65504.0).astype(SCALE_DTYPE)
+            err = error(s)
+            better = err < best_err
+            best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return best
 
 
 def dequantize(t: QTensor, dtype=jnp.float32, xp=jnp):
