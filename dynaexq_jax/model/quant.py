@@ -8,9 +8,9 @@ by a suffix on the format, write the same layout (every backend reads both):
       q = clip(round(w / s), -qmax, qmax): symmetric, code 0 unused (int2 keeps 3 of its 4 levels);
   mse ('int2:g64:mse'): per group and column the scale, of either sign, whose codes on the whole
       grid [-2**(bits-1), qmax] (int8: [-qmax, qmax], Format.qmin) reconstruct the group with the
-      least squared error (a search over
-      candidate scales, each refined by least-squares steps; rtn's scale among them, so never
-      worse than rtn). No data, as for rtn; the grid's extra level is what int2 gains most from.
+      least squared error (a search over candidate scales, each refined by least-squares steps;
+      rtn's scale among them, so never worse than rtn). No data, as for rtn; the grid's extra
+      level is what int2 gains most from.
 
 Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
 byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
@@ -216,7 +216,7 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
 
 
 def _codes(wg: np.ndarray, scales: np.ndarray, fmt: Format) -> np.ndarray:
-    """The codes (offset not added) of groups wg [..., G, g, N] under fp16 scales [..., G, N]."""
+    """The codes (offset not added) of groups wg [..., G, g, N] under scales [..., G, N]."""
     s = scales.astype(np.float32)[..., None, :]
     return np.clip(np.rint(wg / np.where(s != 0, s, 1.0)), fmt.qmin, fmt.qmax)
 
@@ -239,7 +239,7 @@ def _least_error_scales(wg: np.ndarray, rtn: np.ndarray, fmt: Format) -> np.ndar
             s = sign * amax / t
             for _ in range(REFINE):
                 # The least-squares scale for these codes: sum(w q) / sum(q^2) over the group.
-                q = np.clip(np.rint(wg / np.where(s != 0, s, 1.0)[..., None, :]), fmt.qmin, fmt.qmax)
+                q = _codes(wg, s, fmt)
                 qq = (q * q).sum(axis=-2)
                 s = np.where(qq > 0, (wg * q).sum(axis=-2) / np.where(qq > 0, qq, 1.0), s)
             s = np.clip(s, -65504.0, 65504.0).astype(SCALE_DTYPE)
