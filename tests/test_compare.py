@@ -115,7 +115,8 @@ def test_compare_writes_every_output(compared):
     for name in ("results.json", "results.csv", "report.md", "traces.npz", "perplexity.png", "hit_rate.png",
                  "routed_mass.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
-    assert set(res["policies"]) == {"all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random"}
+    assert set(res["policies"]) == {"all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random",
+                                    "dynaexq-greedy", "sensitivity"}
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["policy"] for r in rows} == set(res["policies"])
     assert res["budget"]["n_hi"] == [8] * 6              # 25% of 32 experts in each of the 6 layers
@@ -139,5 +140,31 @@ def test_all_hi_and_all_lo_bracket_every_policy(compared):
     sweep = {(s["hi_fraction"], s["policy"]): s for s in res["sweep"]}
     assert sweep[0.0, "dynaexq"]["ppl"]["overall"] == pytest.approx(p["all-lo"], rel=1e-5)
     assert sweep[0.5, "dynaexq"]["gap_recovery"]["overall"] > 0.2
-    for name in ("static-calibrated", "dynaexq", "oracle", "random"):
+    for name in ("static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity"):
         assert res["policies"][name]["counters"]["device_stalls"] == 0
+    # The greedy strategies spread the same slots unevenly: the same budget, other layers first.
+    n_hi = {name: res["policies"][name]["n_hi"] for name in ("dynaexq", "dynaexq-greedy", "sensitivity")}
+    assert sum(n_hi["sensitivity"]) == sum(n_hi["dynaexq-greedy"]) == sum(n_hi["dynaexq"]), n_hi
+    assert n_hi["sensitivity"] != n_hi["dynaexq"]
+    assert res["policies"]["sensitivity"]["budget"] == res["policies"]["dynaexq"]["budget"]
+
+
+def test_lo_costs_are_zero_where_the_tiers_agree_and_positive_where_they_do_not(tmp_path):
+    """experiments.sensitivity.lo_costs on the default model: a checkpoint whose two tiers are
+    the same format costs nothing; int4 -> int2 costs every routed expert something, more in
+    total than int4 -> int4:g64:mse (a LO copy closer to HI)."""
+    from dynaexq_jax.experiments import default_model
+    from dynaexq_jax.experiments.compare import domain_streams
+    from dynaexq_jax.experiments.sensitivity import lo_costs
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    from dynaexq_jax.serving.tokenizer import TextCodec
+
+    def costs(lo):
+        ckpt = load_checkpoint(default_model.converted_model(None, tmp_path / lo.replace(":", "_"), lo=lo,
+                                                             progress=False))
+        streams = domain_streams(TextCodec(ckpt.path), "calibration")
+        return lo_costs(ckpt, [workload_tokens(streams, ("code",), 2, 48)[:, :49]])
+    same, int2, mse = costs(default_model.HI), costs("int2:g64"), costs("int4:g64:mse")
+    assert same.shape == (6, 32) and np.all(same == 0)
+    assert np.all(np.isfinite(int2)) and (int2 > 0).mean() > 0.8         # 96 pairs per layer reach most experts
+    assert int2.sum() > 10 * mse.sum() > 0

@@ -14,7 +14,7 @@ from dynaexq_jax.model.families import qwen3_moe
 from dynaexq_jax.runtime.budget import budget_for_fraction, format_bytes, parse_bytes, plan_budget
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
-from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, rank
+from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, SensitivityPolicy, rank
 from dynaexq_jax.runtime.pools import DevicePools
 from dynaexq_jax.serving.checkpoint import attach_experts
 from dynaexq_jax.serving.generate import Controller, generate
@@ -137,6 +137,20 @@ def test_dynaexq_policy_hysteresis_and_rate_limit():
     p = DynaExqPolicy(period=16, update_after_prefill=False)
     assert not p.wants_update(8, None) and p.wants_update(16, None)
     assert not p.wants_update(20, 16) and p.wants_update(32, 16)
+
+
+def test_the_sensitivity_policy_ranks_traffic_by_the_cost_of_each_lo_copy():
+    scores = np.array([[0.30, 0.29, 0.10, 0.05, 0.50, 0.295]])
+    hi = np.array([[True, True, True, False, False, False]])
+    # Equal costs: dynaexq's decisions; a costly LO copy (expert 3) wins a slot its traffic would not.
+    even = SensitivityPolicy(delta=0.0, cost=np.full((1, 6), 7.0))
+    assert even.plan(0, scores, hi, [3]) == DynaExqPolicy(delta=0.0).plan(0, scores, hi, [3])
+    costly = SensitivityPolicy(delta=0.0, cost=np.array([[1.0, 1.0, 1.0, 20.0, 1.0, 0.0]]))
+    assert costly.plan(0, scores, hi, [3]) == [[(3, 2), (4, 1)]]      # 5 costs nothing in LO: never promoted
+    assert [sorted(h) for h in costly.initial_hi([2], 6, scores)] == [[3, 4]]
+    for bad in (np.ones(6), np.array([[1.0, -1.0]]), np.array([[np.nan, 1.0]])):
+        with pytest.raises(RuntimeConfigError, match="finite, non-negative cost"):
+            SensitivityPolicy(cost=bad)
 
 
 def test_hi_set_follows_a_shift_of_the_hot_set():

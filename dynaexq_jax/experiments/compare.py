@@ -10,7 +10,11 @@ baselines at the same budget. Outputs: results.json, results.csv, report.md and 
 Policies: all-hi and all-lo (the references: every expert HI, every expert LO), static-calibrated
 (the top of a ranking measured on the calibration split of one domain with the all-LO model, then
 frozen), dynaexq (starting from the same ranking), oracle (the best HI set for each period from
-the all-HI run's future trace of these very streams) and random (a new random HI set every period).
+the all-HI run's future trace of these very streams) and random (a new random HI set every period);
+and two that spread the HI slots unevenly across layers (the greedy capacity strategy), to show
+where a gain comes from: dynaexq-greedy (by the calibration ranking: traffic alone) and
+sensitivity (traffic x the cost of each expert's LO copy, experiments.sensitivity, measured on the
+same calibration domain; the sensitivity policy ranks by it at run time too).
 """
 from __future__ import annotations
 
@@ -26,14 +30,15 @@ import numpy as np
 
 from dynaexq_jax.errors import ConfigError, check_int
 from dynaexq_jax.experiments import corpus
+from dynaexq_jax.experiments.sensitivity import lo_costs
 from dynaexq_jax.runtime.budget import budget_for_fraction, parse_bytes, parse_share, plan_for
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
-from dynaexq_jax.runtime.policies import OraclePolicy, Policy, RandomPolicy
+from dynaexq_jax.runtime.policies import OraclePolicy, Policy, RandomPolicy, SensitivityPolicy
 from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
 from dynaexq_jax.serving.tokenizer import TextCodec
 
-POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random")
+POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity")
 BASELINES = ("lru", "prefetch")
 
 
@@ -54,6 +59,7 @@ class CompareConfig:
     transfers: int = 8               # K: copies in flight
     calibration_domain: str | None = None   # default: the first workload domain
     calibration_tokens: int = 2048   # positions per row of the calibration stream
+    cost_tokens: int = 256           # positions per row that measure the LO costs (at most one window)
     sweep: tuple[float, ...] = ()    # HI fractions for the budget sweep (dynaexq, static-calibrated)
     throughput_batches: tuple[int, ...] = (1, 32)
     baselines: tuple[str, ...] = BASELINES
@@ -78,7 +84,7 @@ class CompareConfig:
         if [b for b in self.baselines if b not in BASELINES]:
             raise ConfigError(f"unknown baselines {list(self.baselines)} (use {', '.join(BASELINES)})")
         for name in ("rows", "phase_tokens", "chunk", "window", "period", "transfers", "calibration_tokens",
-                     "new_tokens", "prompt_tokens", "devices"):
+                     "cost_tokens", "new_tokens", "prompt_tokens", "devices"):
             check_int(name, getattr(self, name), ConfigError)
         if self.devices > 1 and self.baselines and self.throughput_batches:
             raise ConfigError(f"the offloading baselines ({', '.join(self.baselines)}) run on one device: with "
@@ -220,8 +226,9 @@ class Harness:
     def _budget(self, r: float, batch: int) -> int:
         return budget_for_fraction(self.ckpt, r, self.cfg.engine_settings("dynaexq", batch))
 
-    def engine(self, policy, budget: int, calibration=None, batch=None, max_len=None) -> Engine:
-        return Engine(self.ckpt, budget_bytes=budget, settings=self.cfg.engine_settings(policy, batch, max_len),
+    def engine(self, policy, budget: int, calibration=None, batch=None, max_len=None, **settings) -> Engine:
+        return Engine(self.ckpt, budget_bytes=budget,
+                      settings=self.cfg.engine_settings(policy, batch, max_len).replace(**settings),
                       calibration=calibration)
 
     def calibration(self) -> np.ndarray:
@@ -229,7 +236,17 @@ class Harness:
         return calibration_ranking(self.ckpt, self.codec, (c.calibration_domain or c.workload[0],), rows=c.rows,
                                    positions=c.calibration_tokens, chunk=c.chunk, window=c.window, devices=c.devices)
 
-    def run_policy(self, name: str, budget: int, ranking: np.ndarray, oracle_trace: np.ndarray | None) -> dict:
+    def lo_cost(self) -> np.ndarray:
+        """[L_moe, E]: each expert's LO cost (experiments.sensitivity) on the calibration domain's
+        split, rows streams of cost_tokens positions (at most one window)."""
+        c = self.cfg
+        n = min(c.cost_tokens, c.window)
+        streams = domain_streams(self.codec, "calibration")
+        return lo_costs(self.ckpt, [workload_tokens(streams, (c.calibration_domain or c.workload[0],), c.rows, n)
+                                    [:, :n + 1]])
+
+    def run_policy(self, name: str, budget: int, ranking: np.ndarray, oracle_trace: np.ndarray | None,
+                   cost: np.ndarray | None = None) -> dict:
         c = self.cfg
         if name == "all-hi":
             eng = self.engine("all-hi", self._budget(1.0, c.rows))
@@ -239,6 +256,12 @@ class Harness:
             eng = self.engine("static", budget, calibration=ranking)
         elif name == "dynaexq":
             eng = self.engine("dynaexq", budget, calibration=ranking)
+        elif name == "dynaexq-greedy":
+            eng = self.engine("dynaexq", budget, calibration=ranking, strategy="greedy")
+        elif name == "sensitivity":
+            # Traffic x cost ranks the experts at start, spreads the slots (greedy) and drives the swaps.
+            eng = self.engine(SensitivityPolicy(period=c.period, delta=c.delta, cost=cost), budget,
+                              calibration=ranking * cost, strategy="greedy")
         elif name == "oracle":
             # A decision after chunk b serves from chunk b + 3 on (replay.py): 2 chunks after its step.
             eng = self.engine(OraclePolicy(oracle_trace, c.chunk, c.period, lag=2 * c.chunk), budget)
@@ -264,10 +287,11 @@ class Harness:
         bar = tqdm(total=steps, desc="compare", unit="run", disable=self.log is None)
         bar.set_postfix_str("calibration")
         ranking = self.calibration()
+        cost = self.lo_cost() if "sensitivity" in names else None
         runs = {}
         for name in names:
             bar.set_postfix_str(name)
-            runs[name] = self.run_policy(name, self.budget, ranking, runs.get("all-hi", {}).get("trace"))
+            runs[name] = self.run_policy(name, self.budget, ranking, runs.get("all-hi", {}).get("trace"), cost)
             bar.update()
         hi, lo = runs["all-hi"]["ppl"], runs["all-lo"]["ppl"]
         for r in runs.values():

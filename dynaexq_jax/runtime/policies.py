@@ -133,6 +133,32 @@ class DynaExqPolicy(Policy):
 
 
 @dataclasses.dataclass
+class SensitivityPolicy(DynaExqPolicy):
+    """dynaexq on traffic x cost: the hotness of each expert weighted by what its LO copy costs
+    (cost [L_moe, E], e.g. experiments.sensitivity.lo_costs), so that of two equally hot experts
+    the one whose LO copy hurts more holds the HI slot. The weights are the costs over their
+    layer's mean (only the order within a layer matters to a layer's swaps; the hysteresis delta
+    keeps its scale); the initial HI set ranks a calibration ranking by the same weights."""
+    cost: np.ndarray | None = None
+    name = "sensitivity"
+
+    def __post_init__(self):
+        super().__post_init__()
+        cost = np.asarray(self.cost, np.float64)
+        if cost.ndim != 2 or not np.all(np.isfinite(cost)) or (cost < 0).any():
+            raise RuntimeConfigError("the sensitivity policy needs a finite, non-negative cost [L_moe, E]")
+        mean = cost.mean(axis=1, keepdims=True)
+        self.cost = cost
+        self.weights = np.where(mean > 0, cost / np.where(mean > 0, mean, 1.0), 1.0)
+
+    def initial_hi(self, n_hi, num_experts, ranking):
+        return super().initial_hi(n_hi, num_experts, None if ranking is None else np.asarray(ranking) * self.weights)
+
+    def plan(self, step, scores, hi_mask, n_hi):
+        return super().plan(step, np.asarray(scores) * self.weights, hi_mask, n_hi)
+
+
+@dataclasses.dataclass
 class OraclePolicy(Policy):
     """An upper bound for hotness-driven selection: it knows the future. trace f32 [chunks,
     L_moe, E] is the routed mass of each chunk of `chunk` steps of the very stream being served
