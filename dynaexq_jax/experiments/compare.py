@@ -320,7 +320,8 @@ class Harness:
                    "workload": {"phases": list(c.workload), "rows": c.rows, "phase_tokens": c.phase_tokens,
                                 "corpus": self.corpus},
                    "policies": runs, "sweep": sweep, "throughput": throughput,
-                   "traffic": traffic(traces["all-hi"], c, self.E)}
+                   "traffic": traffic(traces["all-hi"], c, self.E),
+                   "lo_cost": None if cost is None else cost.tolist()}
         np.savez_compressed(out / "traces.npz", **{n.replace("-", "_"): t for n, t in traces.items()})
         write_outputs(results, out)
         return results
@@ -437,15 +438,16 @@ def report(results: dict, plots: list[Path]) -> str:
              "Gap recovery = (ppl_LO - ppl) / (ppl_LO - ppl_HI).", "",
              "| policy | ppl overall | " + " | ".join(f"ppl {d}" for d in doms)
              + " | recovery overall | " + " | ".join(f"recovery {d}" for d in doms)
-             + " | recovery after first shift | HI hit rate | swaps | MiB moved |",
-             "|" + " --- |" * (7 + 2 * len(doms))]
+             + " | recovery after first shift | HI hit rate | swaps | MiB moved | HI slots per layer |",
+             "|" + " --- |" * (8 + 2 * len(doms))]
     for name, r in results["policies"].items():
         g = r["gap_recovery"]
         lines.append(f"| {name} | {r['ppl']['overall']:.3f} | "
                      + " | ".join(f"{r['ppl']['per_domain'][d]:.3f}" for d in doms)
                      + f" | {_fmt(g['overall'], True)} | " + " | ".join(_fmt(g['per_domain'][d], True) for d in doms)
                      + f" | {_fmt(g.get('after_first_shift'), True)} | {_fmt(r['hi_hit_rate'], True)} | "
-                     f"{r['counters']['promotions']} | {r['counters']['bytes_moved'] / 2**20:.2f} |")
+                     f"{r['counters']['promotions']} | {r['counters']['bytes_moved'] / 2**20:.2f} | "
+                     f"{', '.join(map(str, r['n_hi']))} |")
     if results["sweep"]:
         lines += ["", "## Budget sweep", "", "| HI fraction | policy | ppl | recovery | HI hit rate |",
                   "| --- | --- | --- | --- | --- |"]
