@@ -9,12 +9,10 @@ pairs routed to e. It is in loss units, so it compares across layers: traffic x 
 a HI slot saves, which is what the sensitivity policy ranks by (runtime.policies) and what the
 greedy capacity strategy allocates slots by (runtime.budget).
 
-Two passes over each calibration stream: one differentiates the loss with respect to a zero
-added to every MoE layer's output (the gradients g), one recomputes each pair in both tiers. Plain
-XLA (the CPU kernel has no gradient), every expert of a layer in one pool per tier."""
+Two jitted passes over each calibration stream: one differentiates the loss with respect to a
+zero added to every MoE layer's output (the gradients g), one recomputes each pair in both tiers.
+Plain XLA (the CPU kernel has no gradient), every expert of a layer in one pool per tier."""
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +43,7 @@ def lo_costs(ckpt: Checkpoint, streams: list[np.ndarray]) -> np.ndarray:
     params = attach_experts(ckpt.params, both)
     cost, mass = np.zeros((len(layers), E)), np.zeros((len(layers), E))
 
-    def loss(tokens, zeros, pairs=None):
+    def loss(params, tokens, zeros, pairs=None):
         moe = iter(range(len(layers)))
 
         def mlp(p, c, h, backend):
@@ -65,23 +63,31 @@ def lo_costs(ckpt: Checkpoint, streams: list[np.ndarray]) -> np.ndarray:
         logp = jax.nn.log_softmax(logits, -1)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
 
-    def accumulate(grads, i, flat, ids, w, experts):
-        """Each pair of MoE layer i recomputed in both tiers: its squared first-order loss change."""
-        x = jnp.repeat(flat, k, axis=0)                  # one row per (token, expert) pair
-        e = ids.reshape(-1, 1)
-        one = jnp.ones(e.shape, jnp.float32)
-        y_hi = moe_experts(x, e, one, experts, BACKEND)
-        y_lo = moe_experts(x, e, one, ExpertPools(experts.pools, jnp.full(E, LO, jnp.int32), experts.slot), BACKEND)
-        g = jnp.repeat(grads[i].reshape(-1, cfg.hidden_size), k, axis=0)
-        wf = np.asarray(w, np.float64).reshape(-1)
-        change = np.asarray(((y_lo - y_hi).astype(jnp.float32) * g).sum(-1), np.float64) * wf
-        np.add.at(cost[i], np.asarray(e)[:, 0], change ** 2)
-        np.add.at(mass[i], np.asarray(e)[:, 0], wf)
+    gradients = jax.jit(jax.grad(loss, argnums=2))
+
+    @jax.jit
+    def pair_changes(params, tokens, zeros, grads):
+        """Per MoE layer, every (token, expert) pair recomputed in both tiers: (expert ids, first-order
+        loss changes, routing weights), each [B T k]; collected while the forward is traced."""
+        found = {}
+
+        def pairs(i, flat, ids, w, experts):
+            x = jnp.repeat(flat, k, axis=0)                  # one row per pair
+            e = ids.reshape(-1, 1)
+            one = jnp.ones(e.shape, jnp.float32)
+            lo = ExpertPools(experts.pools, jnp.full(E, LO, jnp.int32), experts.slot)
+            dy = moe_experts(x, e, one, lo, BACKEND).astype(jnp.float32) - moe_experts(x, e, one, experts, BACKEND)
+            g = jnp.repeat(grads[i].reshape(-1, cfg.hidden_size), k, axis=0)
+            found[i] = (e[:, 0], (dy * g).sum(-1) * w.reshape(-1), w.reshape(-1))
+        loss(params, tokens, zeros, pairs)
+        return found
 
     for stream in streams:
         tokens = jnp.asarray(stream, jnp.int32)
         B, T = tokens.shape[0], tokens.shape[1] - 1
         zeros = [jnp.zeros((B, T, cfg.hidden_size), jnp.float32) for _ in layers]
-        grads = jax.grad(functools.partial(loss, tokens))(zeros)
-        loss(tokens, zeros, functools.partial(accumulate, grads))   # eager: accumulate reads concrete values
+        for i, (e, change, w) in pair_changes(params, tokens, zeros, gradients(params, tokens, zeros)).items():
+            e = np.asarray(e)
+            np.add.at(cost[i], e, np.asarray(change, np.float64) ** 2)
+            np.add.at(mass[i], e, np.asarray(w, np.float64))
     return np.where(mass > 0, cost / np.where(mass > 0, mass, 1.0), 0.0)
