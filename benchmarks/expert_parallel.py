@@ -63,12 +63,9 @@ def moe_all_to_all(x, ids, weights, experts, local_op):
         send_e = jnp.full((n, C), E, jnp.int32).at[owner, pos].set(ids_s)   # E: an empty entry
         send_w = jnp.zeros((n, C), weights.dtype).at[owner, pos].set(w_s)
         recv_x, recv_e, recv_w = (jax.lax.all_to_all(a, sharded.AXIS, 0, 0) for a in (send_x, send_e, send_w))
-        # This device's view: its own experts in their local slots, every other (and the empty
-        # entry E) on an out-of-range tier, which the backends skip.
-        size = sizes[jnp.clip(tier, 0, len(pools) - 1)]
-        here = (slot >= d * size) & (slot < (d + 1) * size)
-        mine = ExpertPools(pools, jnp.append(jnp.where(here, tier, len(pools)), len(pools)),
-                           jnp.append(slot - d * size, 0))
+        # This device's view, with the empty entry E on an out-of-range tier as well.
+        view = sharded.local_view(pools, tier, slot)
+        mine = ExpertPools(pools, jnp.append(view.tier, len(pools)), jnp.append(view.slot, 0))
         out = local_op(recv_x.reshape(n * C, H), recv_e.reshape(-1, 1), recv_w.reshape(-1, 1), mine)
         back = jax.lax.all_to_all(out.reshape(n, C, H).astype(jnp.float32), sharded.AXIS, 0, 0)
         rows = jnp.zeros((r, H), jnp.float32).at[token].add(back[owner, pos])

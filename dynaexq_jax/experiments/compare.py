@@ -231,9 +231,13 @@ class Harness:
                       settings=self.cfg.engine_settings(policy, batch, max_len).replace(**settings),
                       calibration=calibration)
 
+    @property
+    def calibration_domain(self) -> str:
+        return self.cfg.calibration_domain or self.cfg.workload[0]
+
     def calibration(self) -> np.ndarray:
         c = self.cfg
-        return calibration_ranking(self.ckpt, self.codec, (c.calibration_domain or c.workload[0],), rows=c.rows,
+        return calibration_ranking(self.ckpt, self.codec, (self.calibration_domain,), rows=c.rows,
                                    positions=c.calibration_tokens, chunk=c.chunk, window=c.window, devices=c.devices)
 
     def lo_cost(self) -> np.ndarray:
@@ -242,8 +246,7 @@ class Harness:
         c = self.cfg
         n = min(c.cost_tokens, c.window)
         streams = domain_streams(self.codec, "calibration")
-        return lo_costs(self.ckpt, [workload_tokens(streams, (c.calibration_domain or c.workload[0],), c.rows, n)
-                                    [:, :n + 1]])
+        return lo_costs(self.ckpt, [workload_tokens(streams, (self.calibration_domain,), c.rows, n)[:, :n + 1]])
 
     def run_policy(self, name: str, budget: int, ranking: np.ndarray, oracle_trace: np.ndarray | None,
                    cost: np.ndarray | None = None) -> dict:

@@ -9,8 +9,9 @@ pairs routed to e. It is in loss units, so it compares across layers: traffic x 
 a HI slot saves, which is what the sensitivity policy ranks by (runtime.policies) and what the
 greedy capacity strategy allocates slots by (runtime.budget).
 
-Two jitted passes over each calibration stream: one differentiates the loss with respect to a
-zero added to every MoE layer's output (the gradients g), one recomputes each pair in both tiers.
+One jitted forward and backward per calibration stream: the forward recomputes each pair in both
+tiers on the side, the backward differentiates the loss with respect to a zero added to every MoE
+layer's output (the gradients g).
 Plain XLA (the CPU kernel has no gradient), every expert of a layer in one pool per tier."""
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ def lo_costs(ckpt: Checkpoint, streams: list[np.ndarray]) -> np.ndarray:
     params = attach_experts(ckpt.params, both)
     cost, mass = np.zeros((len(layers), E)), np.zeros((len(layers), E))
 
-    def loss(params, tokens, zeros, pairs=None):
-        moe = iter(range(len(layers)))
+    def loss(params, tokens, zeros):
+        """The streams' summed NLL, and per MoE layer every (token, expert) pair recomputed in both
+        tiers: (expert ids [P], output changes dy [P, H], routing weights [P]), P = B T k."""
+        moe, pairs = iter(range(len(layers))), {}
 
         def mlp(p, c, h, backend):
             if not isinstance(p, MoE):
@@ -53,40 +56,32 @@ def lo_costs(ckpt: Checkpoint, streams: list[np.ndarray]) -> np.ndarray:
             B, T, H = h.shape
             flat = h.reshape(B * T, H)
             ids, w, probs = moe_route(p, c, flat)
-            if pairs is not None:
-                pairs(i, flat, ids, w, p.experts)
+            x, e = jnp.repeat(flat, k, axis=0), ids.reshape(-1, 1)       # one row per pair
+            one = jnp.ones(e.shape, jnp.float32)
+            lo = ExpertPools(p.experts.pools, jnp.full(E, LO, jnp.int32), p.experts.slot)
+            dy = moe_experts(x, e, one, lo, BACKEND).astype(jnp.float32) - moe_experts(x, e, one, p.experts, BACKEND)
+            pairs[i] = (e[:, 0], dy, w.reshape(-1))
             out = moe_experts(flat, ids, w, p.experts, BACKEND).reshape(B, T, H) + zeros[i]
             return out, ids.reshape(B, T, k), probs.reshape(B, T, k)
         inputs = tokens[:, :-1]
         logits, _, _ = decoder.decode(params, cfg, inputs, decoder.init_cache(cfg, *inputs.shape),
                                       backend=BACKEND, mlp=mlp)
         logp = jax.nn.log_softmax(logits, -1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
-
-    gradients = jax.jit(jax.grad(loss, argnums=2))
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum(), pairs
 
     @jax.jit
-    def pair_changes(params, tokens, zeros, grads):
-        """Per MoE layer, every (token, expert) pair recomputed in both tiers: (expert ids, first-order
-        loss changes, routing weights), each [B T k]; collected while the forward is traced."""
-        found = {}
-
-        def pairs(i, flat, ids, w, experts):
-            x = jnp.repeat(flat, k, axis=0)                  # one row per pair
-            e = ids.reshape(-1, 1)
-            one = jnp.ones(e.shape, jnp.float32)
-            lo = ExpertPools(experts.pools, jnp.full(E, LO, jnp.int32), experts.slot)
-            dy = moe_experts(x, e, one, lo, BACKEND).astype(jnp.float32) - moe_experts(x, e, one, experts, BACKEND)
-            g = jnp.repeat(grads[i].reshape(-1, cfg.hidden_size), k, axis=0)
-            found[i] = (e[:, 0], (dy * g).sum(-1) * w.reshape(-1), w.reshape(-1))
-        loss(params, tokens, zeros, pairs)
-        return found
+    def pair_changes(params, tokens, zeros):
+        """Per MoE layer (expert ids, first-order loss changes g . w dy, routing weights), each [P]:
+        one forward (the pairs ride along as auxiliary outputs) and its backward (the gradients)."""
+        grads, pairs = jax.grad(loss, argnums=2, has_aux=True)(params, tokens, zeros)
+        return {i: (e, (dy * jnp.repeat(grads[i].reshape(-1, cfg.hidden_size), k, axis=0)).sum(-1) * w, w)
+                for i, (e, dy, w) in pairs.items()}
 
     for stream in streams:
         tokens = jnp.asarray(stream, jnp.int32)
         B, T = tokens.shape[0], tokens.shape[1] - 1
         zeros = [jnp.zeros((B, T, cfg.hidden_size), jnp.float32) for _ in layers]
-        for i, (e, change, w) in pair_changes(params, tokens, zeros, gradients(params, tokens, zeros)).items():
+        for i, (e, change, w) in pair_changes(params, tokens, zeros).items():
             e = np.asarray(e)
             np.add.at(cost[i], e, np.asarray(change, np.float64) ** 2)
             np.add.at(mass[i], e, np.asarray(w, np.float64))

@@ -28,7 +28,6 @@ from dynaexq_jax.errors import GenerationError, RuntimeConfigError
 from dynaexq_jax.model.moe import HI, LO, sharded
 from dynaexq_jax.runtime.budget import BudgetPlan, plan_for, resolve_budget
 from dynaexq_jax.runtime.config import EngineConfig
-from dynaexq_jax.runtime.policies import OraclePolicy, SensitivityPolicy
 from dynaexq_jax.runtime.pools import DevicePools, HostStore, tree_nbytes
 from dynaexq_jax.runtime.transfers import PlannedSwap, TransferSchedule
 from dynaexq_jax.serving.checkpoint import Checkpoint, attach_experts, load_checkpoint
@@ -109,10 +108,8 @@ class Engine(Controller):
         # layer: the policy, the residency and the transfers work on shards (DevicePools), and every
         # [L_moe, E] array reads as [L_moe * N, E / N] shards by a reshape (self.shards).
         n = settings.devices
-        if n > 1 and isinstance(self.policy, OraclePolicy):      # its trace, read by shards
-            self.policy = dataclasses.replace(self.policy, trace=self.shards(self.policy.trace))
-        if n > 1 and isinstance(self.policy, SensitivityPolicy):  # its costs, by shards
-            self.policy = dataclasses.replace(self.policy, cost=self.shards(self.policy.cost))
+        if n > 1:
+            self.policy = self.policy.on_shards(self.shards)
         if jax.process_count() > 1 and not settings.deterministic:
             # Every process plans alone from the same scores: their assignments agree only if
             # they publish the same swaps at the same boundaries.

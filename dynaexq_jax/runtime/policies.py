@@ -11,6 +11,7 @@ policy is a subclass with `plan` (and optionally `initial_hi`):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -49,6 +50,12 @@ class Policy:
 
     def plan(self, step: int, scores: np.ndarray, hi_mask: np.ndarray, n_hi: list[int]) -> list[list[Swap]]:
         return [[] for _ in n_hi]
+
+    def on_shards(self, shards) -> Policy:
+        """This policy on an expert-parallel mesh, where every [L_moe, E] array reads as
+        shards(a) = [L_moe * N, E / N]: a policy holding such arrays returns a copy holding them
+        so; one that holds none is itself."""
+        return self
 
 
 class StaticPolicy(Policy):
@@ -157,6 +164,11 @@ class SensitivityPolicy(DynaExqPolicy):
     def plan(self, step, scores, hi_mask, n_hi):
         return super().plan(step, np.asarray(scores) * self.weights, hi_mask, n_hi)
 
+    def on_shards(self, shards):
+        out = copy.copy(self)                  # the weights keep their per-layer normalisation
+        out.cost, out.weights = shards(self.cost), shards(self.weights)
+        return out
+
 
 @dataclasses.dataclass
 class OraclePolicy(Policy):
@@ -185,6 +197,9 @@ class OraclePolicy(Policy):
 
     def initial_hi(self, n_hi, num_experts, ranking):
         return super().initial_hi(n_hi, num_experts, self.future_mass(-self.lag))
+
+    def on_shards(self, shards):
+        return dataclasses.replace(self, trace=shards(self.trace))
 
     def plan(self, step, scores, hi_mask, n_hi):
         mass = self.future_mass(step)

@@ -226,8 +226,8 @@ class DevicePools:
         tier = np.concatenate([r.tier for r in shards])
         # Global slots: shard d's slots follow those of the shards before it, in each tier's pool
         # (every shard's pools are as large as the first's).
-        sizes = np.array([[len(r.holders[t]) for t in (HI, LO)] for r in shards])
-        slot = np.concatenate([r.slot + np.where(r.tier == HI, d * sizes[0, HI], d * sizes[0, LO])
+        n_hi, n_lo = (len(shards[0].holders[t]) for t in (HI, LO))
+        slot = np.concatenate([r.slot + d * np.where(r.tier == HI, n_hi, n_lo)
                                for d, r in enumerate(shards)]).astype(np.int32)
         return ExpertPools(tiers, *sharded.replicated((jnp.asarray(tier), jnp.asarray(slot)), self.mesh),
                            mesh=self.mesh)

@@ -60,18 +60,25 @@ def split_pools(experts: ExpertPools, mesh: Mesh) -> ExpertPools:
     return ExpertPools(pools, *replicated((experts.tier, experts.slot), mesh), mesh=mesh)
 
 
+def local_view(pools, tier, slot) -> ExpertPools:
+    """Inside shard_map over AXIS: this device's pools (its slots of every tier) with the global
+    assignment tier/slot [E] mapped to them: its own experts at their local slots, every other
+    expert on an out-of-range tier, which every backend skips."""
+    d = jax.lax.axis_index(AXIS)
+    sizes = jnp.array([p.size for p in pools], jnp.int32)        # this device's slots per tier
+    size = sizes[jnp.clip(tier, 0, len(pools) - 1)]
+    first = d * size
+    here = (tier >= 0) & (tier < len(pools)) & (slot >= first) & (slot < first + size)
+    return ExpertPools(pools, jnp.where(here, tier, len(pools)), slot - first)
+
+
 def moe_experts_sharded(x, ids, weights, experts: ExpertPools, local_op: Callable):
     """local_op(x, ids, weights, local ExpertPools) on every device of experts.mesh over its own
     slots, summed across devices. x [T, H], ids/weights [T, k] replicated -> [T, H] in x.dtype."""
     mesh = experts.mesh
 
     def local(x, ids, weights, pools, tier, slot):
-        d = jax.lax.axis_index(AXIS)
-        sizes = jnp.array([p.size for p in pools], jnp.int32)        # this device's slots per tier
-        size = sizes[jnp.clip(tier, 0, len(pools) - 1)]
-        first = d * size
-        here = (tier >= 0) & (tier < len(pools)) & (slot >= first) & (slot < first + size)
-        mine = ExpertPools(pools, jnp.where(here, tier, len(pools)), slot - first)
+        mine = local_view(pools, tier, slot)
         return jax.lax.psum(local_op(x, ids, weights, mine).astype(jnp.float32), AXIS).astype(x.dtype)
 
     pool_specs = jax.tree.map(lambda _: PartitionSpec(AXIS), experts.pools)
