@@ -18,7 +18,8 @@ What is converted, from which HF tensors and how, is the model family's schema
   OUT/metadata.json, OUT/config.json, tokenizer files
   OUT/dense/           orbax: {embed, final_norm, lm_head (untied only)}
   OUT/layers/NNN/      orbax: {input_norm, post_norm, attn: {...}, mlp: {router} | {gate, up, down}} (Qwen3-MoE)
-  OUT/experts/NNN.hi.safetensors, NNN.lo.safetensors   {gate|up|down}.{data, scales[, bias]}, [E, ...] expert-major
+  OUT/experts/NNN.hi.safetensors, NNN.lo.safetensors   {gate|up|down}.{data, scales[, zeros][, bias]},
+                       [E, ...] expert-major
 
 Expert biases (gpt-oss) are copied as f32 into both tiers; MXFP4 experts (gpt-oss's released
 checkpoints) are dequantized exactly (gpt_oss.dequantize_mxfp4) and then quantized into both tiers
@@ -374,6 +375,8 @@ class _Job:
                 files[tier].write(f"{proj}.data", rng.start, q.data)
                 if fmt.is_int:
                     files[tier].write(f"{proj}.scales", rng.start, q.scales)
+                if fmt.has_zeros:
+                    files[tier].write(f"{proj}.zeros", rng.start, q.zeros)
         self._progress(sum(w.nbytes for w in stacks.values()))
         if done.finish():
             for f in files.values():

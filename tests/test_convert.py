@@ -101,6 +101,10 @@ def assert_pool_equals_quantized(pool, stacks, fmt):
             np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
         else:
             assert got.scales is None
+        if fmt.has_zeros:
+            np.testing.assert_array_equal(np.asarray(got.zeros), np.asarray(want.zeros))
+        else:
+            assert got.zeros is None
 
 
 def test_round_trip(tiny, tmp_path, monkeypatch):
@@ -166,13 +170,15 @@ def test_other_formats_and_bf16_source(tmp_path):
         assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, parse_format("int8:g16"))
         assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g16"))
 
-    # The mse quantizer, named by the format's suffix, recorded in the metadata and read back.
-    ckpt = load_checkpoint(convert(hf_dir, tmp_path / "m", hi="int4:g16:mse", lo="int2:mse", progress=False))
+    # The mse and hqq quantizers, named by the format's suffix, recorded in the metadata and read
+    # back (hqq's zeros as one more tensor per projection).
+    ckpt = load_checkpoint(convert(hf_dir, tmp_path / "m", hi="int4:g16:mse", lo="int2:hqq", progress=False))
     # (int2's default group 64, fitted to the tiny model's dimensions: 32.)
-    assert ckpt.tiers["hi"].name == "int4:g16:mse" and ckpt.tiers["lo"] == parse_format("int2:g32:mse")
+    assert ckpt.tiers["hi"].name == "int4:g16:mse" and ckpt.tiers["lo"] == parse_format("int2:g32:hqq")
+    assert ckpt.metadata["tiers"]["lo"] == "int2:g32:hqq"
     for i, stacks in experts.items():
         assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, parse_format("int4:g16:mse"))
-        assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g32:mse"))
+        assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g32:hqq"))
 
     # A bf16 checkpoint: "source" means bf16 for the hi tier and the dense params.
     for shard in hf_dir.glob("*.safetensors"):

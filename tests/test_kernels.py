@@ -224,11 +224,24 @@ def test_format_and_shape_errors_are_clear():
     assert compat.default_interpret() is (jax.default_backend() != "gpu")
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4:g32", "int2:g64", "int4:channel"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4:g32", "int2:g64", "int4:channel", "int2:g32:hqq"])
 def test_model_formats_map_onto_kernel_formats(kind):
-    """What the model quantizes, the kernels' static metadata describes (same packing, same name)."""
+    """What the model quantizes, the kernels' static metadata describes (same packing, same name,
+    zeros where the quantizer is asymmetric); weights that do not match it are refused by name."""
     q = quantize(np.ones((2, 128, 32), np.float32), kind)
     fmt = q.fmt.kernel_format
     assert (fmt.is_int, fmt.per_byte, fmt.offset) == (q.fmt.is_int, q.fmt.per_byte, q.fmt.offset if q.fmt.is_int else 0)
-    assert fmt.name == (q.fmt.name if q.fmt.is_int else "float")
-    assert check_weights(q.data, q.scales, fmt) == (128, 32)
+    assert fmt.zero == q.fmt.has_zeros == (q.zeros is not None)
+    assert fmt.name == ((q.fmt.name.replace(":hqq", ":zero") if fmt.zero else q.fmt.name) if q.fmt.is_int else "float")
+    assert check_weights(q.data, q.scales, fmt, q.zeros) == (128, 32)
+    if not fmt.is_int:
+        return
+    with pytest.raises(KernelFormatError, match="scales must be"):
+        check_weights(q.data, q.scales[..., :1], fmt, q.zeros)
+    if fmt.zero:
+        for bad in (None, q.zeros[..., :1]):
+            with pytest.raises(KernelFormatError, match="zeros must be"):
+                check_weights(q.data, q.scales, fmt, bad)
+    else:
+        with pytest.raises(KernelFormatError, match="symmetric"):
+            check_weights(q.data, q.scales, fmt, q.scales)

@@ -32,14 +32,14 @@ from pallas_kernels.grouped_matmul import (
 )
 
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, top_k=8)
-FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int2", "int8:channel", "int4:g64")
+FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int2", "int8:channel", "int4:g64", "int4:g64:hqq", "int2:hqq")
 
 
 def _abstract_qtensor(fmt, slots, k, n) -> QTensor:
     fmt = parse_format(fmt)
     data = jax.ShapeDtypeStruct((slots, k // fmt.per_byte, n), fmt.storage_dtype)
     scales = jax.ShapeDtypeStruct((slots, k // fmt.group_for(k), n), np.float16) if fmt.is_int else None
-    return QTensor(data, scales, fmt)
+    return QTensor(data, scales, fmt, scales if fmt.has_zeros else None)
 
 
 def _abstract_pool(fmt, slots, hidden, inter, bias: bool = False) -> TierPool:
@@ -171,7 +171,8 @@ def test_pipeline_fits_shared_memory(fmt):
     w = _abstract_qtensor(fmt, s["experts"], s["hidden"], s["inter"])
     for config in (DECODE, PREFILL):
         for x_dtype in (jnp.bfloat16, jnp.float32):
-            plan = pallas_triton.make_plan((64, s["hidden"]), x_dtype, w.data, w.scales, w.fmt.kernel_format, config)
+            plan = pallas_triton.make_plan((64, s["hidden"]), x_dtype, w.data, w.scales, w.zeros, w.fmt.kernel_format,
+                                             config)
             stages = plan.num_stages(config, n_weights=2)
             x_bytes = plan.bm * plan.bkb * plan.p * plan.compute_dtype.itemsize
             w_bytes = 2 * plan.bkb * plan.bn * plan.w_dtype.itemsize

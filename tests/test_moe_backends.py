@@ -81,6 +81,9 @@ CASES = [
     Case("int8+int2 spare slot", (("int8:g32", 6), ("int2:g64", 10)), T=6, spare=1),
     # The mse quantizer: the whole code grid and negative scales, in the same layout.
     Case("mse int8+int4+int2", (("int8:g32:mse", 4), ("int4:g32:mse", 5), ("int2:g64:mse", 7)), T=5),
+    # HQQ: zeros beside the scales (asymmetric), read by every backend; decode and grouped prefill.
+    Case("hqq int8+int4+int2", (("int8:g32:hqq", 4), ("int4:g32:hqq", 5), ("int2:g64:hqq", 7)), T=5),
+    Case("hqq prefill bf16+int2", (("bf16", 3), ("int2:g64:hqq", 5)), T=64),
     Case("f32+int4-channel k=4", (("f32", 3), ("int4:channel", 13)), T=7, k=4),
     Case("bf16+int4 bf16-x", (("bf16", 4), ("int4:g32", 4)), T=4, x_dtype="bfloat16"),
     # degenerate pools and assignments

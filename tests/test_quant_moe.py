@@ -83,6 +83,53 @@ def test_the_quantizers_against_llama_cpps_own_at_group_32():
     assert error(np.asarray(dequantize(quantize(w, "int4:g32:mse")))) <= error(q4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+def test_the_hqq_quantizer_adds_zeros_beside_the_scales_and_loses_less_than_rtn(kind):
+    """int*:g64:hqq: the same codes layout plus fp16 zeros of the scales' shape (counted in the
+    bytes), read by dequantize as w = q * s + z, and less error than rtn per group and column
+    (rtn's symmetric grid is one of the fits an asymmetric one can make, near enough)."""
+    w = rng(7).standard_t(4, (3, 256, 48)).astype(np.float32) + 0.05     # an offset only a zero captures
+    rtn, hqq = quantize(w, f"{kind}:g64"), quantize(w, f"{kind}:g64:hqq")
+    assert hqq.fmt.name == f"{kind}:g64:hqq" and parse_format(hqq.fmt.name) == hqq.fmt and hqq.fmt.has_zeros
+    assert hqq.fmt.kernel_format.zero and not rtn.fmt.kernel_format.zero
+    assert hqq.zeros.dtype == np.float16 and hqq.zeros.shape == hqq.scales.shape == rtn.scales.shape
+    assert hqq.nbytes == rtn.nbytes + hqq.zeros.nbytes == hqq.fmt.nbytes(256, 48) * 3
+    back = np.asarray(dequantize(hqq))
+    assert np.array_equal(back, dequantize(hqq, np.float32, np))
+    codes = np.asarray(unpack_codes(jnp.asarray(hqq.data), hqq.fmt.kernel_format)).reshape(3, 4, 64, 48)
+    want = codes * hqq.scales.astype(np.float32)[:, :, None] + hqq.zeros.astype(np.float32)[:, :, None]
+    assert np.array_equal(back, want.reshape(w.shape))
+    assert codes.min() >= hqq.fmt.qmin and codes.max() <= hqq.fmt.qmax
+    # Each group is solved on its own: an expert quantized alone (as the converter streams them)
+    # comes out bit-identical.
+    alone = quantize(w[1:2], f"{kind}:g64:hqq")
+    for got, want in ((alone.data, hqq.data[1:2]), (alone.scales, hqq.scales[1:2]), (alone.zeros, hqq.zeros[1:2])):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+    def group_error(t):
+        return ((np.asarray(dequantize(t)) - w) ** 2).reshape(3, 4, 64, 48).sum(axis=2)
+    gain = {"int8": 0.9, "int4": 0.8, "int2": 0.6}[kind]
+    assert group_error(hqq).sum() < gain * group_error(rtn).sum(), f"seed {SEED}"
+
+
+@pytest.mark.parametrize("bits, group", [(2, 64), (2, 32), (4, 64), (4, 128), (8, 64)])
+def test_hqq_loses_no_more_than_the_hqq_package(bits, group):
+    """The published implementation (the `hqq` package, Quantizer.quantize with its default
+    optimiser, no bit-packing, f32) at the same bits and group along K: equal or lower squared
+    error (ours also refits (s, z) by least squares and stores them in fp16)."""
+    hqq = pytest.importorskip("hqq.core.quantize")
+    torch = pytest.importorskip("torch")
+    w = rng(8).standard_t(4, (256, 96)).astype(np.float32) * 0.02
+    # hqq groups `group` consecutive values of a row-major [N, K] (a Linear's [out, in]): K, as ours.
+    wq, meta = hqq.Quantizer.quantize(torch.from_numpy(np.ascontiguousarray(w.T)), nbits=bits, group_size=group,
+                                      optimize=True, axis=1, bitpack=False, compute_dtype=torch.float32,
+                                      device="cpu")
+    theirs = hqq.Quantizer.dequantize(wq, meta).numpy().reshape(96, 256).T
+    ours = np.asarray(dequantize(quantize(w, f"int{bits}:g{group}:hqq")))
+    err_ours, err_theirs = float(((ours - w) ** 2).sum()), float(((theirs - w) ** 2).sum())
+    assert err_ours <= err_theirs, f"hqq int{bits}:g{group}: ours {err_ours:.4g} > the package's {err_theirs:.4g}"
+
+
 def test_sub_byte_values_are_packed_within_each_k_block():
     """int4, group 8: byte row r of a block holds rows r (low nibble) and r + 4 (high nibble)."""
     fmt = parse_format("int4:g8")

@@ -2,8 +2,8 @@
 
 A weight is stored input-major, [..., K, N] with K the input (reduction) dimension, so that
 y = x @ W. Integer formats keep one fp16 scale s per group of `group` consecutive rows along K and
-per column, and codes q stored offset-binary as q + 2**(bits-1); w ~ s * q. Two quantizers, named
-by a suffix on the format, write the same layout (every backend reads both):
+per column, and codes q stored offset-binary as q + 2**(bits-1); w ~ s * q. Three quantizers, named
+by a suffix on the format, write the same codes (every backend reads all three):
   rtn (default, the method's): s = max|w| / qmax with qmax = 2**(bits-1) - 1,
       q = clip(round(w / s), -qmax, qmax): symmetric, code 0 unused (int2 keeps 3 of its 4 levels);
   mse ('int2:g64:mse'): per group and column the scale, of either sign, whose codes on the whole
@@ -11,6 +11,10 @@ by a suffix on the format, write the same layout (every backend reads both):
       least squared error (a search over candidate scales, each refined by least-squares steps;
       rtn's scale among them, so never worse than rtn). No data, as for rtn; the grid's extra
       level is what int2 gains most from.
+  hqq ('int2:g64:hqq', asymmetric): w ~ s * q + z with a zero z per group and column (fp16, as
+      many bytes again as the scales): HQQ (Badri & Shaji 2023, no data): the scale from the
+      group's range, the zero point by half-quadratic proximal steps on the l_0.7 error, then a
+      least-squares refit of (s, z) for those codes wherever it lowers the squared error.
 
 Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
 byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
@@ -34,7 +38,7 @@ from pallas_kernels import packing
 
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
-QUANTIZERS = ("rtn", "mse")
+QUANTIZERS = ("rtn", "mse", "hqq")
 SCALE_DTYPE = np.float16
 BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
 
@@ -44,7 +48,7 @@ class Format:
     """A named storage format. `group` is the quantization group along K (0 = whole K, 'channel')."""
     kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int2"
     group: int = 0
-    quantizer: str = "rtn"   # integer formats: "rtn" | "mse" (module docstring)
+    quantizer: str = "rtn"   # integer formats: "rtn" | "mse" | "hqq" (module docstring)
 
     @property
     def is_int(self) -> bool:
@@ -69,10 +73,15 @@ class Format:
 
     @property
     def qmin(self) -> int:
-        """The lowest code the quantizer writes: -qmax (rtn, symmetric) or -offset (mse, the whole
-        grid; int8 excepted: the CPU kernel's AVX2 dot product negates weight codes, and -128 has
-        no int8 negation, while the extra level is worth 1/255 of the range)."""
-        return -self.offset if self.quantizer == "mse" and self.bits < 8 else -self.qmax
+        """The lowest code the quantizer writes: -qmax (rtn, symmetric) or -offset (mse, hqq: the
+        whole grid; int8 excepted: the CPU kernel's AVX2 dot product negates weight codes, and -128
+        has no int8 negation, while the extra level is worth 1/255 of the range)."""
+        return -self.qmax if self.quantizer == "rtn" or self.bits == 8 else -self.offset
+
+    @property
+    def has_zeros(self) -> bool:
+        """Asymmetric: a zero beside every scale (w = q * s + z)."""
+        return self.quantizer == "hqq"
 
     @property
     def name(self) -> str:
@@ -88,7 +97,7 @@ class Format:
     @property
     def kernel_format(self) -> packing.WeightFormat:
         """The static metadata the kernels (and dequantize) read weights of this format with."""
-        return packing.WeightFormat("int", self.bits, self.group) if self.is_int else packing.FLOAT
+        return packing.WeightFormat("int", self.bits, self.group, self.has_zeros) if self.is_int else packing.FLOAT
 
     def group_for(self, k: int) -> int:
         """The group size used for an input dimension k (per-channel formats use all of k)."""
@@ -106,11 +115,12 @@ class Format:
             raise QuantFormatError(f"format {self.name}: group {g} is not a multiple of {self.per_byte}")
 
     def nbytes(self, k: int, n: int) -> int:
-        """Exact bytes of one [k, n] weight in this format, scales included."""
+        """Exact bytes of one [k, n] weight in this format, scales (and zeros) included."""
         self.check(k)
         if not self.is_int:
             return k * n * np.dtype(self.storage_dtype).itemsize
-        return k * n // self.per_byte + (k // self.group_for(k)) * n * np.dtype(SCALE_DTYPE).itemsize
+        per_group = (2 if self.has_zeros else 1) * np.dtype(SCALE_DTYPE).itemsize
+        return k * n // self.per_byte + (k // self.group_for(k)) * n * per_group
 
     def __str__(self) -> str:
         return self.name
@@ -118,11 +128,11 @@ class Format:
 
 def parse_format(spec: str | Format) -> Format:
     """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int2', 'int4:g64', 'int8:channel', and a quantizer
-    suffix on an integer format: 'int2:g64:mse', 'int4:mse' (default group), ':rtn' (the default)."""
+    suffix on an integer format: 'int2:g64:mse', 'int4:hqq' (default group), ':rtn' (the default)."""
     if isinstance(spec, Format):
         return spec
     m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int2)(?::(?:g(\d+)|(channel)))?"
-                     r"(?::(rtn|mse))?", spec.strip().lower())
+                     r"(?::(rtn|mse|hqq))?", spec.strip().lower())
     if not m:
         raise QuantFormatError(
             f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int2, optionally ':gN' or ':channel', "
@@ -168,10 +178,12 @@ def expert_nbytes(fmt: Format, hidden: int, inter: int, bias: bool = False) -> i
 @struct.dataclass
 class QTensor:
     """A stack of weights [..., K, N] in one Format. data: float [..., K, N] or uint8 [..., K/p, N];
-    scales: fp16 [..., K/group, N] for integer formats, None for float formats."""
+    scales: fp16 [..., K/group, N] for integer formats, None for float formats; zeros: like the
+    scales for asymmetric formats (Format.has_zeros), else None."""
     data: jax.Array
     scales: jax.Array | None
     fmt: Format = struct.field(pytree_node=False)
+    zeros: jax.Array | None = None
 
     @property
     def k(self) -> int:
@@ -183,7 +195,7 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes) + (int(self.scales.nbytes) if self.scales is not None else 0)
+        return sum(int(a.nbytes) for a in (self.data, self.scales, self.zeros) if a is not None)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return dequantize(self, dtype)
@@ -198,27 +210,44 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
     if not fmt.is_int:
         return QTensor(w.astype(fmt.storage_dtype), None, fmt)
     g, p = fmt.group_for(k), fmt.per_byte
-    wg = w.astype(np.float32).reshape(*w.shape[:-2], k // g, g, w.shape[-1])
+    # C order whatever w's layout: numpy's sums then run in one order, so a group's codes do not
+    # depend on how its stack was sliced or transposed.
+    wg = np.ascontiguousarray(w, np.float32).reshape(*w.shape[:-2], k // g, g, w.shape[-1])
     amax = np.abs(wg).max(axis=-2)
     scales = (amax / fmt.qmax).astype(SCALE_DTYPE)
     if not np.all(np.isfinite(scales)):
         raise QuantFormatError(f"format {fmt.name}: a group's max |w| overflows fp16 scales")
+    zeros = None
     if fmt.quantizer == "mse":
         scales = _least_error_scales(wg, scales, fmt)
-    q = _codes(wg, scales, fmt).astype(np.int32) + fmt.offset
+    elif fmt.quantizer == "hqq":
+        scales, zeros = _hqq(wg, fmt)
+    q = _codes(wg, scales, fmt, zeros).astype(np.int32) + fmt.offset
     # Pack within each block of g rows: byte row r holds rows r + j*g/p at bit offset j*bits.
     q = q.reshape(*w.shape[:-2], k // g, p, g // p, w.shape[-1])
     packed = np.zeros(q.shape[:-3] + q.shape[-2:], np.int32)
     for j in range(p):
         packed |= q[..., j, :, :] << (j * fmt.bits)
     packed = packed.reshape(*w.shape[:-2], k // p, w.shape[-1]).astype(np.uint8)
-    return QTensor(packed, scales, fmt)
+    return QTensor(packed, scales, fmt, zeros)
 
 
-def _codes(wg: np.ndarray, scales: np.ndarray, fmt: Format) -> np.ndarray:
-    """The codes (offset not added) of groups wg [..., G, g, N] under scales [..., G, N]."""
+def _codes(wg: np.ndarray, scales: np.ndarray, fmt: Format, zeros: np.ndarray | None = None) -> np.ndarray:
+    """The codes (offset not added) of groups wg [..., G, g, N] under scales (and zeros) [..., G, N]:
+    the nearest of the grid to each weight."""
     s = scales.astype(np.float32)[..., None, :]
+    if zeros is not None:
+        wg = wg - zeros.astype(np.float32)[..., None, :]
     return np.clip(np.rint(wg / np.where(s != 0, s, 1.0)), fmt.qmin, fmt.qmax)
+
+
+def _squared_error(wg, scales, fmt: Format, zeros=None) -> np.ndarray:
+    """Per group and column, the squared error of reconstructing wg [..., G, g, N] with these
+    (fp16) scales and zeros."""
+    w_hat = _codes(wg, scales, fmt, zeros) * scales.astype(np.float32)[..., None, :]
+    if zeros is not None:
+        w_hat = w_hat + zeros.astype(np.float32)[..., None, :]
+    return ((wg - w_hat) ** 2).sum(axis=-2)
 
 
 # The mse quantizer's search: candidate scales +-max|w| / t for CANDIDATES values of t between
@@ -232,7 +261,7 @@ def _least_error_scales(wg: np.ndarray, rtn: np.ndarray, fmt: Format) -> np.ndar
     amax = np.abs(wg).max(axis=-2)
 
     def error(scales):
-        return ((wg - _codes(wg, scales, fmt) * scales.astype(np.float32)[..., None, :]) ** 2).sum(axis=-2)
+        return _squared_error(wg, scales, fmt)
     best, best_err = rtn, error(rtn)
     for sign in (1.0, -1.0) if fmt.qmin != -fmt.qmax else (1.0,):     # a symmetric grid: one sign is enough
         for t in np.linspace(0.6 * fmt.qmax, fmt.offset, CANDIDATES):
@@ -249,6 +278,60 @@ def _least_error_scales(wg: np.ndarray, rtn: np.ndarray, fmt: Format) -> np.ndar
     return best
 
 
+# HQQ's solver with the `hqq` package's defaults: l_p error with p = 0.7, beta 10 growing by kappa
+# 1.01 per step, at most 20 steps, stopping once the mean |error| no longer falls.
+HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_STEPS = 0.7, 10.0, 1.01, 20
+
+
+def _hqq(wg: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """HQQ on groups wg [..., G, g, N] -> fp16 (scales, zeros) [..., G, N], w ~ q * s + z. In HQQ's
+    terms u = q - qmin in [0, levels], w ~ (u - zero) / inv: inv from the group's range, the zero
+    point by proximal steps (the error's l_p shrinkage, then the zero that fits the shrunk
+    residual); then per group the least-squares (s, z) for the chosen codes where it is better."""
+    levels = fmt.qmax - fmt.qmin
+    lo, hi = wg.min(axis=-2, keepdims=True), wg.max(axis=-2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.minimum(levels / (hi - lo), 2e4)                 # HQQ's clamp (constant groups)
+    zero, beta = -lo * inv, HQQ_BETA
+    best_zero, best_err, done = zero, np.full(zero.shape, np.inf, np.float32), np.zeros(zero.shape, bool)
+    # HQQ stops at the first step that does not lower the mean error; here each group stops on its
+    # own, so a group's result depends on its weights alone (not on what it is quantized beside).
+    for _ in range(HQQ_STEPS):
+        u = np.clip(np.rint(wg * inv + zero), 0, levels)
+        residual = wg - (u - zero) / inv
+        err = np.abs(residual).mean(axis=-2, keepdims=True)
+        improved = ~done & (err < best_err)
+        done |= ~improved
+        if done.all():
+            break
+        best_err, best_zero = np.where(improved, err, best_err), np.where(improved, zero, best_zero)
+        with np.errstate(divide="ignore"):        # |0| ** (p - 1) = inf: shrinks to 0, as it should
+            shrunk = np.sign(residual) * np.maximum(np.abs(residual) - np.abs(residual) ** (HQQ_P - 1) / beta, 0.0)
+        zero = np.where(improved, (u - (wg - shrunk) * inv).mean(axis=-2, keepdims=True), zero)
+        beta *= HQQ_KAPPA
+    s = 1.0 / inv[..., 0, :]
+    scales, zeros = _fp16(s, -(fmt.qmin + best_zero[..., 0, :]) * s)
+    err = _squared_error(wg, scales, fmt, zeros)
+    for _ in range(REFINE):
+        # The least-squares (s, z) for the current codes: a line through (q, w) per group.
+        q = _codes(wg, scales, fmt, zeros)
+        qm, wm = q.mean(axis=-2, keepdims=True), wg.mean(axis=-2, keepdims=True)
+        var = ((q - qm) ** 2).sum(axis=-2)
+        s_ls = np.where(var > 0, ((q - qm) * (wg - wm)).sum(axis=-2) / np.where(var > 0, var, 1.0), scales)
+        s_ls, z_ls = _fp16(s_ls, (wm - s_ls[..., None, :] * qm)[..., 0, :])
+        err_ls = _squared_error(wg, s_ls, fmt, z_ls)
+        better = err_ls < err
+        scales, zeros = np.where(better, s_ls, scales), np.where(better, z_ls, zeros)
+        err = np.where(better, err_ls, err)
+    if not (np.all(np.isfinite(scales)) and np.all(np.isfinite(zeros))):
+        raise QuantFormatError(f"format {fmt.name}: a group's scale or zero overflows fp16")
+    return scales, zeros
+
+
+def _fp16(scales, zeros):
+    return scales.astype(SCALE_DTYPE), zeros.astype(SCALE_DTYPE)
+
+
 def dequantize(t: QTensor, dtype=jnp.float32, xp=jnp):
     """QTensor -> float [..., K, N] (jax by default; xp=np for a numpy reference)."""
-    return packing.dequantize(t.data, t.scales, t.fmt.kernel_format, dtype, xp)
+    return packing.dequantize(t.data, t.scales, t.fmt.kernel_format, dtype, xp, t.zeros)

@@ -240,7 +240,8 @@ def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, d
     def pool(fmt: Format, slots: int, spec: schema.Experts) -> TierPool:
         def weight(k, n):
             scales = array((slots, k // fmt.group_for(k), n), SCALE_DTYPE) if fmt.is_int else None
-            return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt)
+            zeros = scales if fmt.has_zeros else None
+            return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt, zeros)
         H, I = spec.hidden, spec.inter
         biases = {name: array((slots,) + shape[1:], BIAS_DTYPE) for name, shape in spec.bias_shapes.items()}
         return TierPool(weight(H, I), weight(H, I), weight(I, H), **biases)

@@ -7,7 +7,8 @@ Layout (format version 2):
   dense/, layers/NNN/    orbax checkpoints of the dense parameter trees (numpy arrays)
   experts/NNN.hi.safetensors, experts/NNN.lo.safetensors
                          one MoE layer's routed experts in one tier: {gate|up|down}.data and, for
-                         integer formats, {gate|up|down}.scales, and for experts with biases
+                         integer formats, {gate|up|down}.scales (and .zeros for asymmetric ones:
+                         Format.has_zeros), and for experts with biases
                          (gpt-oss) {gate|up|down}.bias in f32, each [E, ...] expert-major, so that
                          one expert is one contiguous slice of each tensor (tier_tensors)
 
@@ -74,6 +75,8 @@ def tier_tensors(fmt: Format, spec: schema.Experts) -> dict[str, tuple[tuple[int
         out[f"{proj}.data"] = ((E, k // fmt.per_byte, n), np.dtype(fmt.storage_dtype))
         if fmt.is_int:
             out[f"{proj}.scales"] = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
+        if fmt.has_zeros:
+            out[f"{proj}.zeros"] = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
     for name, shape in spec.bias_shapes.items():          # the same float biases in every tier
         out[bias_tensor(name)] = (shape, np.dtype(BIAS_DTYPE))
     return out
@@ -268,6 +271,7 @@ def _map_experts(info: CheckpointInfo, layer: int, spec: schema.Experts) -> dict
         if extra:
             raise CorruptCheckpointError(f"{mapped.path}: unexpected tensor '{extra[0]}'")
         a = mapped.arrays
-        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt) for p in schema.PROJECTIONS),
+        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt, a.get(f"{p}.zeros"))
+                               for p in schema.PROJECTIONS),
                              **{b: a[bias_tensor(b)] for b in spec.bias_shapes})
     return out

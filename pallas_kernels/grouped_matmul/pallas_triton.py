@@ -7,7 +7,8 @@ group is a pool slot, so every program streams the weights of one expert, K step
   `bkb` byte rows of one quantization block; shift-and-mask j of those bytes is an independent
   sub-tile holding weight rows  block*g + j*g/p + [off, off + bkb)  (packing.py's layout), so it is
   multiplied with exactly that column slice of x. The step's partial sum is scaled once by the
-  block's scale row (per column), since one step never leaves one block: no interleave, no join.
+  block's scale row (per column), since one step never leaves one block: no interleave, no join;
+  asymmetric formats add the block's zero row times the step's row sums of x.
   float formats (bf16/fp16/f32 [S, K, N]): a step is a plain [bk, bn] tile.
 
 Accumulation is f32. Integer codes are exact in bf16/fp16, so dots run in x's dtype.
@@ -81,11 +82,12 @@ class _Plan:
         return max(1, min(config.num_stages, SMEM_BUDGET // (x_bytes + w_bytes)))
 
 
-def make_plan(x_shape, x_dtype, w_data, w_scales, fmt: WeightFormat, config: TileConfig) -> _Plan:
+def make_plan(x_shape, x_dtype, w_data, w_scales, w_zeros, fmt: WeightFormat, config: TileConfig) -> _Plan:
     """Validate shapes against the Triton constraints and pick the block sizes.
-    w_data/w_scales: arrays or ShapeDtypeStructs of one weight stack in fmt."""
+    w_data/w_scales/w_zeros: arrays or ShapeDtypeStructs (zeros: None unless fmt.zero) of one
+    weight stack in fmt."""
     m, k = x_shape
-    wk, n = check_weights(w_data, w_scales, fmt)
+    wk, n = check_weights(w_data, w_scales, fmt, w_zeros)
     if wk != k:
         raise ValueError(f"grouped matmul: x has K={k} but the weights have K={wk}")
     bn = _largest_pow2_divisor(n, config.block_n)
@@ -134,7 +136,7 @@ def _quant_block(s, plan: _Plan):
 
 def _step_product(w_refs, slot, s, n0, xs, plan: _Plan):
     """sum_j xs[j] @ W_j for K step s of slot `slot`, columns [n0, n0+bn) -> f32 [bm, bn]."""
-    data_ref, scale_ref = w_refs
+    data_ref, scale_ref, zero_ref = w_refs
     cols = pl.ds(n0, plan.bn)
     w = plgpu.load(data_ref.at[slot, pl.ds(s * plan.bkb, plan.bkb), cols])     # [bkb, bn]
     dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32)
@@ -148,7 +150,11 @@ def _step_product(w_refs, slot, s, n0, xs, plan: _Plan):
         part = dot(xs[j], q.astype(plan.compute_dtype))
         acc = part if acc is None else acc + part
     scale = plgpu.load(scale_ref.at[slot, _quant_block(s, plan), cols]).astype(jnp.float32)    # [bn]
-    return acc * scale[None, :]
+    if zero_ref is None:
+        return acc * scale[None, :]
+    zero = plgpu.load(zero_ref.at[slot, _quant_block(s, plan), cols]).astype(jnp.float32)      # [bn]
+    x_sum = sum(x.astype(jnp.float32).sum(axis=1) for x in xs)                 # [bm]: this step's rows
+    return acc * scale[None, :] + x_sum[:, None] * zero[None, :]
 
 
 def _tile(meta_ref, plan: _Plan):
@@ -166,15 +172,13 @@ def _store_rows(o_ref, value, row0, lo, hi, n0, plan: _Plan):
     plgpu.store(o_ref.at[pl.ds(row0, plan.bm), pl.ds(n0, plan.bn)], value.astype(o_ref.dtype), mask=mask)
 
 
-def _split_weights(refs, is_int: bool, count: int):
-    """refs -> [(data_ref, scale_ref or None)] * count, rest."""
+def _split_weights(refs, fmt: WeightFormat, count: int):
+    """refs -> [(data_ref, scale_ref or None, zero_ref or None)] * count, rest."""
+    n = 3 if fmt.zero else 2 if fmt.is_int else 1       # the arrays of one weight (_weight_args)
     out = []
     for _ in range(count):
-        if is_int:
-            (d, s), refs = refs[:2], refs[2:]
-        else:
-            (d, s), refs = (refs[0], None), refs[1:]
-        out.append((d, s))
+        out.append((*refs[:n], *[None] * (3 - n)))
+        refs = refs[n:]
     return out, refs
 
 
@@ -184,9 +188,9 @@ def _bias_row(bias_ref, slot, n0, plan: _Plan):
 
 
 def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan, act: Activation, has_bias: bool):
-    # meta [3, T] int32; x [M, K]; gate/up data [S, K/p, N] (+ scales [S, K/g, N]);
+    # meta [3, T] int32; x [M, K]; gate/up data [S, K/p, N] (+ scales, + zeros [S, K/g, N]);
     # (has_bias: gate/up biases [S, N]); h_in (aliased) and h_out [M, N]
-    (gate, up), refs = _split_weights(refs, plan.fmt.is_int, 2)
+    (gate, up), refs = _split_weights(refs, plan.fmt, 2)
     (gb_ref, ub_ref), (_, h_ref) = (refs[:2], refs[2:]) if has_bias else ((None, None), refs)
     slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
 
@@ -205,9 +209,9 @@ def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan, act: Activation, has_bi
 
 
 def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan, has_bias: bool):
-    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales); (has_bias: bias [S, N]);
+    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales, + zeros); (has_bias: bias [S, N]);
     # row weights [M] f32; y_in (aliased) and y_out [M, N] f32
-    (down,), refs = _split_weights(refs, plan.fmt.is_int, 1)
+    (down,), refs = _split_weights(refs, plan.fmt, 1)
     (b_ref,), (rw_ref, _, y_ref) = (refs[:1], refs[1:]) if has_bias else ((None,), refs)
     slot, lo, hi, row0, n0 = _tile(meta_ref, plan)
 
@@ -242,13 +246,14 @@ def _check_biases(biases, slots: int, n: int) -> list:
 
 
 def _weight_args(w, fmt: WeightFormat):
-    data, scales = w
-    return [data, scales] if fmt.is_int else [data]
+    """(data, scales, zeros) -> the kernel arguments fmt reads."""
+    data, scales, zeros = w
+    return [data, scales, zeros] if fmt.zero else [data, scales] if fmt.is_int else [data]
 
 
 def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool,
             biases=(None, None), activation: Activation = SWIGLU):
-    """x [M, K] (M >= block_m), gate/up (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, of one
+    """x [M, K] (M >= block_m), gate/up (data [S, K/p, N], scales and zeros [S, K/g, N] or None) in fmt, of one
     shape; tiles int32 [3, T] (tiling.group_tiles), out [M, N] x.dtype (aliased); biases: (gate, up)
     [S, N] each, or None -> out with rows of every tile set to activation(x@Wg + bg, x@Wu + bu)
     (default SiLU(x@Wg) * (x@Wu))."""
@@ -267,7 +272,7 @@ def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, i
 
 
 def down(h, w, tiles, row_weights, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool, bias=None):
-    """h [M, K] (M >= block_m), w (data [S, K/p, N], scales [S, K/g, N] or None) in fmt, tiles int32
+    """h [M, K] (M >= block_m), w (data [S, K/p, N], scales and zeros [S, K/g, N] or None) in fmt, tiles int32
     [3, T], row_weights f32 [M], out [M, N] f32 (aliased), bias [S, N] or None -> out with rows of
     every tile set to row_weight * (h@Wd + bd)."""
     plan = make_plan(h.shape, h.dtype, *w, fmt, config)

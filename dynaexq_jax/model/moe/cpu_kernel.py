@@ -155,10 +155,10 @@ def tier_contribution(x, pool, slots, weights, act: Activation = SWIGLU):
     go into the kernel. Returns f32 [T, H]."""
     fmt = pool.fmt
     kind = 3 if fmt.is_int else _KINDS[fmt.kind]
-    dummy = jnp.zeros((1,), jnp.float16)
+    dummy, no_zeros = jnp.zeros((1,), jnp.float16), jnp.zeros((0,), jnp.float16)
     args = []
     for t in (pool.gate, pool.up, pool.down):
-        args += [t.data, t.scales if t.scales is not None else dummy]
+        args += [t.data, dummy if t.scales is None else t.scales, no_zeros if t.zeros is None else t.zeros]
     no_bias = jnp.zeros((0,), jnp.float32)     # an empty bias: the kernel adds none
     args += [no_bias if b is None else b.astype(jnp.float32) for b in (pool.gate_bias, pool.up_bias, pool.down_bias)]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))

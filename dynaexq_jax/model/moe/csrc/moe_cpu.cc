@@ -11,10 +11,11 @@
 //
 // Arithmetic. Float weights (f32, bf16, fp16) are widened in registers and multiplied with f32
 // FMAs against f32 activations: exact up to summation order. Integer weights (int8/int4/int2
-// codes, fp16 scale per group of g K rows and column) are multiplied with integer dot products
+// codes, fp16 scale per group of g K rows and column, and for asymmetric formats an fp16 zero
+// beside each scale: w = (code - offset) * s_w + z) are multiplied with integer dot products
 // against the activations quantized to int8 per block of at most 32 K rows (Mat::act_block;
 // symmetric, scale = max|x| / 127, round to nearest), as the fast CPU engines do:
-// y = sum_blocks s_w * s_x * sum_k (code_k - offset) * q_k. That adds at most |x|max / 254 of
+// y = sum_blocks s_w * s_x * sum_k (code_k - offset) * q_k (+ z * s_x * sum_k q_k). That adds at most |x|max / 254 of
 // rounding per activation (cpu_kernel.py states the tolerance the tests hold it to). Formats whose groups are not whole sets of 4 byte rows fall
 // back to dequantizing rows to f32 (exact).
 //
@@ -24,7 +25,8 @@
 // MoE inputs (see cpu_kernel.py beside csrc/): x [T, H] f32 or bf16; slots int32 [P] (P = T * k,
 // pair p belongs to token p / k; -1: the pair is served by another tier); w f32 [P] routing
 // weights; gate, up [S, H(/p), I] and down [S, I(/p), H] in the tier's format, each with its
-// scales (fp16 [S, K/group, N]; a dummy for float formats); biases f32 gate/up [S, I] and down
+// scales (fp16 [S, K/group, N]; a dummy for float formats) and zeros (the scales' shape, or
+// empty for symmetric formats); biases f32 gate/up [S, I] and down
 // [S, H], all three empty when the experts have none. Attributes: the weight format, and the
 // activation (0: SwiGLU, 1: gpt-oss's clamped SwiGLU with alpha and limit). Output: f32 [T, H],
 // this tier's contribution. Weight layout and packing: pallas_kernels/packing.py (written by model/quant.py).
@@ -62,6 +64,7 @@ struct Mat {
   const _Float16* scales;  // [S, K / group, N] for kInt
   int64_t K, N;
   int kind, bits, group;
+  const _Float16* zeros = nullptr;  // like scales, for asymmetric kInt formats
 
   int per_byte() const { return kind == kInt ? 8 / bits : 1; }
   int64_t group_rows() const { return group ? group : K; }
@@ -272,7 +275,8 @@ struct Isa {
   const char* name;
   int tile;
   void (*tile_float)(const Mat&, const uint8_t*, const float*, int, int64_t, int64_t, float*, int64_t);
-  void (*tile_int)(const Mat&, const uint8_t*, const _Float16*, const Act&, int, int64_t, float*, int64_t);
+  void (*tile_int)(const Mat&, const uint8_t*, const _Float16*, const _Float16*, const Act&, int, int64_t, float*,
+                   int64_t);
   void (*tile_dot_t)(int, const uint8_t*, int64_t, const float*, int, int64_t, int64_t, float*, int64_t);
   void (*stream_float)(const Mat&, const uint8_t*, const float*, int, int64_t, int64_t, int64_t, float*, int64_t);
 };
@@ -363,6 +367,7 @@ void accumulate_dequantized(const Mat& m, int64_t e, const float* a, int R, floa
   const int64_t g = m.group_rows(), rows_per_block = g / p;
   const int mask = (1 << bits) - 1, offset = 1 << (bits - 1);
   const _Float16* sc_e = m.scales + e * (K / g) * N;
+  const _Float16* z_e = m.zeros ? m.zeros + e * (K / g) * N : nullptr;
   for (int64_t blk = 0; blk < K / g; ++blk)
     for (int64_t r = 0; r < rows_per_block; ++r) {
       const uint8_t* bytes = base + (blk * rows_per_block + r) * N;
@@ -370,7 +375,8 @@ void accumulate_dequantized(const Mat& m, int64_t e, const float* a, int R, floa
         float* row = rows + filled * N;
         for (int64_t n = 0; n < N; ++n)
           row[n] = static_cast<float>(((bytes[n] >> (j * bits)) & mask) - offset) *
-                   static_cast<float>(sc_e[blk * N + n]);
+                       static_cast<float>(sc_e[blk * N + n]) +
+                   (z_e ? static_cast<float>(z_e[blk * N + n]) : 0.0f);
         w[filled] = row;
         ks[filled++] = blk * g + j * rows_per_block + r;
         if (filled == kRowsPerPass) apply(w, ks, filled, a, R, K, N, acc), filled = 0;
@@ -409,10 +415,11 @@ void matmul_columns(const Mat& m, int64_t e, const float* a, const Act* act, int
   const uint8_t* base = m.data + e * m.expert_bytes();
   const int64_t full = n_begin + (n_end - n_begin) / simd.tile * simd.tile;
   if (m.kind == kInt) {
-    const _Float16* sc = m.scales + e * (m.K / m.group_rows()) * m.N;
+    const int64_t per_expert = (m.K / m.group_rows()) * m.N;
+    const _Float16 *sc = m.scales + e * per_expert, *z = m.zeros ? m.zeros + e * per_expert : nullptr;
     int64_t n = n_begin;
-    for (; n < full; n += simd.tile) simd.tile_int(m, base, sc, *act, R, n, out, m.N);
-    for (; n < n_end; ++n) kGeneric.tile_int(m, base, sc, *act, R, n, out, m.N);
+    for (; n < full; n += simd.tile) simd.tile_int(m, base, sc, z, *act, R, n, out, m.N);
+    for (; n < n_end; ++n) kGeneric.tile_int(m, base, sc, z, *act, R, n, out, m.N);
   } else if (R < 4) {  // few rows: stream W in address order (its bytes bound the time)
     simd.stream_float(m, base, a, R, m.K, n_begin, full, out, m.N);
     for (int64_t n = full; n < n_end; ++n) kGeneric.tile_float(m, base, a, R, m.K, n, out, m.N);
@@ -533,8 +540,9 @@ class Workers {
   std::shared_ptr<Loop> current_;
 };
 
-ffi::Error check_mat(const char* name, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scales, int kind,
-                     int bits, int group, int64_t S, int64_t K, int64_t N, Mat* m) {
+ffi::Error check_mat(const char* name, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scales,
+                     const ffi::AnyBuffer& zeros, int kind, int bits, int group, int64_t S, int64_t K, int64_t N,
+                     Mat* m) {
   auto d = data.dimensions();
   const int p = kind == kInt ? 8 / bits : 1;
   ffi::DataType want = kind == kF32 ? ffi::F32 : kind == kBF16 ? ffi::BF16 : kind == kF16 ? ffi::F16 : ffi::U8;
@@ -547,8 +555,13 @@ ffi::Error check_mat(const char* name, const ffi::AnyBuffer& data, const ffi::An
         scales.element_type() != ffi::F16)
       return ffi::Error::InvalidArgument(std::string(name) + ": scales do not match the format and shapes");
   }
+  const bool has_zeros = zeros.element_count() != 0;
+  if (has_zeros && (kind != kInt || zeros.dimensions().size() != 3 || zeros.element_type() != ffi::F16 ||
+                    zeros.element_count() != S * (K / g) * N))
+    return ffi::Error::InvalidArgument(std::string(name) + ": zeros must be the scales' shape and dtype, or empty");
   *m = Mat{static_cast<const uint8_t*>(data.untyped_data()),
-           static_cast<const _Float16*>(scales.untyped_data()), K, N, kind, bits, group};
+           static_cast<const _Float16*>(scales.untyped_data()), K, N, kind, bits, group,
+           has_zeros ? static_cast<const _Float16*>(zeros.untyped_data()) : nullptr};
   return ffi::Error::Success();
 }
 
@@ -566,8 +579,9 @@ const float* as_f32(const ffi::AnyBuffer& x, std::vector<float>& widened) {
 constexpr int64_t kParallelBytes = 64 * 1024;
 
 ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> slots,
-                       ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer gate, ffi::AnyBuffer gate_s,
-                       ffi::AnyBuffer up, ffi::AnyBuffer up_s, ffi::AnyBuffer down, ffi::AnyBuffer down_s,
+                       ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer gate, ffi::AnyBuffer gate_s, ffi::AnyBuffer gate_z,
+                       ffi::AnyBuffer up, ffi::AnyBuffer up_s, ffi::AnyBuffer up_z, ffi::AnyBuffer down,
+                       ffi::AnyBuffer down_s, ffi::AnyBuffer down_z,
                        ffi::Buffer<ffi::F32> gate_b, ffi::Buffer<ffi::F32> up_b, ffi::Buffer<ffi::F32> down_b,
                        ffi::ResultBuffer<ffi::F32> out, int32_t kind, int32_t bits, int32_t group, int32_t act,
                        float alpha, float limit) {
@@ -582,9 +596,9 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (gate.dimensions().size() != 3) return ffi::Error::InvalidArgument("gate: weights must be [S, K, N]");
   const int64_t k = P / T, S = gate.dimensions()[0], I = gate.dimensions()[2];
   Mat mg, mu, md;
-  for (auto err : {check_mat("gate", gate, gate_s, kind, bits, group, S, H, I, &mg),
-                   check_mat("up", up, up_s, kind, bits, group, S, H, I, &mu),
-                   check_mat("down", down, down_s, kind, bits, group, S, I, H, &md)})
+  for (auto err : {check_mat("gate", gate, gate_s, gate_z, kind, bits, group, S, H, I, &mg),
+                   check_mat("up", up, up_s, up_z, kind, bits, group, S, H, I, &mu),
+                   check_mat("down", down, down_s, down_z, kind, bits, group, S, I, H, &md)})
     if (err.failure()) return err;
   if (act != 0 && act != 1) return ffi::Error::InvalidArgument("unknown activation");
   const bool bias = gate_b.element_count() != 0;
@@ -760,10 +774,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DynaexqMoeTier, MoeTierImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()     // weights
                                   .Arg<ffi::AnyBuffer>()            // gate
                                   .Arg<ffi::AnyBuffer>()            // gate scales
+                                  .Arg<ffi::AnyBuffer>()            // gate zeros (or empty)
                                   .Arg<ffi::AnyBuffer>()            // up
                                   .Arg<ffi::AnyBuffer>()            // up scales
+                                  .Arg<ffi::AnyBuffer>()            // up zeros (or empty)
                                   .Arg<ffi::AnyBuffer>()            // down
                                   .Arg<ffi::AnyBuffer>()            // down scales
+                                  .Arg<ffi::AnyBuffer>()            // down zeros (or empty)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // gate bias (or empty)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // up bias (or empty)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // down bias (or empty)
