@@ -1,8 +1,9 @@
 """How much each expert format costs the embedded default model: validation perplexity per domain
 with every expert in one format (bf16 = the trained weights; int8/int4/int2 group 64, quantized
-round-to-nearest (rtn, the method's) or by the least-error scale search (mse): model.quant), on the
-first windows of each domain's validation split, with each conversion's time. This is what chose
-the model's tier pair. Writes benchmarks/results/tier_gap.json."""
+round-to-nearest (rtn, the method's), by the least-error scale search (mse) or by HQQ's solver with
+a zero point per group (hqq): model.quant), on the first windows of each domain's validation
+split, with each conversion's time. This is what chose the model's tier pair.
+Writes benchmarks/results/tier_gap.json."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,8 @@ def perplexity(model, stream: np.ndarray, window: int, windows: int, batch: int 
     return float(np.exp(np.concatenate(nll).mean()))
 
 
-FORMATS = ("bf16", "int8:g64", "int4:g64", "int2:g64", "int8:g64:mse", "int4:g64:mse", "int2:g64:mse")
+FORMATS = ("bf16", "int8:g64", "int4:g64", "int2:g64", "int8:g64:mse", "int4:g64:mse", "int2:g64:mse",
+           "int8:g64:hqq", "int4:g64:hqq", "int2:g64:hqq")
 
 
 def main():
