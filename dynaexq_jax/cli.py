@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where the converted checkpoint is written")
     p.add_argument("--hi", default="source", help="HI tier format (default: the source dtype)")
     p.add_argument("--lo", default="int4",
-                   help="LO tier format, e.g. int4, int4:g64, int2, int2:g64:mse (the least-error quantizer), int8 "
-                        "(default int4:g128, round-to-nearest)")
+                   help="LO tier format, e.g. int4, int4:g64, int2, int2:g64:mse (the least-error quantizer), "
+                        "int2:g64:hqq (HQQ, a zero per group), int8 (default int4:g128, round-to-nearest)")
     p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
