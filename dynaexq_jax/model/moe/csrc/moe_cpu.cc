@@ -15,9 +15,10 @@
 // beside each scale: w = (code - offset) * s_w + z) are multiplied with integer dot products
 // against the activations quantized to int8 per block of at most 32 K rows (Mat::act_block;
 // symmetric, scale = max|x| / 127, round to nearest), as the fast CPU engines do:
-// y = sum_blocks s_w * s_x * sum_k (code_k - offset) * q_k (+ z * s_x * sum_k q_k). That adds at most |x|max / 254 of
-// rounding per activation (cpu_kernel.py states the tolerance the tests hold it to). Formats whose groups are not whole sets of 4 byte rows fall
-// back to dequantizing rows to f32 (exact).
+// y = sum_blocks s_w * s_x * sum_k (code_k - offset) * q_k (+ z * s_x * sum_k q_k). That adds at
+// most |x|max / 254 of rounding per activation (cpu_kernel.py states the tolerance the tests hold
+// it to). Formats whose groups are not whole sets of 4 byte rows fall back to dequantizing rows to
+// f32 (exact).
 //
 // Instruction sets are chosen at run time: AVX-512 with VNNI, AVX2 (with FMA and F16C), or
 // portable code (tiles.inc, compiled once per ISA); DynaexqSetIsa forces one (tests run each).
