@@ -457,6 +457,17 @@ def test_batch_larger_than_the_engine_was_sized_for(tiny_ckpt):
     eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=1, max_len=MAX_LEN)
     with pytest.raises(GenerationError, match="sized for batch=1"):
         eng.generate(prompts(0, n=2), max_new_tokens=4)
+    # Scoring forwards rows x segment_len positions: at most what the workspace was planned for.
+    streams = np.asarray(prompts(0, n=2, length=2 * SEG + 1), np.int32)
+    eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=2, prefill_batch=1, max_len=MAX_LEN,
+                 segment_len=SEG)
+    with pytest.raises(GenerationError, match=r"batch <= 1.*prefill_batch=1"):
+        eng.score(streams)
+    assert eng.score(streams[:1]).nll.shape == (1, 2 * SEG)
+    eng = Engine(tiny_ckpt, budget_bytes=10**9, policy="all-lo", batch=2, max_len=MAX_LEN, segment_len=SEG,
+                 prefill_chunk=SEG // 2)
+    with pytest.raises(GenerationError, match="more than the prefill_chunk"):
+        eng.score(streams)
 
 
 def test_the_update_period_runs_across_requests(tiny_ckpt):
