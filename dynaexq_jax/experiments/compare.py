@@ -107,11 +107,9 @@ class CompareConfig:
 
     def engine_settings(self, policy: str | Policy, batch: int | None = None, max_len: int | None = None
                         ) -> EngineConfig:
-        """The runtime settings of every engine of the run (batch default rows, max_len default window;
-        the prefill workspace holds a scoring chunk)."""
+        """The runtime settings of every engine of the run (batch default rows, max_len default window)."""
         return EngineConfig(policy=policy, batch=batch or self.rows, max_len=max_len or self.window,
-                            segment_len=self.chunk, prefill_chunk=max(EngineConfig.prefill_chunk, self.chunk),
-                            update_period=self.period, delta=self.delta, alpha=self.alpha,
+                            segment_len=self.chunk, update_period=self.period, delta=self.delta, alpha=self.alpha,
                             transfers_in_flight=self.transfers, devices=self.devices)
 
 
@@ -165,8 +163,7 @@ def calibration_ranking(ckpt: Checkpoint, codec, domains, *, rows: int = Compare
     calibration split of the given domains (the method's offline initial HI set): rows streams per domain
     of up to `positions` positions, scored through the runtime (on `devices` devices)."""
     streams = domain_streams(codec, "calibration")
-    settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk,
-                            prefill_chunk=max(EngineConfig.prefill_chunk, chunk), transfers_in_flight=2,
+    settings = EngineConfig(policy="all-lo", batch=rows, max_len=window, segment_len=chunk, transfers_in_flight=2,
                             devices=devices)
     masses = []
     for d in domains:

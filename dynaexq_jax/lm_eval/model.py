@@ -127,7 +127,6 @@ class DynaexqLM(TemplateLM):
         self.settings = settings = EngineConfig(
             policy="static" if policy == "static-calibrated" else "all-hi" if policy == "oracle" else policy,
             batch=batch_size, max_len=max_len, segment_len=segment, backend=backend, devices=devices,
-            prefill_chunk=max(EngineConfig.prefill_chunk, segment),     # scoring forwards a segment at once
             **{RUNTIME_ARGS[k]: v for k, v in given.items()})
         if policy == "oracle":
             # The best HI set of each period from the all-hi run's traffic at the same steps of the

@@ -241,10 +241,10 @@ def _codes(wg: np.ndarray, scales: np.ndarray, fmt: Format, zeros: np.ndarray | 
     return np.clip(np.rint(wg / np.where(s != 0, s, 1.0)), fmt.qmin, fmt.qmax)
 
 
-def _squared_error(wg, scales, fmt: Format, zeros=None) -> np.ndarray:
-    """Per group and column, the squared error of reconstructing wg [..., G, g, N] with these
-    (fp16) scales and zeros."""
-    w_hat = _codes(wg, scales, fmt, zeros) * scales.astype(np.float32)[..., None, :]
+def _squared_error(wg, q, scales, zeros=None) -> np.ndarray:
+    """Per group and column, the squared error of reconstructing wg [..., G, g, N] from its codes q
+    with these (fp16) scales and zeros."""
+    w_hat = q * scales.astype(np.float32)[..., None, :]
     if zeros is not None:
         w_hat = w_hat + zeros.astype(np.float32)[..., None, :]
     return ((wg - w_hat) ** 2).sum(axis=-2)
@@ -261,7 +261,7 @@ def _least_error_scales(wg: np.ndarray, rtn: np.ndarray, fmt: Format) -> np.ndar
     amax = np.abs(wg).max(axis=-2)
 
     def error(scales):
-        return _squared_error(wg, scales, fmt)
+        return _squared_error(wg, _codes(wg, scales, fmt), scales)
     best, best_err = rtn, error(rtn)
     for sign in (1.0, -1.0) if fmt.qmin != -fmt.qmax else (1.0,):     # a symmetric grid: one sign is enough
         for t in np.linspace(0.6 * fmt.qmax, fmt.offset, CANDIDATES):
@@ -312,18 +312,20 @@ def _hqq(wg: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
         beta *= HQQ_KAPPA
     s = 1.0 / inv[..., 0, :]
     scales, zeros = _fp16(s, -(fmt.qmin + best_zero[..., 0, :]) * s)
-    err = _squared_error(wg, scales, fmt, zeros)
+    q = _codes(wg, scales, fmt, zeros)
+    err = _squared_error(wg, q, scales, zeros)
+    wm = wg.mean(axis=-2, keepdims=True)
     for _ in range(HQQ_REFINE):
         # The least-squares (s, z) for the current codes: a line through (q, w) per group.
-        q = _codes(wg, scales, fmt, zeros)
-        qm, wm = q.mean(axis=-2, keepdims=True), wg.mean(axis=-2, keepdims=True)
+        qm = q.mean(axis=-2, keepdims=True)
         var = ((q - qm) ** 2).sum(axis=-2)
         s_ls = np.where(var > 0, ((q - qm) * (wg - wm)).sum(axis=-2) / np.where(var > 0, var, 1.0), scales)
         s_ls, z_ls = _fp16(s_ls, (wm - s_ls[..., None, :] * qm)[..., 0, :])
-        err_ls = _squared_error(wg, s_ls, fmt, z_ls)
+        q_ls = _codes(wg, s_ls, fmt, z_ls)
+        err_ls = _squared_error(wg, q_ls, s_ls, z_ls)
         better = err_ls < err
         scales, zeros = np.where(better, s_ls, scales), np.where(better, z_ls, zeros)
-        err = np.where(better, err_ls, err)
+        q, err = np.where(better[..., None, :], q_ls, q), np.where(better, err_ls, err)
     if not (np.all(np.isfinite(scales)) and np.all(np.isfinite(zeros))):
         raise QuantFormatError(f"format {fmt.name}: a group's scale or zero overflows fp16")
     return scales, zeros

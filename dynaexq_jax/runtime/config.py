@@ -107,7 +107,8 @@ class EngineConfig:
 
     def plan_options(self) -> dict:
         """The budget.plan_budget arguments these settings fix."""
-        return dict(batch=self.batch, max_len=self.max_len, prefill_len=self.prefill_chunk,
+        # The longest forward: a prefill chunk, or a scoring chunk of segment_len positions.
+        return dict(batch=self.batch, max_len=self.max_len, prefill_len=max(self.prefill_chunk, self.segment_len),
                     prefill_batch=self.prefill_batch, devices=self.devices, backend=self.backend,
                     strategy=self.strategy, transfers_in_flight=self.transfers_in_flight,
                     max_hi_fraction=self.max_hi_fraction)

@@ -319,15 +319,12 @@ class Engine(Controller):
         s = self.settings
         tokens = np.asarray(tokens)
         # A chunk is one forward of rows x segment_len positions: the budget's workspace holds
-        # prefill_batch rows of prefill_chunk positions, so neither may be exceeded.
+        # prefill_batch rows (of max(prefill_chunk, segment_len) positions: plan_options).
         rows = s.prefill_batch or s.batch
         if tokens.ndim != 2 or tokens.shape[0] > rows:
             raise GenerationError(f"score takes [batch <= {rows}, length] token streams (the engine was sized for "
                                   f"batch={s.batch}" + (f", prefill_batch={s.prefill_batch}" if s.prefill_batch else "")
                                   + f"), got {tokens.shape}")
-        if s.segment_len > s.prefill_chunk:
-            raise GenerationError(f"score forwards segment_len ({s.segment_len}) positions at a time, more than the "
-                                  f"prefill_chunk ({s.prefill_chunk}) the budget's workspace was sized for")
         longest = s.max_len - s.max_len % s.segment_len
         window = longest if window is None else window
         if not (0 < window <= longest and window % s.segment_len == 0):

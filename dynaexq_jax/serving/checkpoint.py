@@ -73,10 +73,11 @@ def tier_tensors(fmt: Format, spec: schema.Experts) -> dict[str, tuple[tuple[int
     out = {}
     for proj, (k, n) in zip(schema.PROJECTIONS, ((H, I), (H, I), (I, H))):
         out[f"{proj}.data"] = ((E, k // fmt.per_byte, n), np.dtype(fmt.storage_dtype))
+        per_group = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
         if fmt.is_int:
-            out[f"{proj}.scales"] = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
+            out[f"{proj}.scales"] = per_group
         if fmt.has_zeros:
-            out[f"{proj}.zeros"] = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
+            out[f"{proj}.zeros"] = per_group
     for name, shape in spec.bias_shapes.items():          # the same float biases in every tier
         out[bias_tensor(name)] = (shape, np.dtype(BIAS_DTYPE))
     return out

@@ -62,8 +62,7 @@ def gate_up(x, gate, up, group_offsets, *, fmt: WeightFormat, gate_scales=None, 
     interpret = compat.default_interpret() if interpret is None else interpret
     tiles = group_tiles(group_offsets, m, config.block_m)
     y = pallas_triton.gate_up(_pad_rows(x, config.block_m), (gate, gate_scales, gate_zeros), (up, up_scales, up_zeros),
-                              tiles,
-                              _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret,
+                              tiles, _pad_rows(out, config.block_m), fmt=fmt, config=config, interpret=interpret,
                               biases=(gate_bias, up_bias), activation=activation)
     return y[:m]
 
