@@ -50,16 +50,23 @@ from dynaexq_jax.errors import (
     ConfigError,
     MissingTensorError,
     OutputExistsError,
-    QuantFormatError,
     TensorShapeError,
     UnexpectedTensorError,
     UnsupportedArchitectureError,
     read_json_object,
 )
-from dynaexq_jax.model.config import ModelConfig, parse_hf_config
+from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.families import family
 from dynaexq_jax.model.families.schema import BIASES
-from dynaexq_jax.model.quant import BIAS_DTYPE, Format, fit_default_group, parse_format, quantize
+from dynaexq_jax.model.quant import (
+    BIAS_DTYPE,
+    Format,
+    TierFormat,
+    fit_tier_format,
+    parse_dense_format,
+    parse_format,
+    quantize,
+)
 from dynaexq_jax.serving.checkpoint import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -87,10 +94,11 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
             overwrite: bool = False, progress: bool = True) -> Path:
     """Convert the HF checkpoint in hf_dir into out_dir (created atomically) and return out_dir.
 
-    hi/lo: expert tier formats (quant.parse_format specs, or "source" for the source float
-    format); an integer format without ':gN' uses its default group, or the largest smaller
-    group that divides the expert dimensions (metadata "tiers" names the group used, and
-    "tier_notes" says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16").
+    hi/lo: expert tier formats (quant.parse_tier_format specs: one format, or gate/up's and
+    down's as 'int2:g64:hqq+down=int4:g64'; "source" is the source float format); an integer
+    format without ':gN' uses its default group, or the largest smaller group that divides the
+    expert dimensions it reduces over (metadata "tiers" names the group used, and "tier_notes"
+    says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16").
     Temp dirs that killed conversions of out_dir left behind are removed first (said on stderr)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
@@ -108,12 +116,12 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
         source_fmt = _source_format(plan, src)
         tiers, notes = {}, {}
         for tier, spec in zip(TIERS, (hi, lo)):
-            tiers[tier], note = _tier_format(spec, source_fmt, cfg)
+            tiers[tier], note = fit_tier_format(spec, cfg.hidden_size, cfg.moe_intermediate_size, source_fmt)
             if note:
                 notes[tier] = note
                 if progress:
                     print(f"{tier.upper()} tier {note}", file=sys.stderr)
-        dense_fmt = _dense_format(dtype, source_fmt)
+        dense_fmt = parse_dense_format(dtype, source_fmt)
 
         with staging_dir(out, overwrite, on_stale=_say_removed) as tmp:
             job = _Job(plan, src, [hf_dir / "config.json"] + src.files, tiers, dense_fmt, tmp, progress)
@@ -212,26 +220,6 @@ def _source_format(plan: Plan, src: SafetensorsCheckpoint) -> Format:
     return parse_format(_SOURCE_FORMAT[max(by_dtype, key=by_dtype.get)])
 
 
-def _tier_format(spec, source_fmt: Format, cfg: ModelConfig) -> tuple[Format, str | None]:
-    """The format of one expert tier, checked against the expert input dimensions (gate/up reduce
-    over H, down over I), and a note when a default group had to shrink (quant.fit_default_group);
-    an explicit group that does not divide them is an error."""
-    if str(spec).strip().lower() == "source":
-        return source_fmt, None
-    dims = (cfg.hidden_size, cfg.moe_intermediate_size) if cfg.moe_layers else ()
-    fmt, note = fit_default_group(spec, parse_format(spec), dims)
-    for d in dims:
-        fmt.check(d)
-    return fmt, note
-
-
-def _dense_format(spec, source_fmt: Format) -> Format:
-    fmt = source_fmt if str(spec).strip().lower() == "source" else parse_format(spec)
-    if fmt.is_int:
-        raise QuantFormatError(f"dtype '{spec}': dense parameters need a float dtype (source, f32, bf16, fp16)")
-    return fmt
-
-
 class _Countdown:
     """Counts finished pieces of work down from n; finish() is True for exactly one caller, the last."""
 
@@ -248,7 +236,7 @@ class _Job:
     """One conversion's work into `root`: run() writes every tree and tier file and returns the
     sources' digests; output_files() then lists what was written with sizes and digests."""
 
-    def __init__(self, plan: Plan, src: SafetensorsCheckpoint, sources: list[Path], tiers: dict[str, Format],
+    def __init__(self, plan: Plan, src: SafetensorsCheckpoint, sources: list[Path], tiers: dict[str, TierFormat],
                  dense_fmt: Format, root: Path, progress: bool):
         self.plan, self.src, self.sources, self.tiers, self.dense_fmt, self.root = \
             plan, src, sources, tiers, dense_fmt, root
@@ -370,7 +358,8 @@ class _Job:
                     f.write(bias_tensor(name), rng.start, b)
         for proj, w in stacks.items():
             w = np.ascontiguousarray(w)                                 # one transpose, shared by both tiers
-            for tier, fmt in self.tiers.items():
+            for tier, tier_fmt in self.tiers.items():
+                fmt = tier_fmt.of(proj)
                 q = quantize(w, fmt)
                 files[tier].write(f"{proj}.data", rng.start, q.data)
                 if fmt.is_int:

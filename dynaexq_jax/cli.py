@@ -27,10 +27,11 @@ def _cmd_info(a):
     print(f"{info.path}: {c.model_type}, {c.num_layers} layers ({len(c.moe_layers)} MoE), hidden {c.hidden_size}, "
           f"{c.num_experts} experts top-{c.num_experts_per_tok}, moe_intermediate {c.moe_intermediate_size}, "
           f"vocab {c.vocab_size}")
-    print(f"  dense:   {info.dense_format.name:<12} {info.dense_nbytes / 2**20:8.1f} MiB (all but the routed experts)")
+    width = max(12, *(len(f.name) for f in info.tiers.values()))
+    print(f"  dense:   {info.dense_format.name:<{width}} {info.dense_nbytes / 2**20:8.1f} MiB (all but the routed experts)")
     for name, fmt in info.tiers.items():
         b = schema.expert_bytes(c, fmt)
-        print(f"  tier {name}: {fmt.name:<12} {b / 2**20:8.3f} MiB per expert, "
+        print(f"  tier {name}: {fmt.name:<{width}} {b / 2**20:8.3f} MiB per expert, "
               f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
     if a.verify:
         t0 = time.perf_counter()
@@ -337,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", default="source", help="HI tier format (default: the source dtype)")
     p.add_argument("--lo", default="int4",
                    help="LO tier format, e.g. int4, int4:g64, int2, int2:g64:mse (the least-error quantizer), "
-                        "int2:g64:hqq (HQQ, a zero per group), int8 (default int4:g128, round-to-nearest)")
+                        "int2:g64:hqq (HQQ, a zero per group), int8, or gate/up's then down's, "
+                        "int2:g64:hqq+down=int4:g64 (default int4:g128, round-to-nearest)")
     p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -26,7 +26,7 @@ from dynaexq_jax.model.moe import (
     route,
 )
 from dynaexq_jax.model.moe import xla as xla_moe
-from dynaexq_jax.model.quant import QTensor, parse_format
+from dynaexq_jax.model.quant import QTensor, parse_format, parse_tier_format
 from dynaexq_jax.runtime import budget
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
@@ -98,19 +98,20 @@ DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=512, num_
                 first_k_dense_replace=1, rope_theta=10000.0, eos_token_id=0, torch_dtype="float32")
 
 
-@pytest.mark.parametrize("family_cfg, dtype, batch, chunk, max_len, backend", [
-    (qwen3_moe_config(**MOE), np.float32, 1, 64, 1024, "xla"),
-    (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 4, 128, 2048, "xla"),
-    (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 1, 128, 2048, "xla"),
-    (NEXT, np.float32, 2, 512, 2048, "xla"),
-    (NEXT, ml_dtypes.bfloat16, 4, 64, 512, "xla"),
-    (qwen3_moe_config(**MOE), np.float32, 1, 512, 4096, "xla-only"),
-    (DEEPSEEK, np.float32, 2, 512, 2048, "xla"),
-    (DEEPSEEK, ml_dtypes.bfloat16, 1, 256, 4096, "xla"),
+@pytest.mark.parametrize("family_cfg, dtype, batch, chunk, max_len, backend, lo", [
+    (qwen3_moe_config(**MOE), np.float32, 1, 64, 1024, "xla", "int4"),
+    (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 4, 128, 2048, "xla", "int4"),
+    (qwen3_moe_config(**MOE), ml_dtypes.bfloat16, 1, 128, 2048, "xla", "int4"),
+    (NEXT, np.float32, 2, 512, 2048, "xla", "int4"),
+    (NEXT, ml_dtypes.bfloat16, 4, 64, 512, "xla", "int4"),
+    (qwen3_moe_config(**MOE), np.float32, 1, 512, 4096, "xla-only", "int4"),
+    (qwen3_moe_config(**MOE), np.float32, 2, 256, 1024, "xla-only", "int2:g64:hqq+down=int4"),
+    (DEEPSEEK, np.float32, 2, 512, 2048, "xla", "int4"),
+    (DEEPSEEK, ml_dtypes.bfloat16, 1, 256, 4096, "xla", "int4"),
 ], ids=["moe-f32-kernel", "moe-bf16-kernel", "moe-bf16-batch1-kernel", "next-f32-kernel", "next-bf16-kernel",
-        "moe-f32-xla", "deepseek-f32-kernel", "deepseek-bf16-kernel"])
+        "moe-f32-xla", "moe-f32-xla-down-own-format", "deepseek-f32-kernel", "deepseek-bf16-kernel"])
 def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, dtype, batch, chunk, max_len,
-                                                                   backend):
+                                                                   backend, lo):
     """workspace_bytes is never below XLA's memory analysis of the prefill chunk and the decode
     segment (plus, where the CPU kernel serves, its own scratch, which XLA does not see), and on
     the kernel path (the CPU default) within 2x of it (the attention term holds a prefill's f32
@@ -118,7 +119,7 @@ def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, d
     reuses one of them). The XLA path's term is an upper bound only: it counts the worst split of
     the experts between the tiers."""
     cfg = parse_hf_config(family_cfg)
-    hi, lo = parse_format("bf16"), parse_format("int4")
+    hi, lo = parse_tier_format("bf16"), parse_tier_format(lo)
     dense = sum(math.prod(s.shape) for _, _, s in schema.leaves(family(cfg.model_type).abstract(cfg))
                 if isinstance(s, schema.Tensor)) * np.dtype(dtype).itemsize
     measured = budget.measured_workspace(cfg, hi=hi, lo=lo, n_hi=8, dtype=dtype, batch=batch, max_len=max_len,

@@ -14,7 +14,7 @@ from dynaexq_jax.errors import ConfigError
 from dynaexq_jax.model.config import parse_hf_config
 from dynaexq_jax.model.layers import DenseMLP, MoE
 from dynaexq_jax.model.moe import single_tier
-from dynaexq_jax.model.quant import parse_format, quantize
+from dynaexq_jax.model.quant import TierFormat, parse_format, parse_tier_format, quantize
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION, attach_experts, load_checkpoint
 from tests.hf_models import make_tiny_qwen3_moe
 
@@ -91,9 +91,11 @@ def assert_params_equal(params, dense, layers, dtype):
                 eq(getattr(layer.mlp, x), want[x])
 
 
-def assert_pool_equals_quantized(pool, stacks, fmt):
-    assert pool.fmt == fmt and pool.size == stacks["gate"].shape[0]
+def assert_pool_equals_quantized(pool, stacks, tier):
+    tier = parse_tier_format(tier)
+    assert pool.fmt == tier and pool.size == stacks["gate"].shape[0]
     for x in ("gate", "up", "down"):
+        fmt = tier.of(x)
         got, want = getattr(pool, x), quantize(stacks[x], fmt)
         assert got.fmt == fmt
         np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
@@ -121,7 +123,7 @@ def test_round_trip(tiny, tmp_path, monkeypatch):
     dense, layers, experts = hf_expected(model, cfg)
     assert_params_equal(ckpt.params, dense, layers, np.float32)
 
-    assert ckpt.tiers == {"hi": parse_format("f32"), "lo": parse_format(LO)}
+    assert ckpt.tiers == {"hi": parse_tier_format("f32"), "lo": parse_tier_format(LO)}
     assert sorted(ckpt.experts) == sorted(cfg.moe_layers) == sorted(experts)
     for i, stacks in experts.items():
         assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, ckpt.tiers["hi"])
@@ -174,11 +176,23 @@ def test_other_formats_and_bf16_source(tmp_path):
     # back (hqq's zeros as one more tensor per projection).
     ckpt = load_checkpoint(convert(hf_dir, tmp_path / "m", hi="int4:g16:mse", lo="int2:hqq", progress=False))
     # (int2's default group 64, fitted to the tiny model's dimensions: 32.)
-    assert ckpt.tiers["hi"].name == "int4:g16:mse" and ckpt.tiers["lo"] == parse_format("int2:g32:hqq")
+    assert ckpt.tiers["hi"].name == "int4:g16:mse" and ckpt.tiers["lo"] == parse_tier_format("int2:g32:hqq")
     assert ckpt.metadata["tiers"]["lo"] == "int2:g32:hqq"
     for i, stacks in experts.items():
         assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, parse_format("int4:g16:mse"))
         assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, parse_format("int2:g32:hqq"))
+
+    # Per-projection tiers: down in its own format, its default group fitted to the dimension it
+    # reduces over (I = 32) alone, the note saying so; the files hold each projection's tensors.
+    ckpt = load_checkpoint(convert(hf_dir, tmp_path / "p", hi="bf16+down=f32", lo="int2:g16:hqq+down=int4",
+                                   progress=False))
+    assert ckpt.metadata["tiers"] == {"hi": "bf16+down=f32", "lo": "int2:g16:hqq+down=int4:g32"}
+    assert ckpt.metadata["tier_notes"] == {"lo": "down int4: the default group 128 does not divide the expert "
+                                                 "dimensions 32; group 32 used"}
+    assert ckpt.tiers["lo"] == TierFormat(parse_format("int2:g16:hqq"), parse_format("int4:g32"))
+    for i, stacks in experts.items():
+        assert_pool_equals_quantized(ckpt.experts[i]["hi"], stacks, "bf16+down=f32")
+        assert_pool_equals_quantized(ckpt.experts[i]["lo"], stacks, "int2:g16:hqq+down=int4:g32")
 
     # A bf16 checkpoint: "source" means bf16 for the hi tier and the dense params.
     for shard in hf_dir.glob("*.safetensors"):
@@ -186,7 +200,7 @@ def test_other_formats_and_bf16_source(tmp_path):
         stn.save_file(tensors, shard, metadata={"format": "pt"})
     ckpt = load_checkpoint(convert(hf_dir, tmp_path / "b", lo="int4:g16", progress=False))
     assert ckpt.metadata["source_dtype"] == "bf16" and ckpt.metadata["dtype"] == "bf16"
-    assert ckpt.tiers["hi"] == parse_format("bf16")
+    assert ckpt.tiers["hi"] == parse_tier_format("bf16")
     assert_params_equal(ckpt.params, dense, layers, ml_dtypes.bfloat16)
     for i, stacks in experts.items():
         bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in stacks.items()}

@@ -84,6 +84,9 @@ CASES = [
     # HQQ: zeros beside the scales (asymmetric), read by every backend; decode and grouped prefill.
     Case("hqq int8+int4+int2", (("int8:g32:hqq", 4), ("int4:g32:hqq", 5), ("int2:g64:hqq", 7)), T=5),
     Case("hqq prefill bf16+int2", (("bf16", 3), ("int2:g64:hqq", 5)), T=64),
+    # Per-projection tiers: down in a format of its own (int, float, per channel), decode and prefill.
+    Case("down own format decode", (("bf16+down=int8:g32", 4), ("int2:g64:hqq+down=int4:g32", 6)), T=5),
+    Case("down own format prefill", (("int4:g32+down=f32", 3), ("int2:g64+down=int8:channel", 5)), T=64),
     Case("f32+int4-channel k=4", (("f32", 3), ("int4:channel", 13)), T=7, k=4),
     Case("bf16+int4 bf16-x", (("bf16", 4), ("int4:g32", 4)), T=4, x_dtype="bfloat16"),
     # degenerate pools and assignments
@@ -185,10 +188,10 @@ def _tie_allowance(x, ids, w, experts, activation) -> np.ndarray:
     (x is quantized from the same values on both sides, so it never ties)."""
     allowance = np.zeros(x.shape[0])
     for pool, _, h in tier_hidden(x, ids, w, experts, activation, int_dot=True):
-        if not cpu_kernel.int_dot(pool.fmt, I):
+        if not cpu_kernel.int_dot(pool.down.fmt, I):
             continue
         T, S = h.shape[:2]
-        blocks = np.asarray(h).reshape(T, S, -1, cpu_kernel.act_block(pool.fmt, I))
+        blocks = np.asarray(h).reshape(T, S, -1, cpu_kernel.act_block(pool.down.fmt, I))
         step = np.abs(blocks).max(-1, keepdims=True) / 127
         codes = blocks / np.where(step > 0, step, 1)
         near = np.abs(codes - np.floor(codes) - 0.5) < TIE
@@ -231,7 +234,7 @@ def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
 
 
 def _has_int_dot(experts: ExpertPools) -> bool:
-    return any(cpu_kernel.int_dot(p.fmt, H) or cpu_kernel.int_dot(p.fmt, I) for p in experts.pools)
+    return any(cpu_kernel.int_dot(p.gate.fmt, H) or cpu_kernel.int_dot(p.down.fmt, I) for p in experts.pools)
 
 
 @pytest.fixture

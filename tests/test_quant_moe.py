@@ -11,7 +11,15 @@ from dynaexq_jax.errors import QuantFormatError
 from dynaexq_jax.model.moe import ExpertPools, moe_experts_reference, quantize_experts, route
 from dynaexq_jax.model.moe.base import tier_pairs
 from dynaexq_jax.model.moe.xla import _grouped_pairs, grouped_blocks
-from dynaexq_jax.model.quant import dequantize, expert_nbytes, parse_format, quantize
+from dynaexq_jax.model.quant import (
+    TierFormat,
+    dequantize,
+    expert_nbytes,
+    fit_tier_format,
+    parse_format,
+    parse_tier_format,
+    quantize,
+)
 from pallas_kernels.packing import unpack_codes
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -163,6 +171,44 @@ def test_byte_accounting_reproduces_published_expert_sizes():
 def test_bad_formats(spec, match):
     with pytest.raises(QuantFormatError, match=match):
         parse_format(spec)
+
+
+def test_tier_formats_by_projection_name_parse_and_count_exactly():
+    """'GATE_UP+down=DOWN': down in its own format; the name round-trips, a uniform tier is named by
+    its one format, and an expert's bytes are its three matrices' (storage == accounting)."""
+    tier = parse_tier_format("int2:g64:hqq+down=int4:g32")
+    assert tier == TierFormat(parse_format("int2:g64:hqq"), parse_format("int4:g32")) and not tier.is_uniform
+    assert parse_tier_format(tier.name) == tier and tier.of("gate") == tier.of("up") == tier.gate_up
+    assert parse_tier_format("int4:g64").name == "int4:g64" and parse_tier_format("int4:g64").is_uniform
+    assert parse_tier_format("int4+down=int4") == parse_tier_format("int4")
+    assert parse_tier_format("source+down=int8", source=parse_format("bf16")).name == "bf16+down=int8:g128"
+    H, I = 256, 128
+    pool = quantize_experts(*(rng(3).standard_normal(s).astype(np.float32) for s in [(2, H, I), (2, H, I), (2, I, H)]),
+                            tier)
+    assert pool.fmt == tier and pool.down.fmt == tier.down and pool.gate.fmt == pool.up.fmt == tier.gate_up
+    assert pool.nbytes == 2 * expert_nbytes(tier, H, I)
+    assert expert_nbytes(tier, H, I) == 2 * tier.gate_up.nbytes(H, I) + tier.down.nbytes(I, H)
+    assert expert_nbytes("int2:g64+down=int4:g64", H, I) < expert_nbytes("int4:g64", H, I)
+
+
+def test_tier_formats_fit_each_projections_group_to_its_own_dimension():
+    # A uniform tier's default group fits both dimensions (one format); per projection, each its own.
+    assert fit_tier_format("int4", 256, 96) == (parse_tier_format("int4:g32"), "int4: the default group 128 does not "
+                                                "divide the expert dimensions 256 and 96; group 32 used")
+    tier, note = fit_tier_format("int4+down=int8", 256, 96)
+    assert tier.name == "int4:g128+down=int8:g96" and note.startswith("down int8: the default group 128")
+    with pytest.raises(QuantFormatError, match="group size 64 does not divide the input dimension 96"):
+        fit_tier_format("int4+down=int8:g64", 256, 96)
+
+
+@pytest.mark.parametrize("spec, match", [("int4+gate=int8", r"only '\+down=FORMAT'"),
+                                         ("int4+down=int8+down=int4", r"only '\+down=FORMAT'"),
+                                         ("int4+down=", r"only '\+down=FORMAT'"),
+                                         ("int4+down=int5", "unknown format 'int5'"),
+                                         ("source+down=int4", "'source'.*unknown here")])
+def test_bad_tier_formats(spec, match):
+    with pytest.raises(QuantFormatError, match=match):
+        parse_tier_format(spec)
 
 
 def test_group_that_does_not_divide_k_names_a_fix():

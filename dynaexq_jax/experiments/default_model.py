@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from dynaexq_jax.errors import CheckpointNotFoundError, DynaexqError
-from dynaexq_jax.model.quant import parse_format
+from dynaexq_jax.model.quant import parse_tier_format
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
 from dynaexq_jax.serving.conversion import hf_converter, sha256_files
 
@@ -35,7 +35,7 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         meta = json.loads(meta_file.read_text())
         mine = sha256_files([src / "config.json"] + sorted(src.glob("*.safetensors")))
         same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
-        want = {t: meta.get("source_dtype") if f == "source" else parse_format(f).name
+        want = {t: meta.get("source_dtype") if f == "source" else parse_tier_format(f).name
                 for t, f in (("hi", hi), ("lo", lo))}
         if same and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir

@@ -16,6 +16,9 @@ by a suffix on the format, write the same codes (every backend reads all three):
       group's range, the zero point by half-quadratic proximal steps on the l_0.7 error, then a
       least-squares refit of (s, z) for those codes wherever it lowers the squared error.
 
+An expert tier has a TierFormat: one Format for gate and up, one for down (the same, or down's own:
+'int2:g64:hqq+down=int4:g64').
+
 Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
 byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
 j*bits, j = 0..p-1. That is the layout the Pallas kernels read: pallas_kernels/packing.py defines
@@ -153,9 +156,9 @@ def parse_format(spec: str | Format) -> Format:
 
 
 def fit_default_group(spec, fmt: Format, dims: tuple[int, ...]) -> tuple[Format, str | None]:
-    """A tier format parsed from spec, its group fitted to the expert input dimensions: a default
-    group (no ':gN' in spec) that does not divide them becomes the largest smaller one that does
-    and holds whole bytes, with a note saying so; an explicit group is kept (Format.check then
+    """A format parsed from spec, its group fitted to the input dimensions it reduces over: a
+    default group (no ':gN' in spec) that does not divide them becomes the largest smaller one that
+    does and holds whole bytes, with a note saying so; an explicit group is kept (Format.check then
     names the problem)."""
     if not (fmt.is_int and fmt.group and isinstance(spec, str) and not re.search(r":(g\d|channel)", spec)
             and any(d % fmt.group for d in dims)):
@@ -168,11 +171,100 @@ def fit_default_group(spec, fmt: Format, dims: tuple[int, ...]) -> tuple[Format,
     return dataclasses.replace(fmt, group=fits[0]), note
 
 
-def expert_nbytes(fmt: Format, hidden: int, inter: int, bias: bool = False) -> int:
-    """Bytes of one SwiGLU expert (gate [H, I], up [H, I], down [I, H]) in `fmt`, scales included,
-    and with bias its float biases (gate/up [I], down [H])."""
+@dataclasses.dataclass(frozen=True)
+class TierFormat:
+    """An expert tier's formats by projection. gate and up share one: the kernels read both against
+    the same input in one pass (one activation quantization on the CPU, one Pallas gate/up kernel);
+    down may have its own, e.g. 'int2:g64:hqq+down=int4:g64' (in MoE experts the down projection is
+    the matrix that suffers most from low bits). A uniform tier is named by its one format."""
+    gate_up: Format
+    down: Format
+
+    @classmethod
+    def uniform(cls, fmt: Format) -> TierFormat:
+        return cls(fmt, fmt)
+
+    def of(self, proj: str) -> Format:
+        """The format of projection proj ("gate", "up" or "down")."""
+        return self.down if proj == "down" else self.gate_up
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.gate_up == self.down
+
+    @property
+    def name(self) -> str:
+        return self.gate_up.name if self.is_uniform else f"{self.gate_up.name}+down={self.down.name}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _source_or(spec: str, source: Format | None, what: str) -> Format:
+    """A format spec where 'source' stands for the source checkpoint's float format (None: unknown here)."""
+    if spec.strip().lower() != "source":
+        return parse_format(spec)
+    if source is None:
+        raise QuantFormatError(f"{what} '{spec}': 'source' (the source checkpoint's dtype) is unknown here")
+    return source
+
+
+def parse_dense_format(spec: str | Format, source: Format | None = None) -> Format:
+    """The dense parameters' dtype: a float format, or 'source' (the source checkpoint's)."""
+    fmt = spec if isinstance(spec, Format) else _source_or(spec, source, "dtype")
+    if fmt.is_int:
+        raise QuantFormatError(f"dtype '{spec}': dense parameters need a float dtype (source, f32, bf16, fp16)")
+    return fmt
+
+
+def parse_tier_format(spec: str | Format | TierFormat, source: Format | None = None) -> TierFormat:
+    """An expert tier's format: one format for all three projections ('int4:g64', parse_format), or
+    gate/up's then down's, 'int2:g64:hqq+down=int4:g64'. source: what 'source' stands for (the
+    source checkpoint's float format), None where it means nothing."""
+    if isinstance(spec, TierFormat):
+        return spec
+    if isinstance(spec, Format):
+        return TierFormat.uniform(spec)
+    base, *extra = spec.split("+")
+    gate_up = _source_or(base, source, "tier format")
+    if not extra:
+        return TierFormat.uniform(gate_up)
+    proj, _, fmt = extra[0].partition("=")
+    if len(extra) > 1 or proj.strip().lower() != "down" or not fmt:
+        raise QuantFormatError(
+            f"tier format '{spec}': after the gate/up format only '+down=FORMAT' may follow (gate and up share "
+            f"one format: the kernels read them in one pass), e.g. 'int2:g64:hqq+down=int4:g64'")
+    return TierFormat(gate_up, _source_or(fmt, source, "tier format"))
+
+
+def fit_tier_format(spec: str | Format | TierFormat, hidden: int, inter: int,
+                    source: Format | None = None) -> tuple[TierFormat, str | None]:
+    """A tier format (parse_tier_format) fitted to the expert dimensions: gate/up reduce over hidden,
+    down over inter; a default group that does not divide its dimensions shrinks (fit_default_group;
+    a uniform tier's one format fits both, so it stays one) and the note says so; an explicit group
+    that does not divide them is a QuantFormatError."""
+    tier = parse_tier_format(spec, source)
+    text = spec if isinstance(spec, str) else None
+    if text is None or "+" not in text:
+        fmt, note = fit_default_group(text, tier.gate_up, (hidden, inter))
+        tier = TierFormat(fmt, fmt if tier.is_uniform else tier.down)
+    else:
+        base, _, down = text.partition("+")
+        (gate_up, n1), (down, n2) = (fit_default_group(base, tier.gate_up, (hidden,)),
+                                     fit_default_group(down.partition("=")[2], tier.down, (inter,)))
+        tier, note = TierFormat(gate_up, down), "; ".join(n for n in (n1 and f"gate/up {n1}", n2 and f"down {n2}")
+                                                          if n) or None
+    tier.gate_up.check(hidden)
+    tier.down.check(inter)
+    return tier, note
+
+
+def expert_nbytes(fmt: str | Format | TierFormat, hidden: int, inter: int, bias: bool = False) -> int:
+    """Bytes of one SwiGLU expert (gate [H, I], up [H, I], down [I, H]) in `fmt` (a tier format),
+    scales and zeros included, and with bias its float biases (gate/up [I], down [H])."""
+    tier = parse_tier_format(fmt)
     biases = (2 * inter + hidden) * np.dtype(BIAS_DTYPE).itemsize if bias else 0
-    return 2 * fmt.nbytes(hidden, inter) + fmt.nbytes(inter, hidden) + biases
+    return 2 * tier.gate_up.nbytes(hidden, inter) + tier.down.nbytes(inter, hidden) + biases
 
 
 @struct.dataclass

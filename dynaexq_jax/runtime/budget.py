@@ -34,7 +34,6 @@ from dynaexq_jax.errors import (
     CheckpointNotFoundError,
     ConfigError,
     InfeasibleBudgetError,
-    QuantFormatError,
     RuntimeConfigError,
     check_int,
 )
@@ -47,9 +46,11 @@ from dynaexq_jax.model.quant import (
     SCALE_DTYPE,
     Format,
     QTensor,
-    expert_nbytes,
-    fit_default_group,
+    TierFormat,
+    fit_tier_format,
+    parse_dense_format,
     parse_format,
+    parse_tier_format,
 )
 from dynaexq_jax.runtime.config import EngineConfig, check_plan_options
 from dynaexq_jax.serving.checkpoint import METADATA_FILE, CheckpointInfo, read_info
@@ -237,14 +238,15 @@ def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, d
     def array(shape, dt):
         return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt))
 
-    def pool(fmt: Format, slots: int, spec: schema.Experts) -> TierPool:
-        def weight(k, n):
+    def pool(tier: TierFormat | Format, slots: int, spec: schema.Experts) -> TierPool:
+        def weight(k, n, proj):
+            fmt = parse_tier_format(tier).of(proj)
             scales = array((slots, k // fmt.group_for(k), n), SCALE_DTYPE) if fmt.is_int else None
             zeros = scales if fmt.has_zeros else None
             return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt, zeros)
         H, I = spec.hidden, spec.inter
         biases = {name: array((slots,) + shape[1:], BIAS_DTYPE) for name, shape in spec.bias_shapes.items()}
-        return TierPool(weight(H, I), weight(H, I), weight(I, H), **biases)
+        return TierPool(weight(H, I, "gate"), weight(H, I, "up"), weight(I, H, "down"), **biases)
 
     def leaf(spec):
         if isinstance(spec, schema.Experts):
@@ -456,23 +458,17 @@ def planned_checkpoint(source: str | Path, *, hi: str = CONVERT_DEFAULTS["hi"], 
     cfg = parse_hf_config(hf)
     declared = hf.get("torch_dtype") or hf.get("dtype")
 
-    def resolve(spec: str, what: str) -> Format:
-        if str(spec).strip().lower() != "source":
-            return parse_format(spec)
-        if declared not in _CONFIG_DTYPES:
+    source_fmt = parse_format(_CONFIG_DTYPES[declared]) if declared in _CONFIG_DTYPES else None
+
+    def resolved(spec: str, what: str) -> str:
+        if source_fmt is None and "source" in str(spec).lower():
             raise ConfigError(f"{f}: {what} 'source' is the model's dtype, but its torch_dtype is {declared!r}; "
                               f"name a format instead (e.g. bf16)")
-        return parse_format(_CONFIG_DTYPES[declared])
-
-    def tier(spec: str, what: str) -> Format:
-        dims = (cfg.hidden_size, cfg.moe_intermediate_size)
-        fmt, _ = fit_default_group(str(spec), resolve(spec, what), dims)     # as the converter does
-        expert_nbytes(fmt, *dims)                              # checks the group divides H and I
-        return fmt
-    tiers = {"hi": tier(hi, "--hi"), "lo": tier(lo, "--lo")}
-    dense = resolve(dtype, "--dtype")
-    if dense.is_int:
-        raise QuantFormatError(f"dtype '{dtype}': dense parameters need a float dtype (source, f32, bf16, fp16)")
+        return str(spec)
+    # Fitted as the converter fits them.
+    tiers = {t: fit_tier_format(resolved(spec, what), cfg.hidden_size, cfg.moe_intermediate_size, source_fmt)[0]
+             for t, spec, what in (("hi", hi, "--hi"), ("lo", lo, "--lo"))}
+    dense = parse_dense_format(resolved(dtype, "--dtype"), source_fmt)
     return CheckpointInfo(Path(source), cfg, hf, tiers, dense, metadata={})
 
 

@@ -49,7 +49,15 @@ from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families import family, schema
 from dynaexq_jax.model.layers import MoE, Params
 from dynaexq_jax.model.moe import ExpertPools, TierPool
-from dynaexq_jax.model.quant import BIAS_DTYPE, SCALE_DTYPE, Format, QTensor, parse_format
+from dynaexq_jax.model.quant import (
+    BIAS_DTYPE,
+    SCALE_DTYPE,
+    Format,
+    QTensor,
+    TierFormat,
+    parse_format,
+    parse_tier_format,
+)
 from dynaexq_jax.serving.conversion import sha256_file
 from dynaexq_jax.serving.safetensors_io import MappedFile
 
@@ -67,11 +75,12 @@ def expert_file(layer: int, tier: str) -> str:
     return f"experts/{layer:03d}.{tier}.safetensors"
 
 
-def tier_tensors(fmt: Format, spec: schema.Experts) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def tier_tensors(tier: TierFormat, spec: schema.Experts) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of the tensors of one layer's tier file, in file order."""
     E, H, I = spec.num_experts, spec.hidden, spec.inter
     out = {}
     for proj, (k, n) in zip(schema.PROJECTIONS, ((H, I), (H, I), (I, H))):
+        fmt = tier.of(proj)
         out[f"{proj}.data"] = ((E, k // fmt.per_byte, n), np.dtype(fmt.storage_dtype))
         per_group = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
         if fmt.is_int:
@@ -94,7 +103,7 @@ class CheckpointInfo:
     path: Path
     config: ModelConfig
     hf_config: dict[str, Any]
-    tiers: dict[str, Format]                      # {"hi": Format, "lo": Format}
+    tiers: dict[str, TierFormat]                  # {"hi": TierFormat, "lo": TierFormat}
     dense_format: Format                          # the dense parameters' dtype
     metadata: dict[str, Any]
 
@@ -129,7 +138,7 @@ def read_info(path: str | Path) -> CheckpointInfo:
         raise UnsupportedArchitectureError(f"{path}: {e}") from None
     try:
         cfg = ModelConfig.from_dict(meta["config"])
-        tiers = {t: parse_format(meta["tiers"][t]) for t in TIERS}
+        tiers = {t: parse_tier_format(meta["tiers"][t]) for t in TIERS}
         dense_format = parse_format(meta["dtype"])
         files = {str(rel): (int(rec["bytes"]), str(rec["sha256"])) for rel, rec in meta["files"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -272,7 +281,7 @@ def _map_experts(info: CheckpointInfo, layer: int, spec: schema.Experts) -> dict
         if extra:
             raise CorruptCheckpointError(f"{mapped.path}: unexpected tensor '{extra[0]}'")
         a = mapped.arrays
-        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt, a.get(f"{p}.zeros"))
+        out[tier] = TierPool(*(QTensor(a[f"{p}.data"], a.get(f"{p}.scales"), fmt.of(p), a.get(f"{p}.zeros"))
                                for p in schema.PROJECTIONS),
                              **{b: a[bias_tensor(b)] for b in spec.bias_shapes})
     return out

@@ -2,7 +2,7 @@
 and how a tier sees the routed (token, expert) pairs.
 
 An MoE layer's resident experts are an ExpertPools: one TierPool per tier (tier 0 = HI,
-tier 1 = LO, ...), each a stack of `size` slots in one Format (with the experts' float biases
+tier 1 = LO, ...), each a stack of `size` slots in one TierFormat (with the experts' float biases
 beside the weights where the family has them, so a slot's copy moves them too), plus the
 assignment: for every expert e, tier[e] and slot[e] say which pool slot holds it. Pool sizes are static (fixed by the
 budget); the assignment is data, so changing it never recompiles.
@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dynaexq_jax.model.quant import BIAS_DTYPE, Format, QTensor, quantize
+from dynaexq_jax.model.quant import BIAS_DTYPE, Format, QTensor, TierFormat, parse_tier_format, quantize
 
 HI, LO = 0, 1
 
 
 @struct.dataclass
 class TierPool:
-    """`size` expert slots of one format: gate/up [S, H, I], down [S, I, H] (input-major), and
+    """`size` expert slots of one tier format (gate and up share one, down may differ): gate/up
+    [S, H, I], down [S, I, H] (input-major), and
     optionally their biases (f32, gate/up [S, I], down [S, H]; all three or none: gpt-oss)."""
     gate: QTensor
     up: QTensor
@@ -38,8 +39,8 @@ class TierPool:
         return self.gate.data.shape[0]
 
     @property
-    def fmt(self) -> Format:
-        return self.gate.fmt
+    def fmt(self) -> TierFormat:
+        return TierFormat(self.gate.fmt, self.down.fmt)
 
     @property
     def has_bias(self) -> bool:
@@ -66,12 +67,14 @@ class ExpertPools:
         return self.tier.shape[0]
 
 
-def quantize_experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: Format | str,
+def quantize_experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: TierFormat | Format | str,
                      biases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TierPool:
-    """Float expert weights (input-major, [E, H, I], [E, H, I], [E, I, H]) -> a TierPool in fmt;
-    biases (gate, up [E, I], down [E, H]) stay float (BIAS_DTYPE) whatever the format."""
+    """Float expert weights (input-major, [E, H, I], [E, H, I], [E, I, H]) -> a TierPool in fmt (a
+    tier format, parse_tier_format); biases (gate, up [E, I], down [E, H]) stay float
+    (BIAS_DTYPE) whatever the format."""
+    tier = parse_tier_format(fmt)
     b = [None] * 3 if biases is None else [np.asarray(x, BIAS_DTYPE) for x in biases]
-    return TierPool(quantize(gate, fmt), quantize(up, fmt), quantize(down, fmt), *b)
+    return TierPool(quantize(gate, tier.gate_up), quantize(up, tier.gate_up), quantize(down, tier.down), *b)
 
 
 def single_tier(pool: TierPool) -> ExpertPools:

@@ -153,8 +153,9 @@ def tier_contribution(x, pool, slots, weights, act: Activation = SWIGLU):
     """One tier's share of the MoE output. x [T, H] (f32 or bf16); slots int32 [T, k], -1 where
     another tier serves the pair; weights f32 [T, k]; the pool's biases (if any) and the activation
     go into the kernel. Returns f32 [T, H]."""
-    fmt = pool.fmt
-    kind = 3 if fmt.is_int else _KINDS[fmt.kind]
+    def attrs(fmt, prefix=""):      # a matrix format as the kernel's attributes
+        return {prefix + "kind": np.int32(3 if fmt.is_int else _KINDS[fmt.kind]),
+                prefix + "bits": np.int32(fmt.bits if fmt.is_int else 0), prefix + "group": np.int32(fmt.group)}
     dummy, no_zeros = jnp.zeros((1,), jnp.float16), jnp.zeros((0,), jnp.float16)
     args = []
     for t in (pool.gate, pool.up, pool.down):
@@ -163,8 +164,7 @@ def tier_contribution(x, pool, slots, weights, act: Activation = SWIGLU):
     args += [no_bias if b is None else b.astype(jnp.float32) for b in (pool.gate_bias, pool.up_bias, pool.down_bias)]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, slots.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), *args,
-                kind=np.int32(kind), bits=np.int32(fmt.bits if fmt.is_int else 0), group=np.int32(fmt.group),
-                act=np.int32(_ACTIVATIONS[act.kind]), alpha=np.float32(act.alpha), limit=np.float32(act.limit))
+                **attrs(pool.gate.fmt), **attrs(pool.down.fmt, "down_"), act=np.int32(_ACTIVATIONS[act.kind]), alpha=np.float32(act.alpha), limit=np.float32(act.limit))
 
 
 ACT_BLOCK = 32   # the longest run of K rows that shares one activation scale (Mat::kActBlock)

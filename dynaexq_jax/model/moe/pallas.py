@@ -105,13 +105,13 @@ def moe_experts_pallas(x, ids, weights, experts: ExpertPools, *, interpret: bool
     try:
         for pool, offs in zip(experts.pools, offsets):
             if offs is not None:
-                h = gate_up(x_sorted, pool.gate.data, pool.up.data, offs, fmt=pool.fmt.kernel_format,
+                h = gate_up(x_sorted, pool.gate.data, pool.up.data, offs, fmt=pool.gate.fmt.kernel_format,
                             gate_scales=pool.gate.scales, up_scales=pool.up.scales, out=h, config=cfg_gu,
                             interpret=interpret, gate_bias=pool.gate_bias, up_bias=pool.up_bias,
                             activation=activation, gate_zeros=pool.gate.zeros, up_zeros=pool.up.zeros)
         for pool, offs in zip(experts.pools, offsets):
             if offs is not None:
-                y = down(h, pool.down.data, offs, row_w, fmt=pool.fmt.kernel_format, scales=pool.down.scales,
+                y = down(h, pool.down.data, offs, row_w, fmt=pool.down.fmt.kernel_format, scales=pool.down.scales,
                          out=y, config=cfg_dn, interpret=interpret, bias=pool.down_bias, zeros=pool.down.zeros)
     except KernelFormatError as e:          # a format the kernels cannot read: the model's typed error
         raise QuantFormatError(str(e)) from e

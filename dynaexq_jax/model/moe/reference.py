@@ -17,8 +17,8 @@ def tier_hidden(x, ids, weights, experts: ExpertPools, activation: Activation = 
     H = x.shape[1]
     for pool, slots, w, _ in tier_pairs(ids, weights, experts):
         xf = x.astype(jnp.float32)
-        if int_dot and cpu_kernel.int_dot(pool.fmt, H):
-            xf = cpu_kernel.quantize_activations(xf, cpu_kernel.act_block(pool.fmt, H))
+        if int_dot and cpu_kernel.int_dot(pool.gate.fmt, H):
+            xf = cpu_kernel.quantize_activations(xf, cpu_kernel.act_block(pool.gate.fmt, H))
         combine = jnp.zeros((x.shape[0], pool.size), jnp.float32).at[jnp.arange(x.shape[0])[:, None], slots].add(w)
         g = jnp.einsum("th,shi->tsi", xf, pool.gate.dequantize(jnp.float32))
         u = jnp.einsum("th,shi->tsi", xf, pool.up.dequantize(jnp.float32))
@@ -36,8 +36,8 @@ def moe_experts_reference(x, ids, weights, experts: ExpertPools, activation: Act
     out = jnp.zeros(x.shape, jnp.float32)
     I = experts.pools[0].gate.n
     for pool, combine, h in tier_hidden(x, ids, weights, experts, activation, int_dot=int_dot):
-        if int_dot and cpu_kernel.int_dot(pool.fmt, I):
-            h = cpu_kernel.quantize_activations(h, cpu_kernel.act_block(pool.fmt, I))
+        if int_dot and cpu_kernel.int_dot(pool.down.fmt, I):
+            h = cpu_kernel.quantize_activations(h, cpu_kernel.act_block(pool.down.fmt, I))
         out = out + jnp.einsum("tsi,sih->th", h, pool.down.dequantize(jnp.float32))
         if pool.has_bias:
             out = out + combine @ pool.down_bias.astype(jnp.float32)

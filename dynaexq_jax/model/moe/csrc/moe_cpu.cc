@@ -28,8 +28,9 @@
 // weights; gate, up [S, H(/p), I] and down [S, I(/p), H] in the tier's format, each with its
 // scales (fp16 [S, K/group, N]; a dummy for float formats) and zeros (the scales' shape, or
 // empty for symmetric formats); biases f32 gate/up [S, I] and down
-// [S, H], all three empty when the experts have none. Attributes: the weight format, and the
-// activation (0: SwiGLU, 1: gpt-oss's clamped SwiGLU with alpha and limit). Output: f32 [T, H],
+// [S, H], all three empty when the experts have none. Attributes: the weight format of gate and up
+// (kind, bits, group: they share one, read against one quantization of x) and of down (down_kind,
+// down_bits, down_group), and the activation (0: SwiGLU, 1: gpt-oss's clamped SwiGLU with alpha and limit). Output: f32 [T, H],
 // this tier's contribution. Weight layout and packing: pallas_kernels/packing.py (written by model/quant.py).
 #include <algorithm>
 #include <atomic>
@@ -584,13 +585,15 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
                        ffi::AnyBuffer up, ffi::AnyBuffer up_s, ffi::AnyBuffer up_z, ffi::AnyBuffer down,
                        ffi::AnyBuffer down_s, ffi::AnyBuffer down_z,
                        ffi::Buffer<ffi::F32> gate_b, ffi::Buffer<ffi::F32> up_b, ffi::Buffer<ffi::F32> down_b,
-                       ffi::ResultBuffer<ffi::F32> out, int32_t kind, int32_t bits, int32_t group, int32_t act,
-                       float alpha, float limit) {
+                       ffi::ResultBuffer<ffi::F32> out, int32_t kind, int32_t bits, int32_t group,
+                       int32_t down_kind, int32_t down_bits, int32_t down_group, int32_t act, float alpha,
+                       float limit) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16))
     return ffi::Error::InvalidArgument("x must be f32 or bf16 [T, H]");
-  if (kind < kF32 || kind > kInt || (kind == kInt && bits != 8 && bits != 4 && bits != 2))
-    return ffi::Error::InvalidArgument("unknown weight format");
+  for (auto [kd, b] : {std::pair{kind, bits}, std::pair{down_kind, down_bits}})
+    if (kd < kF32 || kd > kInt || (kd == kInt && b != 8 && b != 4 && b != 2))
+      return ffi::Error::InvalidArgument("unknown weight format");
   const int64_t T = xd[0], H = xd[1], P = slots.element_count();
   if (weights.element_count() != P || T == 0 || P % T)
     return ffi::Error::InvalidArgument("slots and weights must be [T * k]");
@@ -599,7 +602,7 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   Mat mg, mu, md;
   for (auto err : {check_mat("gate", gate, gate_s, gate_z, kind, bits, group, S, H, I, &mg),
                    check_mat("up", up, up_s, up_z, kind, bits, group, S, H, I, &mu),
-                   check_mat("down", down, down_s, down_z, kind, bits, group, S, I, H, &md)})
+                   check_mat("down", down, down_s, down_z, down_kind, down_bits, down_group, S, I, H, &md)})
     if (err.failure()) return err;
   if (act != 0 && act != 1) return ffi::Error::InvalidArgument("unknown activation");
   const bool bias = gate_b.element_count() != 0;
@@ -674,7 +677,7 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const std::vector<int64_t> dn = column_ranges(md, (threads + n_slots - 1) / n_slots);
   const int n_gu = static_cast<int>(gu.size()) - 1, n_dn = static_cast<int>(dn.size()) - 1;
   // The dequantizing fallback's row scratch, one per work item (of either phase).
-  const bool fallback = kind == kInt && !mg.int_dot();
+  const bool fallback = (mg.kind == kInt && !mg.int_dot()) || (md.kind == kInt && !md.int_dot());
   const int64_t row_floats = kRowsPerPass * std::max(H, I);
   std::vector<float> fallback_rows(fallback ? row_floats * n_slots * std::max(2 * n_gu, n_dn) : 0);
   auto rows_of = [&](int item) { return fallback_rows.data() + (fallback ? item * row_floats : 0); };
@@ -789,6 +792,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DynaexqMoeTier, MoeTierImpl,
                                   .Attr<int32_t>("kind")
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("group")
+                                  .Attr<int32_t>("down_kind")
+                                  .Attr<int32_t>("down_bits")
+                                  .Attr<int32_t>("down_group")
                                   .Attr<int32_t>("act")
                                   .Attr<float>("alpha")
                                   .Attr<float>("limit"));
