@@ -58,7 +58,7 @@ def random_qtensor(key, fmt, slots, k, n) -> QTensor:
     kd, ks = jax.random.split(key)
     if not fmt.is_int:
         return QTensor((0.02 * jax.random.normal(kd, (slots, k, n), jnp.float32)).astype(fmt.storage_dtype), None, fmt)
-    data = jax.random.randint(kd, (slots, k // fmt.per_byte, n), 0, 256, jnp.int32).astype(jnp.uint8)
+    data = jax.random.randint(kd, (slots, fmt.packed_rows(k), n), 0, 256, jnp.int32).astype(jnp.uint8)
     scales = (0.02 / fmt.qmax * jax.random.uniform(ks, (slots, k // fmt.group_for(k), n), jnp.float32, 0.5, 1.5))
     return QTensor(data, scales.astype(jnp.float16), fmt)
 

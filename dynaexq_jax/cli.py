@@ -28,7 +28,8 @@ def _cmd_info(a):
           f"{c.num_experts} experts top-{c.num_experts_per_tok}, moe_intermediate {c.moe_intermediate_size}, "
           f"vocab {c.vocab_size}")
     width = max(12, *(len(f.name) for f in info.tiers.values()))
-    print(f"  dense:   {info.dense_format.name:<{width}} {info.dense_nbytes / 2**20:8.1f} MiB (all but the routed experts)")
+    print(f"  dense:   {info.dense_format.name:<{width}} {info.dense_nbytes / 2**20:8.1f} MiB "
+          "(all but the routed experts)")
     for name, fmt in info.tiers.items():
         b = schema.expert_bytes(c, fmt)
         print(f"  tier {name}: {fmt.name:<{width}} {b / 2**20:8.3f} MiB per expert, "

@@ -217,20 +217,22 @@ def test_format_and_shape_errors_are_clear():
         gate_up(x, w.data, w.data, jnp.array([0, 2, 4], jnp.int32), fmt=FLOAT, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_m=24, block_n=64, block_k=64)
-    for bad in (dict(kind="int", bits=3), dict(kind="int", bits=4, group=33), dict(kind="float", bits=16),
-                dict(kind="fp8")):
+    for bad in (dict(kind="int", bits=5), dict(kind="int", bits=3, group=12), dict(kind="int", bits=4, group=33),
+                dict(kind="float", bits=16), dict(kind="fp8")):
         with pytest.raises(KernelFormatError, match="WeightFormat"):
             WeightFormat(**bad)
     assert compat.default_interpret() is (jax.default_backend() != "gpu")
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4:g32", "int2:g64", "int4:channel", "int2:g32:hqq"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4:g32", "int3:g64", "int2:g64", "int4:channel",
+                                  "int2:g32:hqq", "int3:g32:hqq"])
 def test_model_formats_map_onto_kernel_formats(kind):
     """What the model quantizes, the kernels' static metadata describes (same packing, same name,
     zeros where the quantizer is asymmetric); weights that do not match it are refused by name."""
     q = quantize(np.ones((2, 128, 32), np.float32), kind)
     fmt = q.fmt.kernel_format
-    assert (fmt.is_int, fmt.per_byte, fmt.offset) == (q.fmt.is_int, q.fmt.per_byte, q.fmt.offset if q.fmt.is_int else 0)
+    assert (fmt.is_int, fmt.subtiles, fmt.offset) == (q.fmt.is_int, q.fmt.subtiles, q.fmt.offset if q.fmt.is_int else 0)
+    assert q.data.shape == (2, q.fmt.packed_rows(128), 32) == (2, 128 * (q.fmt.bits if q.fmt.is_int else 8) // 8, 32)
     assert fmt.zero == q.fmt.has_zeros == (q.zeros is not None)
     assert fmt.name == ((q.fmt.name.replace(":hqq", ":zero") if fmt.zero else q.fmt.name) if q.fmt.is_int else "float")
     assert check_weights(q.data, q.scales, fmt, q.zeros) == (128, 32)

@@ -32,12 +32,13 @@ from pallas_kernels.grouped_matmul import (
 )
 
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, top_k=8)
-FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int2", "int8:channel", "int4:g64", "int4:g64:hqq", "int2:hqq")
+FORMATS = ("bf16", "fp16", "f32", "int8", "int4", "int3", "int2", "int8:channel", "int4:g64", "int4:g64:hqq",
+           "int3:hqq", "int2:hqq")
 
 
 def _abstract_qtensor(fmt, slots, k, n) -> QTensor:
     fmt = parse_format(fmt)
-    data = jax.ShapeDtypeStruct((slots, k // fmt.per_byte, n), fmt.storage_dtype)
+    data = jax.ShapeDtypeStruct((slots, fmt.packed_rows(k), n), fmt.storage_dtype)
     scales = jax.ShapeDtypeStruct((slots, k // fmt.group_for(k), n), np.float16) if fmt.is_int else None
     return QTensor(data, scales, fmt, scales if fmt.has_zeros else None)
 

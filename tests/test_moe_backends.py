@@ -54,6 +54,8 @@ class Case:
     spare: int = 0                        # unassigned slots at the end of the last pool
     invalid: bool = False                 # experts on tiers 5 and -1, a slot past its pool
     gpt_oss: bool = False                 # expert biases and the clamped SwiGLU (a limit that bites)
+    dim: int = H                          # hidden and intermediate size (int3 on Triton needs groups of 128)
+    triton: bool = True                   # False: sub-tiles of under 16 rows, which the Triton kernels refuse
 
     @property
     def activation(self):
@@ -87,6 +89,12 @@ CASES = [
     # Per-projection tiers: down in a format of its own (int, float, per channel), decode and prefill.
     Case("down own format decode", (("bf16+down=int8:g32", 4), ("int2:g64:hqq+down=int4:g32", 6)), T=5),
     Case("down own format prefill", (("int4:g32+down=f32", 3), ("int2:g64+down=int8:channel", 5)), T=64),
+    # int3: three bit planes per block; Triton-readable at group 128, and on the CPU kernel's integer
+    # path (sub-tiles of 4 and 8 rows) and its dequantizing fallback (int3:g16, int2:g8: 2 rows).
+    Case("int3 decode", (("int3:g128", 4), ("int3:g128:hqq", 6)), T=5, dim=128),
+    Case("int3 prefill, down int3", (("bf16", 3), ("int2:g64:hqq+down=int3:g128:mse", 5)), T=64, dim=128),
+    Case("int3 small groups", (("int3:g32", 4), ("int3:g64:hqq", 3), ("int3:g16+down=int2:g8", 5)), T=6,
+         triton=False),
     Case("f32+int4-channel k=4", (("f32", 3), ("int4:channel", 13)), T=7, k=4),
     Case("bf16+int4 bf16-x", (("bf16", 4), ("int4:g32", 4)), T=4, x_dtype="bfloat16"),
     # degenerate pools and assignments
@@ -111,7 +119,7 @@ CASES = [
 def _experts(rng, case: Case) -> ExpertPools:
     """Random float experts split between the tiers as the case says, a random slot order in each
     pool; invalid cases move experts onto tiers 5 and -1, onto an empty pool, and past their pool."""
-    E = case.num_experts
+    E, H, I = case.num_experts, case.dim, case.dim
     raw = [(rng.standard_normal(s) * 0.1).astype(np.float32) for s in [(E, H, I), (E, H, I), (E, I, H)]]
     bias = [(rng.standard_normal(s) * 0.3).astype(np.float32) for s in [(E, I), (E, I), (E, H)]]
     perm = rng.permutation(E)
@@ -188,10 +196,10 @@ def _tie_allowance(x, ids, w, experts, activation) -> np.ndarray:
     (x is quantized from the same values on both sides, so it never ties)."""
     allowance = np.zeros(x.shape[0])
     for pool, _, h in tier_hidden(x, ids, w, experts, activation, int_dot=True):
-        if not cpu_kernel.int_dot(pool.down.fmt, I):
+        if not cpu_kernel.int_dot(pool.down.fmt, pool.down.k):
             continue
         T, S = h.shape[:2]
-        blocks = np.asarray(h).reshape(T, S, -1, cpu_kernel.act_block(pool.down.fmt, I))
+        blocks = np.asarray(h).reshape(T, S, -1, cpu_kernel.act_block(pool.down.fmt, pool.down.k))
         step = np.abs(blocks).max(-1, keepdims=True) / 127
         codes = blocks / np.where(step > 0, step, 1)
         near = np.abs(codes - np.floor(codes) - 0.5) < TIE
@@ -222,8 +230,12 @@ def _assert_close(got, want, x_dtype, what, int_dot: bool = False, allowance=0.0
 def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
     rng = np.random.default_rng([SEED, CASES.index(case)])
     experts = _experts(rng, case)
-    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    x = jnp.asarray(rng.standard_normal((case.T, case.dim)), case.x_dtype)
     ids, w = _routing(rng, case)
+    if backend == "pallas" and not case.triton:
+        with pytest.raises(QuantFormatError, match="needs a power-of-two divisor >= 16"):
+            BACKENDS[backend](x, ids, w, experts, case.activation, monkeypatch)
+        return
     got = BACKENDS[backend](x, ids, w, experts, case.activation, monkeypatch)
     assert got.shape == x.shape and got.dtype == x.dtype
     what = f"{backend} on '{case}' (tier={np.asarray(experts.tier).tolist()}, ids={np.asarray(ids).tolist()})"
@@ -234,7 +246,8 @@ def test_backend_equals_the_dense_reference(backend, case, monkeypatch):
 
 
 def _has_int_dot(experts: ExpertPools) -> bool:
-    return any(cpu_kernel.int_dot(p.gate.fmt, H) or cpu_kernel.int_dot(p.down.fmt, I) for p in experts.pools)
+    return any(cpu_kernel.int_dot(p.gate.fmt, p.gate.k) or cpu_kernel.int_dot(p.down.fmt, p.down.k)
+               for p in experts.pools)
 
 
 @pytest.fixture
@@ -251,7 +264,7 @@ def test_every_instruction_set_of_the_cpu_kernel_equals_the_reference(case, isa_
     time) gives the reference's result, the integer path's activation quantization modelled."""
     rng = np.random.default_rng([SEED, CASES.index(case)])
     experts = _experts(rng, case)
-    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    x = jnp.asarray(rng.standard_normal((case.T, case.dim)), case.x_dtype)
     ids, w = _routing(rng, case)
     want = moe_experts_reference(x, ids, w, experts, case.activation, int_dot=True)
     ties = _tie_allowance(x, ids, w, experts, case.activation)
@@ -267,7 +280,7 @@ def test_the_integer_path_stays_within_its_stated_error(case):
     exact dequantized product by at most cpu_kernel.INT_DOT_RTOL of the output's scale."""
     rng = np.random.default_rng([SEED, CASES.index(case)])
     experts = _experts(rng, case)
-    x = jnp.asarray(rng.standard_normal((case.T, H)), case.x_dtype)
+    x = jnp.asarray(rng.standard_normal((case.T, case.dim)), case.x_dtype)
     ids, w = _routing(rng, case)
     exact = np.asarray(moe_experts_reference(x, ids, w, experts, case.activation), np.float32)
     quantized = np.asarray(moe_experts_reference(x, ids, w, experts, case.activation, int_dot=True), np.float32)

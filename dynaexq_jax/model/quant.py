@@ -1,4 +1,4 @@
-"""Expert weight formats: bf16/fp16/f32 and group-wise int8/int4/int2.
+"""Expert weight formats: bf16/fp16/f32 and group-wise int8/int4/int3/int2.
 
 A weight is stored input-major, [..., K, N] with K the input (reduction) dimension, so that
 y = x @ W. Integer formats keep one fp16 scale s per group of `group` consecutive rows along K and
@@ -19,11 +19,11 @@ by a suffix on the format, write the same codes (every backend reads all three):
 An expert tier has a TierFormat: one Format for gate and up, one for down (the same, or down's own:
 'int2:g64:hqq+down=int4:g64').
 
-Sub-byte values are packed WITHIN each K-block of `group` rows: a block of g rows becomes g/p
-byte rows (p = 8 // bits values per byte) and byte row r holds rows r + j*g/p at bit offset
-j*bits, j = 0..p-1. That is the layout the Pallas kernels read: pallas_kernels/packing.py defines
-it with the kernels' static format metadata (Format.kernel_format) and holds the one unpacking
-(dequantize here uses it).
+Sub-byte values are packed WITHIN each K-block of `group` rows, as sub-tiles of consecutive rows that
+unpack with shifts and masks of whole byte rows (int3: three bit planes, 3 bits per weight exactly).
+That is the layout the Pallas kernels read: pallas_kernels/packing.py defines it with the kernels'
+static format metadata (Format.kernel_format) and holds the one packing and unpacking (quantize
+and dequantize here use them).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from dynaexq_jax.errors import QuantFormatError
 from pallas_kernels import packing
 
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
-_DEFAULT_GROUP = {8: 128, 4: 128, 2: 64}
+_DEFAULT_GROUP = {8: 128, 4: 128, 3: 128, 2: 64}
 QUANTIZERS = ("rtn", "mse", "hqq")
 SCALE_DTYPE = np.float16
 BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
@@ -49,7 +49,7 @@ BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
 @dataclasses.dataclass(frozen=True)
 class Format:
     """A named storage format. `group` is the quantization group along K (0 = whole K, 'channel')."""
-    kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int2"
+    kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int3" | "int2"
     group: int = 0
     quantizer: str = "rtn"   # integer formats: "rtn" | "mse" | "hqq" (module docstring)
 
@@ -62,9 +62,13 @@ class Format:
         return {"f32": 32, "bf16": 16, "fp16": 16}.get(self.kind) or int(self.kind[3:])
 
     @property
-    def per_byte(self) -> int:
-        """Values packed per uint8 (1 for int8)."""
-        return 8 // self.bits if self.is_int else 1
+    def subtiles(self) -> int:
+        """The sub-tiles a packed block unpacks into (a group must hold whole ones): packing.py."""
+        return packing.subtiles(self.bits) if self.is_int else 1
+
+    def packed_rows(self, k: int) -> int:
+        """Stored rows of k weight rows (k * bits / 8 for integer formats)."""
+        return self.kernel_format.packed_rows(k)
 
     @property
     def qmax(self) -> int:
@@ -114,8 +118,8 @@ class Format:
             raise QuantFormatError(
                 f"format {self.name}: group size {g} does not divide the input dimension {k}; "
                 f"pick a group that does, e.g. '{self.kind}:g{np.gcd(k, g)}'")
-        if g % self.per_byte:
-            raise QuantFormatError(f"format {self.name}: group {g} is not a multiple of {self.per_byte}")
+        if g % self.subtiles:
+            raise QuantFormatError(f"format {self.name}: group {g} is not a multiple of {self.subtiles}")
 
     def nbytes(self, k: int, n: int) -> int:
         """Exact bytes of one [k, n] weight in this format, scales (and zeros) included."""
@@ -123,22 +127,22 @@ class Format:
         if not self.is_int:
             return k * n * np.dtype(self.storage_dtype).itemsize
         per_group = (2 if self.has_zeros else 1) * np.dtype(SCALE_DTYPE).itemsize
-        return k * n // self.per_byte + (k // self.group_for(k)) * n * per_group
+        return self.packed_rows(k) * n + (k // self.group_for(k)) * n * per_group
 
     def __str__(self) -> str:
         return self.name
 
 
 def parse_format(spec: str | Format) -> Format:
-    """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int2', 'int4:g64', 'int8:channel', and a quantizer
+    """'bf16', 'fp16', 'f32', 'int8', 'int4', 'int3', 'int2', 'int4:g64', 'int8:channel', and a quantizer
     suffix on an integer format: 'int2:g64:mse', 'int4:hqq' (default group), ':rtn' (the default)."""
     if isinstance(spec, Format):
         return spec
-    m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int2)(?::(?:g(\d+)|(channel)))?"
+    m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int3|int2)(?::(?:g(\d+)|(channel)))?"
                      r"(?::(rtn|mse|hqq))?", spec.strip().lower())
     if not m:
         raise QuantFormatError(
-            f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int2, optionally ':gN' or ':channel', "
+            f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int3, int2, optionally ':gN' or ':channel', "
             f"then optionally a quantizer, {' or '.join(QUANTIZERS)}: e.g. int2:g64:mse)")
     kind = {"float32": "f32", "bfloat16": "bf16", "float16": "fp16"}.get(m.group(1), m.group(1))
     if kind in _FLOAT_DTYPES:
@@ -150,8 +154,8 @@ def parse_format(spec: str | Format) -> Format:
         return Format(kind, 0, quantizer)
     group = int(m.group(2)) if m.group(2) else _DEFAULT_GROUP[int(kind[3:])]
     fmt = Format(kind, group, quantizer)
-    if group <= 0 or group % fmt.per_byte:
-        raise QuantFormatError(f"format '{spec}': group must be a positive multiple of {fmt.per_byte}")
+    if group <= 0 or group % fmt.subtiles:
+        raise QuantFormatError(f"format '{spec}': group must be a positive multiple of {fmt.subtiles}")
     return fmt
 
 
@@ -163,7 +167,7 @@ def fit_default_group(spec, fmt: Format, dims: tuple[int, ...]) -> tuple[Format,
     if not (fmt.is_int and fmt.group and isinstance(spec, str) and not re.search(r":(g\d|channel)", spec)
             and any(d % fmt.group for d in dims)):
         return fmt, None
-    fits = [g for g in range(fmt.group, 0, -1) if g % fmt.per_byte == 0 and all(d % g == 0 for d in dims)]
+    fits = [g for g in range(fmt.group, 0, -1) if g % fmt.subtiles == 0 and all(d % g == 0 for d in dims)]
     if not fits:
         return fmt, None
     note = (f"{fmt.kind}: the default group {fmt.group} does not divide the expert dimensions "
@@ -279,7 +283,7 @@ class QTensor:
 
     @property
     def k(self) -> int:
-        return self.data.shape[-2] * self.fmt.per_byte
+        return self.fmt.kernel_format.weight_rows(self.data.shape[-2])
 
     @property
     def n(self) -> int:
@@ -301,7 +305,7 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
     fmt.check(k)
     if not fmt.is_int:
         return QTensor(w.astype(fmt.storage_dtype), None, fmt)
-    g, p = fmt.group_for(k), fmt.per_byte
+    g = fmt.group_for(k)
     # C order whatever w's layout: numpy's sums then run in one order, so a group's codes do not
     # depend on how its stack was sliced or transposed.
     wg = np.ascontiguousarray(w, np.float32).reshape(*w.shape[:-2], k // g, g, w.shape[-1])
@@ -315,12 +319,7 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
     elif fmt.quantizer == "hqq":
         scales, zeros = _hqq(wg, fmt)
     q = _codes(wg, scales, fmt, zeros).astype(np.int32) + fmt.offset
-    # Pack within each block of g rows: byte row r holds rows r + j*g/p at bit offset j*bits.
-    q = q.reshape(*w.shape[:-2], k // g, p, g // p, w.shape[-1])
-    packed = np.zeros(q.shape[:-3] + q.shape[-2:], np.int32)
-    for j in range(p):
-        packed |= q[..., j, :, :] << (j * fmt.bits)
-    packed = packed.reshape(*w.shape[:-2], k // p, w.shape[-1]).astype(np.uint8)
+    packed = packing.pack_codes(q.reshape(w.shape), fmt.kernel_format)
     return QTensor(packed, scales, fmt, zeros)
 
 

@@ -243,7 +243,7 @@ def measured_workspace(cfg: ModelConfig, *, hi: Format, lo: Format, n_hi: int, d
             fmt = parse_tier_format(tier).of(proj)
             scales = array((slots, k // fmt.group_for(k), n), SCALE_DTYPE) if fmt.is_int else None
             zeros = scales if fmt.has_zeros else None
-            return QTensor(array((slots, k // fmt.per_byte, n), fmt.storage_dtype), scales, fmt, zeros)
+            return QTensor(array((slots, fmt.packed_rows(k), n), fmt.storage_dtype), scales, fmt, zeros)
         H, I = spec.hidden, spec.inter
         biases = {name: array((slots,) + shape[1:], BIAS_DTYPE) for name, shape in spec.bias_shapes.items()}
         return TierPool(weight(H, I, "gate"), weight(H, I, "up"), weight(I, H, "down"), **biases)

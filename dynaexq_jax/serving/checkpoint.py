@@ -81,7 +81,7 @@ def tier_tensors(tier: TierFormat, spec: schema.Experts) -> dict[str, tuple[tupl
     out = {}
     for proj, (k, n) in zip(schema.PROJECTIONS, ((H, I), (H, I), (I, H))):
         fmt = tier.of(proj)
-        out[f"{proj}.data"] = ((E, k // fmt.per_byte, n), np.dtype(fmt.storage_dtype))
+        out[f"{proj}.data"] = ((E, fmt.packed_rows(k), n), np.dtype(fmt.storage_dtype))
         per_group = ((E, k // fmt.group_for(k), n), np.dtype(SCALE_DTYPE))
         if fmt.is_int:
             out[f"{proj}.scales"] = per_group

@@ -3,10 +3,11 @@
 Grid: (row tile t, column tile j). Tile t covers rows [lo, hi) of one group (see tiling.py); the
 group is a pool slot, so every program streams the weights of one expert, K step by K step:
 
-  packed formats (uint8 [S, K/p, N], p values per byte, scales [S, K/g, N]): a step reads
-  `bkb` byte rows of one quantization block; shift-and-mask j of those bytes is an independent
-  sub-tile holding weight rows  block*g + j*g/p + [off, off + bkb)  (packing.py's layout), so it is
-  multiplied with exactly that column slice of x. The step's partial sum is scaled once by the
+  packed formats (uint8 [S, K*bits/8, N], scales [S, K/g, N]; p sub-tiles per block): a step
+  reads `bkb` byte rows of one quantization block (of each of its planes: int3 has three);
+  shift-and-mask j of those bytes is an independent sub-tile holding weight rows
+  block*g + j*g/p + [off, off + bkb)  (packing.py's layout), so it is multiplied with exactly that
+  column slice of x. The step's partial sum is scaled once by the
   block's scale row (per column), since one step never leaves one block: no interleave, no join;
   asymmetric formats add the block's zero row times the step's row sums of x.
   float formats (bf16/fp16/f32 [S, K, N]): a step is a plain [bk, bn] tile.
@@ -32,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul.activation import SWIGLU, Activation, glu
 from pallas_kernels.grouped_matmul.tiling import TileConfig
-from pallas_kernels.packing import KernelFormatError, WeightFormat, check_weights
+from pallas_kernels.packing import KernelFormatError, WeightFormat, check_weights, code_parts
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -55,7 +56,7 @@ class _Plan:
     n: int              # output columns
     bm: int
     bn: int
-    bkb: int            # stored rows per K step
+    bkb: int            # stored rows per K step (of each plane)
     fmt: WeightFormat
     group: int          # logical rows per scale row (k for float formats)
     compute_dtype: np.dtype
@@ -63,11 +64,12 @@ class _Plan:
 
     @property
     def p(self) -> int:
-        return self.fmt.per_byte
+        return self.fmt.subtiles
 
     @property
-    def block_rows(self) -> int:
-        """Stored rows per quantization block (g / p); k for float formats."""
+    def set_rows(self) -> int:
+        """K rows per sub-tile of a quantization block (g / p; the stored rows of each of the
+        block's planes); k for float formats."""
         return self.group // self.p
 
     @property
@@ -78,7 +80,7 @@ class _Plan:
         """Pipeline depth that fits SMEM_BUDGET: Triton keeps one copy of each K step's x and
         weight tiles in shared memory per stage."""
         x_bytes = self.bm * self.bkb * self.p * self.compute_dtype.itemsize
-        w_bytes = n_weights * self.bkb * self.bn * self.w_dtype.itemsize
+        w_bytes = n_weights * self.fmt.planes * self.bkb * self.bn * self.w_dtype.itemsize
         return max(1, min(config.num_stages, SMEM_BUDGET // (x_bytes + w_bytes)))
 
 
@@ -95,10 +97,10 @@ def make_plan(x_shape, x_dtype, w_data, w_scales, w_zeros, fmt: WeightFormat, co
         raise ValueError(f"grouped matmul: N={n} needs a power-of-two divisor >= 16 for the Triton kernel")
     if fmt.is_int:
         group = fmt.group_for(k)
-        bkb = _largest_pow2_divisor(group // fmt.per_byte, config.block_k)
+        bkb = _largest_pow2_divisor(group // fmt.subtiles, config.block_k)
         if bkb < 16:
             raise KernelFormatError(
-                f"format {fmt.name}: a quantization block holds {group // fmt.per_byte} byte rows; the "
+                f"format {fmt.name}: a quantization block's sub-tiles hold {group // fmt.subtiles} rows; the "
                 f"Triton kernel needs a power-of-two divisor >= 16 of it (use a larger group)")
         cd = np.dtype(x_dtype)
     else:
@@ -121,32 +123,39 @@ def _x_subtiles(x_ref, row0, s, plan: _Plan):
     rows = pl.ds(row0, plan.bm)
     if not plan.fmt.is_int:
         return [plgpu.load(x_ref.at[rows, pl.ds(s * plan.bkb, plan.bkb)]).astype(plan.compute_dtype)]
-    block = _quant_block(s, plan)
-    off = s * plan.bkb - block * plan.block_rows      # byte-row offset inside the block
-    return [plgpu.load(x_ref.at[rows, pl.ds(block * plan.group + j * plan.block_rows + off, plan.bkb)])
+    block, off = _quant_block(s, plan), _offset_in_block(s, plan)
+    return [plgpu.load(x_ref.at[rows, pl.ds(block * plan.group + j * plan.set_rows + off, plan.bkb)])
             .astype(plan.compute_dtype) for j in range(plan.p)]
 
 
 def _quant_block(s, plan: _Plan):
     """Quantization block (= scale row) of K step s. lax.div, not //: jnp's floor division emits
     sign fix-ups the Triton lowering rejects, and s >= 0 anyway."""
-    per_block = plan.block_rows // plan.bkb
+    per_block = plan.set_rows // plan.bkb
     return s if per_block == 1 else jax.lax.div(s, jnp.int32(per_block))
+
+
+def _offset_in_block(s, plan: _Plan):
+    """The first row of K step s inside its block's sub-tiles (and planes)."""
+    return s * plan.bkb - _quant_block(s, plan) * plan.set_rows
 
 
 def _step_product(w_refs, slot, s, n0, xs, plan: _Plan):
     """sum_j xs[j] @ W_j for K step s of slot `slot`, columns [n0, n0+bn) -> f32 [bm, bn]."""
     data_ref, scale_ref, zero_ref = w_refs
     cols = pl.ds(n0, plan.bn)
-    w = plgpu.load(data_ref.at[slot, pl.ds(s * plan.bkb, plan.bkb), cols])     # [bkb, bn]
     dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32)
     if not plan.fmt.is_int:
+        w = plgpu.load(data_ref.at[slot, pl.ds(s * plan.bkb, plan.bkb), cols])     # [bkb, bn]
         return dot(xs[0], w.astype(plan.compute_dtype))
-    codes = w.astype(jnp.int32)
-    mask = (1 << plan.fmt.bits) - 1
+    # The step's rows of each plane of its block (one plane but for int3): [bkb, bn] each.
+    first = _quant_block(s, plan) * plan.fmt.planes * plan.set_rows + _offset_in_block(s, plan)
+    planes = [plgpu.load(data_ref.at[slot, pl.ds(first + i * plan.set_rows, plan.bkb), cols]).astype(jnp.int32)
+              for i in range(plan.fmt.planes)]
     acc = None
     for j in range(plan.p):
-        q = ((codes >> (j * plan.fmt.bits)) & mask) - plan.fmt.offset            # [bkb, bn]
+        q = sum(((planes[i] >> at) & ((1 << bits) - 1)) << low
+                for i, at, bits, low in code_parts(plan.fmt, j)) - plan.fmt.offset     # [bkb, bn]
         part = dot(xs[j], q.astype(plan.compute_dtype))
         acc = part if acc is None else acc + part
     scale = plgpu.load(scale_ref.at[slot, _quant_block(s, plan), cols]).astype(jnp.float32)    # [bn]
@@ -188,7 +197,7 @@ def _bias_row(bias_ref, slot, n0, plan: _Plan):
 
 
 def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan, act: Activation, has_bias: bool):
-    # meta [3, T] int32; x [M, K]; gate/up data [S, K/p, N] (+ scales, + zeros [S, K/g, N]);
+    # meta [3, T] int32; x [M, K]; gate/up data [S, K*bits/8, N] (+ scales, + zeros [S, K/g, N]);
     # (has_bias: gate/up biases [S, N]); h_in (aliased) and h_out [M, N]
     (gate, up), refs = _split_weights(refs, plan.fmt, 2)
     (gb_ref, ub_ref), (_, h_ref) = (refs[:2], refs[2:]) if has_bias else ((None, None), refs)
@@ -209,7 +218,7 @@ def _gate_up_kernel(meta_ref, x_ref, *refs, plan: _Plan, act: Activation, has_bi
 
 
 def _down_kernel(meta_ref, h_ref, *refs, plan: _Plan, has_bias: bool):
-    # meta [3, T] int32; h [M, K]; down data [S, K/p, N] (+ scales, + zeros); (has_bias: bias [S, N]);
+    # meta [3, T] int32; h [M, K]; down data [S, K*bits/8, N] (+ scales, + zeros); (has_bias: bias [S, N]);
     # row weights [M] f32; y_in (aliased) and y_out [M, N] f32
     (down,), refs = _split_weights(refs, plan.fmt, 1)
     (b_ref,), (rw_ref, _, y_ref) = (refs[:1], refs[1:]) if has_bias else ((None,), refs)
@@ -253,7 +262,7 @@ def _weight_args(w, fmt: WeightFormat):
 
 def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool,
             biases=(None, None), activation: Activation = SWIGLU):
-    """x [M, K] (M >= block_m), gate/up (data [S, K/p, N], scales and zeros [S, K/g, N] or None) in fmt, of one
+    """x [M, K] (M >= block_m), gate/up (data [S, K*bits/8, N], scales and zeros [S, K/g, N] or None) in fmt, of one
     shape; tiles int32 [3, T] (tiling.group_tiles), out [M, N] x.dtype (aliased); biases: (gate, up)
     [S, N] each, or None -> out with rows of every tile set to activation(x@Wg + bg, x@Wu + bu)
     (default SiLU(x@Wg) * (x@Wu))."""
@@ -272,7 +281,7 @@ def gate_up(x, gate, up, tiles, out, *, fmt: WeightFormat, config: TileConfig, i
 
 
 def down(h, w, tiles, row_weights, out, *, fmt: WeightFormat, config: TileConfig, interpret: bool, bias=None):
-    """h [M, K] (M >= block_m), w (data [S, K/p, N], scales and zeros [S, K/g, N] or None) in fmt, tiles int32
+    """h [M, K] (M >= block_m), w (data [S, K*bits/8, N], scales and zeros [S, K/g, N] or None) in fmt, tiles int32
     [3, T], row_weights f32 [M], out [M, N] f32 (aliased), bias [S, N] or None -> out with rows of
     every tile set to row_weight * (h@Wd + bd)."""
     plan = make_plan(h.shape, h.dtype, *w, fmt, config)

@@ -17,8 +17,8 @@ The numerical contract: float weights (f32/bf16/fp16) give XLA's results up to f
 order; integer weights are multiplied with integer dot products against activations quantized to
 int8 per block of at most 32 K rows (symmetric, round to nearest: quantize_activations is that
 step in pure JAX). tests/test_moe_backends.py holds every ISA to the dequantized reference with
-that step modelled, and the step itself to INT_DOT_RTOL of the output's scale. Groups that are
-not whole sets of 4 byte rows dequantize instead (exact).
+that step modelled, and the step itself to INT_DOT_RTOL of the output's scale. Groups whose
+sub-tiles (packing.py) are not whole sets of 4 rows dequantize instead (exact).
 """
 from __future__ import annotations
 
@@ -164,7 +164,8 @@ def tier_contribution(x, pool, slots, weights, act: Activation = SWIGLU):
     args += [no_bias if b is None else b.astype(jnp.float32) for b in (pool.gate_bias, pool.up_bias, pool.down_bias)]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, slots.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), *args,
-                **attrs(pool.gate.fmt), **attrs(pool.down.fmt, "down_"), act=np.int32(_ACTIVATIONS[act.kind]), alpha=np.float32(act.alpha), limit=np.float32(act.limit))
+                **attrs(pool.gate.fmt), **attrs(pool.down.fmt, "down_"), act=np.int32(_ACTIVATIONS[act.kind]),
+                alpha=np.float32(act.alpha), limit=np.float32(act.limit))
 
 
 ACT_BLOCK = 32   # the longest run of K rows that shares one activation scale (Mat::kActBlock)
@@ -172,14 +173,15 @@ ACT_BLOCK = 32   # the longest run of K rows that shares one activation scale (M
 
 def int_dot(fmt, k: int) -> bool:
     """Whether the kernel multiplies weights of format fmt with k input rows by integer dot
-    products (quantizing the activations): integer groups of whole sets of 4 byte rows."""
-    return fmt.is_int and fmt.group_for(k) // fmt.per_byte % 4 == 0
+    products (quantizing the activations): integer groups whose sub-tiles (packing.py) are whole
+    sets of 4 rows."""
+    return fmt.is_int and fmt.group_for(k) // fmt.subtiles % 4 == 0
 
 
 def act_block(fmt, k: int) -> int:
     """The activations' quantization block of the integer path (Mat::act_block): the largest
-    multiple of 4 up to ACT_BLOCK that divides a group's byte rows (g/p consecutive K rows)."""
-    rows = fmt.group_for(k) // fmt.per_byte
+    multiple of 4 up to ACT_BLOCK that divides a group's sub-tile (g/p consecutive K rows)."""
+    rows = fmt.group_for(k) // fmt.subtiles
     return next(b for b in range(min(rows, ACT_BLOCK) // 4 * 4, 3, -4) if rows % b == 0)
 
 

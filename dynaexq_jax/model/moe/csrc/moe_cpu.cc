@@ -10,22 +10,22 @@
 // transposed copy: the matmul kernel reads both in place.
 //
 // Arithmetic. Float weights (f32, bf16, fp16) are widened in registers and multiplied with f32
-// FMAs against f32 activations: exact up to summation order. Integer weights (int8/int4/int2
+// FMAs against f32 activations: exact up to summation order. Integer weights (int8/int4/int3/int2
 // codes, fp16 scale per group of g K rows and column, and for asymmetric formats an fp16 zero
 // beside each scale: w = (code - offset) * s_w + z) are multiplied with integer dot products
 // against the activations quantized to int8 per block of at most 32 K rows (Mat::act_block;
 // symmetric, scale = max|x| / 127, round to nearest), as the fast CPU engines do:
 // y = sum_blocks s_w * s_x * sum_k (code_k - offset) * q_k (+ z * s_x * sum_k q_k). That adds at
 // most |x|max / 254 of rounding per activation (cpu_kernel.py states the tolerance the tests hold
-// it to). Formats whose groups are not whole sets of 4 byte rows fall back to dequantizing rows to
-// f32 (exact).
+// it to). Formats whose sub-tiles (Mat::subtiles) are not whole sets of 4 rows fall back to
+// dequantizing rows to f32 (exact).
 //
 // Instruction sets are chosen at run time: AVX-512 with VNNI, AVX2 (with FMA and F16C), or
 // portable code (tiles.inc, compiled once per ISA); DynaexqSetIsa forces one (tests run each).
 //
 // MoE inputs (see cpu_kernel.py beside csrc/): x [T, H] f32 or bf16; slots int32 [P] (P = T * k,
 // pair p belongs to token p / k; -1: the pair is served by another tier); w f32 [P] routing
-// weights; gate, up [S, H(/p), I] and down [S, I(/p), H] in the tier's format, each with its
+// weights; gate, up [S, H(*bits/8), I] and down [S, I(*bits/8), H] in their formats, each with its
 // scales (fp16 [S, K/group, N]; a dummy for float formats) and zeros (the scales' shape, or
 // empty for symmetric formats); biases f32 gate/up [S, I] and down
 // [S, H], all three empty when the experts have none. Attributes: the weight format of gate and up
@@ -68,18 +68,22 @@ struct Mat {
   int kind, bits, group;
   const _Float16* zeros = nullptr;  // like scales, for asymmetric kInt formats
 
-  int per_byte() const { return kind == kInt ? 8 / bits : 1; }
+  // A packed block of g rows holds p sub-tiles of g/p consecutive K rows (packing.py): p = 8 / bits
+  // in one plane of g/p byte rows, or for int3 p = 8 in three planes of g/8 byte rows.
+  int subtiles() const { return kind != kInt ? 1 : bits == 3 ? 8 : 8 / bits; }
+  int planes() const { return kind == kInt ? bits * subtiles() / 8 : 1; }
   int64_t group_rows() const { return group ? group : K; }
+  int64_t set_rows() const { return group_rows() / subtiles(); }  // K rows of one sub-tile
   int64_t expert_bytes() const {
     int64_t item = kind == kF32 ? 4 : kind == kInt ? 1 : 2;
-    return K / per_byte() * N * item;
+    return K / subtiles() * planes() * N * item;
   }
-  // Integer dot products need each group to be whole sets of 4 byte rows.
-  bool int_dot() const { return kind == kInt && (group_rows() / per_byte()) % 4 == 0; }
-  // The activations' quantization block: the longest run of consecutive K rows that one code
-  // set of a group's byte rows covers, at most kActBlock (a multiple of 4 that divides g/p).
+  // Integer dot products need each sub-tile to be whole sets of 4 rows.
+  bool int_dot() const { return kind == kInt && set_rows() % 4 == 0; }
+  // The activations' quantization block: the longest run of consecutive K rows that one
+  // sub-tile covers, at most kActBlock (a multiple of 4 that divides g/p).
   int64_t act_block() const {
-    const int64_t rows = group_rows() / per_byte();
+    const int64_t rows = set_rows();
     for (int64_t b = std::min<int64_t>(rows, kActBlock) / 4 * 4; b > 4; b -= 4)
       if (rows % b == 0) return b;
     return 4;
@@ -142,6 +146,8 @@ inline void interleave4(const uint8_t* p, int64_t stride, I* q) {
 inline I codes(I q, int shift, int mask) {
   return static_cast<int32_t>((static_cast<uint32_t>(q) >> shift) & (static_cast<uint32_t>(mask) * 0x01010101u));
 }
+inline I ishl(I q, int n) { return static_cast<int32_t>(static_cast<uint32_t>(q) << n); }  // of masked codes
+inline I ior(I a, I b) { return a | b; }
 inline Bcast bcast(int32_t x4) { return x4; }
 inline I dot4(I acc, I c, Bcast x, int) {  // unsigned code bytes times signed activation bytes
   for (int b = 0; b < 4; ++b)
@@ -212,6 +218,8 @@ inline void interleave4(const uint8_t* p, int64_t stride, I* q) {
 inline I codes(I q, int shift, int mask) {
   return _mm256_and_si256(_mm256_srli_epi16(q, shift), _mm256_set1_epi8(static_cast<char>(mask)));
 }
+inline I ishl(I q, int n) { return _mm256_slli_epi16(q, n); }  // of masked codes: no carry between bytes
+inline I ior(I a, I b) { return _mm256_or_si256(a, b); }
 inline Bcast bcast(int32_t x4) {
   const __m256i x = _mm256_set1_epi32(x4);
   return {x, _mm256_abs_epi8(x)};
@@ -265,6 +273,8 @@ inline void interleave4(const uint8_t* p, int64_t stride, I* q) {
 inline I codes(I q, int shift, int mask) {
   return _mm512_and_si512(_mm512_srli_epi16(q, shift), _mm512_set1_epi8(static_cast<char>(mask)));
 }
+inline I ishl(I q, int n) { return _mm512_slli_epi16(q, n); }  // of masked codes: no carry between bytes
+inline I ior(I a, I b) { return _mm512_or_si512(a, b); }
 inline Bcast bcast(int32_t x4) { return _mm512_set1_epi32(x4); }
 inline I dot4(I acc, I c, Bcast x, int) { return _mm512_dpbusd_epi32(acc, c, x); }
 #include "tiles.inc"
@@ -357,30 +367,38 @@ void apply(const float* const* w, const int64_t* ks, int n_rows, const float* a,
   }
 }
 
+// Sub-tile j's code (offset-binary) of column n, from byte row r of a block's plane 0 (its other
+// planes `plane` bytes apart): packing.py's layout.
+inline int code_at(const uint8_t* row, int64_t plane, int bits, int j, int64_t n) {
+  if (bits == 3)  // low 2 bits in plane j / 4, the high bit in plane 2
+    return ((row[(j / 4) * plane + n] >> (2 * (j % 4))) & 3) | (((row[2 * plane + n] >> j) & 1) << 2);
+  return (row[n] >> (j * bits)) & ((1 << bits) - 1);
+}
+
 void accumulate_dequantized(const Mat& m, int64_t e, const float* a, int R, float* acc, float* rows) {
   const int64_t K = m.K, N = m.N;
   const uint8_t* base = m.data + e * m.expert_bytes();
   const float* w[kRowsPerPass];
   int64_t ks[kRowsPerPass];
   int filled = 0;
-  // Sub-byte codes are packed within each block of g rows: byte row r of the block holds rows
-  // r + j * g/p at bit offset j * bits (j < p); every block has one scale row.
-  const int p = m.per_byte(), bits = m.bits;
-  const int64_t g = m.group_rows(), rows_per_block = g / p;
-  const int mask = (1 << bits) - 1, offset = 1 << (bits - 1);
+  // Codes are packed within each block of g rows: sub-tile j of byte row r is K row r + j * g/p
+  // (j < p); every block has one scale row.
+  const int p = m.subtiles(), bits = m.bits;
+  const int64_t g = m.group_rows(), set = g / p, block_rows = set * m.planes();
+  const int offset = 1 << (bits - 1);
   const _Float16* sc_e = m.scales + e * (K / g) * N;
   const _Float16* z_e = m.zeros ? m.zeros + e * (K / g) * N : nullptr;
   for (int64_t blk = 0; blk < K / g; ++blk)
-    for (int64_t r = 0; r < rows_per_block; ++r) {
-      const uint8_t* bytes = base + (blk * rows_per_block + r) * N;
+    for (int64_t r = 0; r < set; ++r) {
+      const uint8_t* bytes = base + (blk * block_rows + r) * N;
       for (int j = 0; j < p; ++j) {
         float* row = rows + filled * N;
         for (int64_t n = 0; n < N; ++n)
-          row[n] = static_cast<float>(((bytes[n] >> (j * bits)) & mask) - offset) *
+          row[n] = static_cast<float>(code_at(bytes, set * N, bits, j, n) - offset) *
                        static_cast<float>(sc_e[blk * N + n]) +
                    (z_e ? static_cast<float>(z_e[blk * N + n]) : 0.0f);
         w[filled] = row;
-        ks[filled++] = blk * g + j * rows_per_block + r;
+        ks[filled++] = blk * g + j * set + r;
         if (filled == kRowsPerPass) apply(w, ks, filled, a, R, K, N, acc), filled = 0;
       }
     }
@@ -546,9 +564,10 @@ ffi::Error check_mat(const char* name, const ffi::AnyBuffer& data, const ffi::An
                      const ffi::AnyBuffer& zeros, int kind, int bits, int group, int64_t S, int64_t K, int64_t N,
                      Mat* m) {
   auto d = data.dimensions();
-  const int p = kind == kInt ? 8 / bits : 1;
+  const int p = kind != kInt ? 1 : bits == 3 ? 8 : 8 / bits;  // Mat::subtiles
+  const int64_t packed = kind == kInt ? K * bits / 8 : K;
   ffi::DataType want = kind == kF32 ? ffi::F32 : kind == kBF16 ? ffi::BF16 : kind == kF16 ? ffi::F16 : ffi::U8;
-  if (d.size() != 3 || d[0] != S || d[1] * p != K || d[2] != N || data.element_type() != want)
+  if (d.size() != 3 || d[0] != S || d[1] != packed || d[2] != N || data.element_type() != want)
     return ffi::Error::InvalidArgument(std::string(name) + ": weights do not match the format and shapes");
   const int64_t g = group ? group : K;
   if (kind == kInt) {
@@ -592,7 +611,7 @@ ffi::Error MoeTierImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (xd.size() != 2 || (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16))
     return ffi::Error::InvalidArgument("x must be f32 or bf16 [T, H]");
   for (auto [kd, b] : {std::pair{kind, bits}, std::pair{down_kind, down_bits}})
-    if (kd < kF32 || kd > kInt || (kd == kInt && b != 8 && b != 4 && b != 2))
+    if (kd < kF32 || kd > kInt || (kd == kInt && b != 8 && b != 4 && b != 3 && b != 2))
       return ffi::Error::InvalidArgument("unknown weight format");
   const int64_t T = xd[0], H = xd[1], P = slots.element_count();
   if (weights.element_count() != P || T == 0 || P % T)
