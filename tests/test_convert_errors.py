@@ -199,7 +199,8 @@ def test_bad_formats_fail_before_writing(work, single):
     # group shrinks to fit: test_families.py).
     expect_failure(tmp, hf, QuantFormatError, "group size 128 does not divide the input dimension 64", lo="int4:g128")
     expect_failure(tmp, hf, QuantFormatError, "group size 64 does not divide the input dimension 32", hi="int8:g64")
-    expect_failure(tmp, hf, QuantFormatError, "unknown format 'int3'", hi="int3")
+    expect_failure(tmp, hf, QuantFormatError, "unknown format 'int5'", hi="int5")
+    expect_failure(tmp, hf, QuantFormatError, r"only '\+down=FORMAT'", lo="int4+up=int8")
     expect_failure(tmp, hf, QuantFormatError, "dense parameters need a float dtype", dtype="int8")
 
 

@@ -21,7 +21,7 @@ from dynaexq_jax.experiments.synthetic import qwen3_moe_config, save_safetensors
 from dynaexq_jax.experiments.training import hf_state_dict, init_trainable, serving_params
 from dynaexq_jax.model.config import load_hf_config, parse_hf_config
 from dynaexq_jax.model.families import FAMILIES, family, schema
-from dynaexq_jax.model.quant import Format, expert_nbytes, parse_format
+from dynaexq_jax.model.quant import Format, TierFormat, expert_nbytes, parse_tier_format
 from dynaexq_jax.serving.checkpoint import load_checkpoint
 from tests.hf_deepseek import TINY_DEEPSEEK, make_tiny_deepseek
 from tests.hf_gpt_oss import TINY_GPT_OSS, make_tiny_gpt_oss
@@ -212,7 +212,7 @@ def test_default_options_convert_the_default_model(tmp_path):
     out = convert(default_model.HF_DIR, tmp_path / "default", progress=False)       # the CLI's defaults
     ckpt = load_checkpoint(out)
     assert ckpt.metadata["tiers"] == {"hi": "bf16", "lo": "int4:g64"}
-    assert ckpt.tiers["lo"] == Format("int4", 64)
+    assert ckpt.tiers["lo"] == TierFormat.uniform(Format("int4", 64))
     assert list(ckpt.metadata["tier_notes"]) == ["lo"] and "default group 128" in ckpt.metadata["tier_notes"]["lo"]
     # What the budget counts per expert is what the loader holds.
     pool = ckpt.experts[0]["lo"]
@@ -222,7 +222,8 @@ def test_default_options_convert_the_default_model(tmp_path):
     assert readme.metadata["tiers"] == {"hi": "bf16", "lo": "int4:g64"}
     # A default that divides stays as it is, and needs no note.
     int2 = load_checkpoint(convert(default_model.HF_DIR, tmp_path / "int2", lo="int2", progress=False))
-    assert int2.tiers["lo"] == parse_format("int2") == Format("int2", 64) and int2.metadata["tier_notes"] == {}
+    assert int2.tiers["lo"] == parse_tier_format("int2") == TierFormat.uniform(Format("int2", 64))
+    assert int2.metadata["tier_notes"] == {}
     with pytest.raises(QuantFormatError, match="group size 128 does not divide the input dimension 64"):
         convert(default_model.HF_DIR, tmp_path / "explicit", lo="int4:g128", progress=False)
     assert not (tmp_path / "explicit").exists()
@@ -233,4 +234,4 @@ def test_a_default_group_shrinks_only_to_whole_bytes(tmp_path):
     hf_dir, _ = make_tiny_qwen3_moe(tmp_path, seed=25, norm_topk_prob=True, num_hidden_layers=1,
                                     moe_intermediate_size=36, noise=False)
     ckpt = load_checkpoint(convert(hf_dir, tmp_path / "conv", hi="int8", lo="int2", progress=False))
-    assert ckpt.tiers == {"hi": Format("int8", 4), "lo": Format("int2", 4)}
+    assert ckpt.tiers == {"hi": parse_tier_format("int8:g4"), "lo": parse_tier_format("int2:g4")}
