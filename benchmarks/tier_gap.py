@@ -1,8 +1,10 @@
 """How much each expert format costs the embedded default model: validation perplexity per domain
-with every expert in one format (bf16 = the trained weights; int8/int4/int2 group 64, quantized
+with every expert in one format (bf16 = the trained weights; int8/int4/int3/int2 group 64, quantized
 round-to-nearest (rtn, the method's), by the least-error scale search (mse) or by HQQ's solver with
-a zero point per group (hqq): model.quant), on the first windows of each domain's validation
-split, with each conversion's time. This is what chose the model's tier pair.
+a zero point per group (hqq): model.quant; and tiers whose down projection has a format of its own,
+'int2:g64:hqq+down=int4:g64'), on the first windows of each domain's validation split, with each
+format's bits per expert weight (scales and zeros included) and each conversion's time. This is
+what chose the model's tier pair.
 Writes benchmarks/results/tier_gap.json."""
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import dynaexq_jax
 from checkpoints_convert import convert
 from dynaexq_jax.experiments import default_model
 from dynaexq_jax.experiments.compare import domain_streams
+from dynaexq_jax.model.config import parse_hf_config, read_hf_config
+from dynaexq_jax.model.quant import expert_nbytes
 from dynaexq_jax.serving.tokenizer import TextCodec
 
 
@@ -32,8 +36,11 @@ def perplexity(model, stream: np.ndarray, window: int, windows: int, batch: int 
     return float(np.exp(np.concatenate(nll).mean()))
 
 
-FORMATS = ("bf16", "int8:g64", "int4:g64", "int2:g64", "int8:g64:mse", "int4:g64:mse", "int2:g64:mse",
-           "int8:g64:hqq", "int4:g64:hqq", "int2:g64:hqq")
+FORMATS = ("bf16", "int8:g64", "int4:g64", "int3:g64", "int2:g64", "int8:g64:mse", "int4:g64:mse", "int3:g64:mse",
+           "int2:g64:mse", "int8:g64:hqq", "int4:g64:hqq", "int3:g64:hqq", "int2:g64:hqq",
+           # down in a format of its own, and the reverse (gate/up low): where the int2 cost sits
+           "int2:g64+down=int4:g64", "int2:g64:mse+down=int4:g64", "int2:g64:hqq+down=int4:g64",
+           "int2:g64:hqq+down=int3:g64:hqq", "int2:g64:hqq+down=int8:g64", "int4:g64:hqq+down=int2:g64:hqq")
 
 
 def main():
@@ -45,6 +52,9 @@ def main():
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
+    cfg = parse_hf_config(read_hf_config(default_model.HF_DIR / "config.json"))
+    bits = {f: 8 * expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size)
+            / (3 * cfg.hidden_size * cfg.moe_intermediate_size) for f in formats}
     rows, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # One conversion per pair of formats: its HI tier and its LO tier are two models.
@@ -59,10 +69,11 @@ def main():
                 rows[fmt] = {d: perplexity(model, s, a.window, a.windows) for d, s in streams.items()}
                 gap = "" if "bf16" not in rows else "  (" + ", ".join(
                     f"{d} {100 * (p / rows['bf16'][d] - 1):+.1f}%" for d, p in rows[fmt].items()) + " vs bf16)"
-                print(f"{fmt:>13}: " + ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items()) + gap, flush=True)
+                ppl = ", ".join(f"{d} {p:.3f}" for d, p in rows[fmt].items())
+                print(f"{fmt:>27} ({bits[fmt]:.2f} bits/weight): {ppl}{gap}", flush=True)
     print("conversion seconds (both tiers): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows,
-                 conversion_seconds=seconds)
+                 bits_per_weight=bits, conversion_seconds=seconds)
 
 
 if __name__ == "__main__":
