@@ -7,9 +7,9 @@ group is a pool slot, so every program streams the weights of one expert, K step
   reads `bkb` byte rows of one quantization block (of each of its planes: int3 has three);
   shift-and-mask j of those bytes is an independent sub-tile holding weight rows
   block*g + j*g/p + [off, off + bkb)  (packing.py's layout), so it is multiplied with exactly that
-  column slice of x. The step's partial sum is scaled once by the
-  block's scale row (per column), since one step never leaves one block: no interleave, no join;
-  asymmetric formats add the block's zero row times the step's row sums of x.
+  column slice of x. The step's partial sum is scaled once by the block's scale row (per column),
+  since one step never leaves one block: no interleave, no join; asymmetric formats add the
+  block's zero row times the step's row sums of x.
   float formats (bf16/fp16/f32 [S, K, N]): a step is a plain [bk, bn] tile.
 
 Accumulation is f32. Integer codes are exact in bf16/fp16, so dots run in x's dtype.
