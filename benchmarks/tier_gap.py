@@ -1,7 +1,8 @@
 """How much each expert format costs the embedded default model: validation perplexity per domain
 with every expert in one format (bf16 = the trained weights; int8/int4/int3/int2 group 64, quantized
-round-to-nearest (rtn, the method's), by the least-error scale search (mse) or by HQQ's solver with
-a zero point per group (hqq): model.quant; and tiers whose down projection has a format of its own,
+round-to-nearest (rtn, the method's), by the least-error scale search (mse), by HQQ's solver with
+a zero point per group (hqq) or by GPTQ on the calibration split (gptq: --calibration-tokens, half
+from each domain): model.quant; and tiers whose down projection has a format of its own,
 'int2:g64:hqq+down=int4:g64'), on the first windows of each domain's validation split, with each
 format's bits per expert weight (scales and zeros included) and each conversion's time. This is
 what chose the model's tier pair.
@@ -18,10 +19,11 @@ from common import write_result  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
+from checkpoints_convert.calibration import calibration_rows, needs_calibration
 from dynaexq_jax.experiments import default_model
 from dynaexq_jax.experiments.compare import domain_streams
 from dynaexq_jax.model.config import parse_hf_config, read_hf_config
-from dynaexq_jax.model.quant import expert_nbytes
+from dynaexq_jax.model.quant import expert_nbytes, parse_tier_format
 from dynaexq_jax.serving.tokenizer import TextCodec
 
 
@@ -40,7 +42,8 @@ FORMATS = ("bf16", "int8:g64", "int4:g64", "int3:g64", "int2:g64", "int8:g64:mse
            "int2:g64:mse", "int8:g64:hqq", "int4:g64:hqq", "int3:g64:hqq", "int2:g64:hqq",
            # down in a format of its own, and the reverse (gate/up low): where the int2 cost sits
            "int2:g64+down=int4:g64", "int2:g64:mse+down=int4:g64", "int2:g64:hqq+down=int4:g64",
-           "int2:g64:hqq+down=int3:g64:hqq", "int2:g64:hqq+down=int8:g64", "int4:g64:hqq+down=int2:g64:hqq")
+           "int2:g64:hqq+down=int3:g64:hqq", "int2:g64:hqq+down=int8:g64", "int4:g64:hqq+down=int2:g64:hqq",
+           "int4:g64:gptq", "int3:g64:gptq", "int2:g64:gptq", "int2:g64:gptq+down=int4:g64:gptq")
 
 
 def main():
@@ -48,10 +51,15 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=24, help="windows per domain")
     ap.add_argument("--formats", default=",".join(FORMATS), help="expert formats, comma-separated (bf16: trained)")
+    ap.add_argument("--calibration-tokens", type=int, default=8192,
+                    help="gptq formats: calibration tokens (rows of 512), half from each domain's calibration split")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tier_gap.json"))
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
+    codec = TextCodec(default_model.HF_DIR)
+    streams = domain_streams(codec, "validation")
+    calibration = np.concatenate([calibration_rows(s, a.calibration_tokens // 2)
+                                  for s in domain_streams(codec, "calibration").values()])
     cfg = parse_hf_config(read_hf_config(default_model.HF_DIR / "config.json"))
     bits = {f: 8 * expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size)
             / (3 * cfg.hidden_size * cfg.moe_intermediate_size) for f in formats}
@@ -62,7 +70,9 @@ def main():
             pair = formats[i:i + 2]
             hi, lo = ("source" if pair[0] == "bf16" else pair[0]), pair[-1]
             t0 = time.perf_counter()
-            conv = convert(default_model.HF_DIR, Path(tmp) / str(i), hi=hi, lo=lo, dtype="f32", progress=False)
+            calibrated = any(needs_calibration(parse_tier_format(f)) for f in (hi, lo) if f != "source")
+            conv = convert(default_model.HF_DIR, Path(tmp) / str(i), hi=hi, lo=lo, dtype="f32", progress=False,
+                           calibration=calibration if calibrated else None)
             seconds[" + ".join(pair)] = time.perf_counter() - t0
             for tier, fmt in zip(("hi", "lo"), pair):
                 model = dynaexq_jax.load(conv, tier=tier)
@@ -73,7 +83,7 @@ def main():
                 print(f"{fmt:>27} ({bits[fmt]:.2f} bits/weight): {ppl}{gap}", flush=True)
     print("conversion seconds (both tiers): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows,
-                 bits_per_weight=bits, conversion_seconds=seconds)
+                 bits_per_weight=bits, conversion_seconds=seconds, calibration_tokens=int(calibration.size))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ Expert biases (gpt-oss) are copied as f32 into both tiers; MXFP4 experts (gpt-os
 checkpoints) are dequantized exactly (gpt_oss.dequantize_mxfp4) and then quantized into both tiers
 like float ones: the tiers stay the project's formats, and "source" is then the dense tensors'
 float format (bf16 holds every MXFP4 value exactly).
+A tier with a gptq projection needs calibration tokens: every other tier and the dense
+parameters are written first, then calibration.py's pass runs the tokens through the model and
+writes those tiers (metadata "calibration" says what it saw).
 The metadata lists every other file with its size and sha256 (`dynaexq info --verify`).
 """
 from __future__ import annotations
@@ -39,13 +42,17 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from checkpoints_convert import calibration as calib
 from checkpoints_convert.plan import Entry, Group, Plan, build_plan, nest
 from checkpoints_convert.safetensors_reader import FLOAT_DTYPES, SafetensorsCheckpoint, TensorInfo
 from checkpoints_convert.writer import TreeWriter, check_output, staging_dir
 from dynaexq_jax.errors import (
+    CalibrationError,
     CheckpointNotFoundError,
     ConfigError,
     MissingTensorError,
@@ -55,12 +62,14 @@ from dynaexq_jax.errors import (
     UnsupportedArchitectureError,
     read_json_object,
 )
-from dynaexq_jax.model.config import parse_hf_config
+from dynaexq_jax.model.config import ModelConfig, parse_hf_config
 from dynaexq_jax.model.families import family
 from dynaexq_jax.model.families.schema import BIASES
+from dynaexq_jax.model.moe.api import experts_computed_by
 from dynaexq_jax.model.quant import (
     BIAS_DTYPE,
     Format,
+    QTensor,
     TierFormat,
     fit_tier_format,
     parse_dense_format,
@@ -71,8 +80,10 @@ from dynaexq_jax.serving.checkpoint import (
     FORMAT_VERSION,
     METADATA_FILE,
     TIERS,
+    CheckpointInfo,
     bias_tensor,
     expert_file,
+    load_dense,
     tier_tensors,
 )
 from dynaexq_jax.serving.conversion import sha256_file
@@ -91,14 +102,16 @@ _CHUNK_ELEMS = 1 << 20
 
 
 def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str = "source",
-            overwrite: bool = False, progress: bool = True) -> Path:
+            calibration=None, overwrite: bool = False, progress: bool = True) -> Path:
     """Convert the HF checkpoint in hf_dir into out_dir (created atomically) and return out_dir.
 
     hi/lo: expert tier formats (quant.parse_tier_format specs: one format, or gate/up's and
     down's as 'int2:g64:hqq+down=int4:g64'; "source" is the source float format); an integer
     format without ':gN' uses its default group, or the largest smaller group that divides the
     expert dimensions it reduces over (metadata "tiers" names the group used, and "tier_notes"
-    says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16").
+    says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16"); calibration: token
+    ids [rows, tokens] (calibration.calibration_rows cuts a text's), needed by, and only by, a
+    tier with a gptq projection.
     Temp dirs that killed conversions of out_dir left behind are removed first (said on stderr)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
@@ -122,9 +135,10 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
                 if progress:
                     print(f"{tier.upper()} tier {note}", file=sys.stderr)
         dense_fmt = parse_dense_format(dtype, source_fmt)
+        tokens = _check_calibration(calibration, tiers, cfg)
 
         with staging_dir(out, overwrite, on_stale=_say_removed) as tmp:
-            job = _Job(plan, src, [hf_dir / "config.json"] + src.files, tiers, dense_fmt, tmp, progress)
+            job = _Job(plan, cfg, src, [hf_dir / "config.json"] + src.files, tiers, dense_fmt, tmp, progress, tokens)
             sources = job.run()
             for name in COPIED_FILES:
                 if (hf_dir / name).is_file():
@@ -142,11 +156,27 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
                 "expert_layout": plan.info.get("expert_layout"),
                 "sources": sources,
                 "skipped": [{"name": n, "reason": r} for n, r in plan.skipped],
+                **({"calibration": calib.metadata(tokens, sorted(job.calibrated))} if tokens is not None else {}),
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "files": job.output_files(),
             }
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return out
+
+
+def _check_calibration(tokens, tiers: dict[str, TierFormat], cfg: ModelConfig) -> np.ndarray | None:
+    """The calibration tokens, checked, where a tier needs them; None where none does (giving them then is an error)."""
+    needing = [t for t, f in tiers.items() if calib.needs_calibration(f)]
+    if tokens is None:
+        if needing:
+            raise CalibrationError(f"{needing[0].upper()} tier {tiers[needing[0]].name}: gptq quantizes with the "
+                                   f"Hessians of calibration inputs: give calibration text (dynaexq convert "
+                                   f"--calibration FILE), or use a quantizer that needs none (hqq, mse, rtn)")
+        return None
+    if not needing:
+        raise CalibrationError(f"calibration tokens given, but no tier uses gptq (HI {tiers['hi'].name}, LO "
+                               f"{tiers['lo'].name}): nothing would read them")
+    return calib.check_tokens(tokens, cfg.vocab_size)
 
 
 def _say_removed(path: Path, nbytes: int) -> None:
@@ -236,19 +266,26 @@ class _Job:
     """One conversion's work into `root`: run() writes every tree and tier file and returns the
     sources' digests; output_files() then lists what was written with sizes and digests."""
 
-    def __init__(self, plan: Plan, src: SafetensorsCheckpoint, sources: list[Path], tiers: dict[str, TierFormat],
-                 dense_fmt: Format, root: Path, progress: bool):
-        self.plan, self.src, self.sources, self.tiers, self.dense_fmt, self.root = \
-            plan, src, sources, tiers, dense_fmt, root
+    def __init__(self, plan: Plan, cfg: ModelConfig, src: SafetensorsCheckpoint, sources: list[Path],
+                 tiers: dict[str, TierFormat], dense_fmt: Format, root: Path, progress: bool,
+                 calibration: np.ndarray | None = None):
+        self.plan, self.cfg, self.src, self.sources, self.tiers, self.dense_fmt, self.root = \
+            plan, cfg, src, sources, tiers, dense_fmt, root
+        self.progress, self.calibration = progress, calibration
+        # Tiers written by the calibration pass (a gptq projection), and by the first pass (the rest).
+        self.calibrated = {t: f for t, f in tiers.items() if calib.needs_calibration(f)}
+        self.first_pass = {t: f for t, f in tiers.items() if t not in self.calibrated}
         self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()
         self._stop = threading.Event()          # set on failure: hashing stops early
         self._digests: dict[Path, Future] = {}  # every file hashed, or being hashed
-        self._tier_files: list[FileWriter] = []
+        self._open_files: list[FileWriter] = []
         self._unread: dict[Path, int] = collections.Counter()   # source file -> bytes still to read
+        expert_sources = {s for g in plan.groups if g.experts for s in g.experts.sources}
         for name in plan.used_names():
-            info = src.tensors[name]
-            self._unread[info.file] += info.nbytes
+            if self.first_pass or name not in expert_sources:       # what the first pass reads
+                info = src.tensors[name]
+                self._unread[info.file] += info.nbytes
         self._bar = tqdm(total=sum(self._unread.values()), unit="B", unit_scale=True, file=sys.stderr,
                          disable=not progress, desc="convert")
 
@@ -256,20 +293,22 @@ class _Job:
         # The dense group last: the main thread's dense work then overlaps the last layers' chunks.
         groups = [g for g in self.plan.groups if g.layer is not None] + [g for g in self.plan.groups if g.layer is None]
         try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="convert") as pool, \
-                    TreeWriter(self.root) as writer, self._bar:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="convert") as pool:
                 self._pool, queued = pool, collections.deque()
                 try:
-                    for g in groups:
-                        self._bar.set_description(g.name)
-                        if g.experts is not None:
-                            for chunk in self._expert_chunks(g):
-                                while len(queued) >= 2 * self.workers:
-                                    queued.popleft().result()
-                                queued.append(pool.submit(*chunk))
-                        self._write_dense(g, writer)
-                    while queued:
-                        queued.popleft().result()
+                    with TreeWriter(self.root) as writer, self._bar:
+                        for g in groups:
+                            self._bar.set_description(g.name)
+                            if g.experts is not None and self.first_pass:
+                                for chunk in self._expert_chunks(g):
+                                    while len(queued) >= 2 * self.workers:
+                                        queued.popleft().result()
+                                    queued.append(pool.submit(*chunk))
+                            self._write_dense(g, writer)
+                        while queued:
+                            queued.popleft().result()
+                    if self.calibrated:
+                        self._calibrate()
                     for f in self.sources:         # the index, config.json, any shard of skipped tensors only
                         self._hash(f)
                     return {f.name: self._digests[f].result() for f in self.sources}
@@ -278,7 +317,7 @@ class _Job:
                     pool.shutdown(cancel_futures=True)
                     raise
         finally:       # after the pool's threads are done: a failure leaves files of unfinished layers open
-            for f in self._tier_files:
+            for f in self._open_files:
                 f.close()
 
     def output_files(self) -> dict[str, dict]:
@@ -305,12 +344,14 @@ class _Job:
         if done:
             self._hash(info.file)
 
-    def _reader(self, entry: Entry, lazy: bool):
+    def _reader(self, entry: Entry, lazy: bool, counted: bool = True):
+        """Tensors of `entry` by name; counted: reads count towards hashing the sources while cached
+        (the calibration pass's second reads do not)."""
         def read(name: str):
             if name not in entry.sources:  # only what _check_plan validated may be read
                 raise AssertionError(f"map bug: {entry.target} reads undeclared tensor '{name}'")
             if lazy:
-                return self.src.ref(name, on_read=self._read_done)
+                return self.src.ref(name, on_read=self._read_done if counted else None)
             a = self.src.read(name)
             self._read_done(self.src.tensors[name], a.nbytes)
             return a
@@ -332,42 +373,106 @@ class _Job:
         self._progress(sum(self.src.tensors[s].nbytes for e in g.entries for s in e.sources))
 
     # ---- experts ------------------------------------------------------------------------------
-    def _expert_chunks(self, g: Group):
-        """(function, args) of each chunk of layer g's experts, after creating its tier files."""
-        spec = g.experts.spec
+    def _tier_files(self, g: Group, tiers: dict[str, TierFormat]) -> dict[str, FileWriter]:
+        """Layer g's files of `tiers`, created (closed on failure by run())."""
         files = {}
-        for tier, fmt in self.tiers.items():
+        for tier, fmt in tiers.items():
             path = self.root / expert_file(g.layer, tier)
             path.parent.mkdir(exist_ok=True)
-            files[tier] = FileWriter(path, tier_tensors(fmt, spec), {"format": fmt.name, "layer": str(g.layer)})
-            self._tier_files.append(files[tier])
+            files[tier] = FileWriter(path, tier_tensors(fmt, g.experts.spec),
+                                     {"format": fmt.name, "layer": str(g.layer)})
+            self._open_files.append(files[tier])
+        return files
+
+    @staticmethod
+    def _chunks(spec) -> list[range]:
         step = max(1, _CHUNK_ELEMS // (3 * spec.hidden * spec.inter))
-        chunks = [range(a, min(a + step, spec.num_experts)) for a in range(0, spec.num_experts, step)]
+        return [range(a, min(a + step, spec.num_experts)) for a in range(0, spec.num_experts, step)]
+
+    def _close(self, files: dict[str, FileWriter]) -> None:
+        for f in files.values():
+            f.close()
+            self._hash(f.path)
+
+    def _expert_chunks(self, g: Group):
+        """(function, args) of each chunk of layer g's experts, after creating its first-pass tier files."""
+        files = self._tier_files(g, self.first_pass)
+        chunks = self._chunks(g.experts.spec)
         done = _Countdown(len(chunks))
         for rng in chunks:
             yield self._convert_chunk, g.experts, rng, files, done
 
+    def _read_chunk(self, entry: Entry, rng: range, files: dict[str, FileWriter], counted: bool = True):
+        """Experts `rng`'s float stacks {proj: [e, K, N]} (source dtype) and their biases (gate, up,
+        down; None without), the biases written into every file of `files` (float in every tier)."""
+        stacks = entry.build(self._reader(entry, lazy=True, counted=counted), rng)
+        biases = [np.ascontiguousarray(stacks.pop(name), BIAS_DTYPE) for name in BIASES if name in stacks]
+        for name, b in zip(BIASES, biases):
+            for f in files.values():
+                f.write(bias_tensor(name), rng.start, b)
+        return stacks, tuple(biases) or None
+
+    @staticmethod
+    def _write(f: FileWriter, proj: str, start: int, q: QTensor) -> None:
+        f.write(f"{proj}.data", start, q.data)
+        if q.scales is not None:
+            f.write(f"{proj}.scales", start, q.scales)
+        if q.zeros is not None:
+            f.write(f"{proj}.zeros", start, q.zeros)
+
     def _convert_chunk(self, entry: Entry, rng: range, files: dict[str, FileWriter], done: _Countdown) -> None:
-        """Read experts `rng` of one layer, quantize them into both tiers, write them in place; the
-        last chunk of the layer closes and hashes its files."""
-        stacks = entry.build(self._reader(entry, lazy=True), rng)      # {proj: [e, K, N]} in the source dtype
-        for name in BIASES:
-            if name in stacks:                                          # float, the same in both tiers
-                b = np.ascontiguousarray(stacks.pop(name), BIAS_DTYPE)
-                for f in files.values():
-                    f.write(bias_tensor(name), rng.start, b)
+        """Read experts `rng` of one layer, quantize them into the first-pass tiers, write them in
+        place; the last chunk of the layer closes and hashes its files."""
+        stacks, _ = self._read_chunk(entry, rng, files)
         for proj, w in stacks.items():
             w = np.ascontiguousarray(w)                                 # one transpose, shared by both tiers
-            for tier, tier_fmt in self.tiers.items():
-                fmt = tier_fmt.of(proj)
-                q = quantize(w, fmt)
-                files[tier].write(f"{proj}.data", rng.start, q.data)
-                if fmt.is_int:
-                    files[tier].write(f"{proj}.scales", rng.start, q.scales)
-                if fmt.has_zeros:
-                    files[tier].write(f"{proj}.zeros", rng.start, q.zeros)
+            for tier, tier_fmt in self.first_pass.items():
+                self._write(files[tier], proj, rng.start, quantize(w, tier_fmt.of(proj)))
         self._progress(sum(w.nbytes for w in stacks.values()))
         if done.finish():
-            for f in files.values():
-                f.close()
-                self._hash(f.path)
+            self._close(files)
+
+    # ---- calibration --------------------------------------------------------------------------
+    def _calibrate(self) -> None:
+        """The calibration pass (calibration.py): the calibration tokens through the family's
+        forward on the dense parameters just written, each MoE layer's experts computed (and its
+        calibrated tiers written) by _calibrate_layer."""
+        cfg, tokens = self.cfg, self.calibration
+        info = CheckpointInfo(self.root, cfg, {}, self.tiers, self.dense_fmt, {"files": {}})
+        params = jax.device_put(load_dense(info))
+        layers = collections.deque(sorted((g for g in self.plan.groups if g.experts), key=lambda g: g.layer))
+        n_layers = len(layers)
+        bar = tqdm(total=n_layers, unit="layer", file=sys.stderr, disable=not self.progress,
+                   desc=f"calibrate ({tokens.size} tokens)")
+
+        def experts(x, ids, weights, activation):
+            if isinstance(x, jax.core.Tracer) or not layers:
+                raise AssertionError("calibration: the family's forward must call each MoE layer once, eagerly")
+            g = layers.popleft()
+            out = self._calibrate_layer(g, np.asarray(x, np.float32), np.asarray(ids), np.asarray(weights), activation)
+            bar.update(1)
+            return jnp.asarray(out, x.dtype)
+        fam = family(cfg.model_type)
+        B, T = tokens.shape
+        with bar, experts_computed_by(experts):
+            fam.forward(params, cfg, jnp.asarray(tokens), fam.init_cache(cfg, B, T, self.dense_fmt.storage_dtype),
+                        backend="xla", logits_at=jnp.zeros(B, jnp.int32))
+        if layers:
+            raise AssertionError(f"calibration: the forward ran {n_layers - len(layers)} of {n_layers} MoE layers")
+
+    def _calibrate_layer(self, g: Group, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, activation) -> np.ndarray:
+        """Layer g's calibrated tiers, written chunk by chunk on every core; returns its experts'
+        output f32 [T, H] in the source precision."""
+        files = self._tier_files(g, self.calibrated)
+
+        def chunk(rng: range) -> np.ndarray:
+            stacks, biases = self._read_chunk(g.experts, rng, files, counted=False)
+            out, quantized = calib.expert_chunk(stacks, biases, rng, g.experts.spec.num_experts, x, ids, weights,
+                                                self.calibrated, activation)
+            for tier, projs in quantized.items():
+                for proj, q in projs.items():
+                    self._write(files[tier], proj, rng.start, q)
+            return out
+        out = sum(f.result() for f in [self._pool.submit(chunk, rng) for rng in self._chunks(g.experts.spec)])
+        self._close(files)
+        return out

@@ -15,8 +15,29 @@ def _cmd_convert(a):
     convert = hf_converter()
     t0 = time.perf_counter()
     out = convert(a.hf_dir, a.out_dir, hi=a.hi, lo=a.lo, dtype=a.dtype, overwrite=a.overwrite,
-                  progress=not a.quiet)
+                  calibration=_calibration_tokens(a), progress=not a.quiet)
     print(f"converted {a.hf_dir} -> {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _calibration_tokens(a):
+    """--calibration FILE: the text's first --calibration-tokens tokens (the source's tokenizer), as rows."""
+    from dynaexq_jax.errors import CalibrationError
+    if a.calibration is None:
+        if a.calibration_tokens is not None:
+            raise CalibrationError("--calibration-tokens: give the calibration text too (--calibration FILE)")
+        return None
+    from checkpoints_convert.calibration import DEFAULT_TOKENS, MIN_TEXT_TOKENS, calibration_rows
+    from dynaexq_jax.serving.tokenizer import TextCodec
+    n = DEFAULT_TOKENS if a.calibration_tokens is None else a.calibration_tokens
+    check_int("--calibration-tokens", n, CalibrationError, minimum=MIN_TEXT_TOKENS)
+    try:
+        text = Path(a.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"--calibration {a.calibration}: cannot read it as UTF-8 text ({e})") from None
+    codec = TextCodec(Path(a.hf_dir))
+    if codec.tokenizer is None:
+        raise CalibrationError(f"--calibration: {a.hf_dir} has no tokenizer.json to tokenize the text with")
+    return calibration_rows(codec.encode(text), n)
 
 
 def _cmd_info(a):
@@ -34,6 +55,10 @@ def _cmd_info(a):
         b = schema.expert_bytes(c, fmt)
         print(f"  tier {name}: {fmt.name:<{width}} {b / 2**20:8.3f} MiB per expert, "
               f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
+    cal = info.metadata.get("calibration")
+    if cal:
+        print(f"  calibration ({', '.join(cal['tiers'])}): {cal['tokens']} tokens in {cal['rows']} rows of "
+              f"{cal['row_length']} through the {cal['model']} model, sha256 {cal['sha256'][:16]}...")
     if a.verify:
         t0 = time.perf_counter()
         n, size = verify_checkpoint(info)
@@ -339,9 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", default="source", help="HI tier format (default: the source dtype)")
     p.add_argument("--lo", default="int4",
                    help="LO tier format, e.g. int4, int4:g64, int2, int2:g64:mse (the least-error quantizer), "
-                        "int2:g64:hqq (HQQ, a zero per group), int8, or gate/up's then down's, "
-                        "int2:g64:hqq+down=int4:g64 (default int4:g128, round-to-nearest)")
+                        "int2:g64:hqq (HQQ, a zero per group), int2:g64:gptq (GPTQ: needs --calibration), int8, "
+                        "or gate/up's then down's, int2:g64:hqq+down=int4:g64 (default int4:g128, "
+                        "round-to-nearest)")
     p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="UTF-8 text for the gptq quantizer's calibration, run through the model (needed by, "
+                        "and only by, a gptq tier)")
+    p.add_argument("--calibration-tokens", type=int,
+                   help="how many of the text's tokens calibrate (rows of 512; default 8192)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_convert)

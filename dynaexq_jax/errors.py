@@ -54,6 +54,10 @@ class QuantFormatError(DynaexqError):
     """An unknown quantization format or a group size that does not divide the input dimension."""
 
 
+class CalibrationError(DynaexqError):
+    """Calibration input for a data-dependent quantizer (gptq) missing, not wanted, or unusable."""
+
+
 class GenerationError(DynaexqError):
     """Bad generation input: a prompt longer than the cache, bad sampling arguments, ..."""
 

@@ -113,6 +113,35 @@ def test_compare_rejects_a_bad_option_before_converting(tmp_path, capsys):
     assert not (tmp_path / "converted").exists()
 
 
+# ---- convert with calibration text (gptq) --------------------------------------------------------------
+def test_convert_with_calibration_text_records_it(tmp_path, capsys):
+    from dynaexq_jax.experiments import default_model
+    text = tmp_path / "calibration.txt"
+    text.write_text(LONG_PROMPT * 4)
+    rc, out, err = run(capsys, "convert", default_model.HF_DIR, tmp_path / "g", "--hi", "int4:g64", "--lo",
+                       "int2:g64:gptq", "--calibration", text, "--calibration-tokens", 1000, "--quiet")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "info", tmp_path / "g")
+    assert "tier lo: int2:g64:gptq" in out and "calibration (lo): 512 tokens in 1 rows of 512" in out, out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--lo", "int2:gptq"], "LO tier int2:g64:gptq: gptq quantizes with the Hessians of calibration inputs"),
+    (["--calibration-tokens", 100], "--calibration-tokens: give the calibration text too"),
+    (["--lo", "int2:gptq", "--calibration", "/nonexistent.txt"], "cannot read it as UTF-8 text"),
+    (["--lo", "int2:gptq", "--calibration", "TEXT", "--calibration-tokens", 10], "must be an integer >= 64"),
+    (["--lo", "int4:g64", "--calibration", "TEXT"], "calibration tokens given, but no tier uses gptq"),
+])
+def test_convert_calibration_errors_write_nothing(tmp_path, capsys, argv, fragment):
+    from dynaexq_jax.experiments import default_model
+    text = tmp_path / "calibration.txt"
+    text.write_text(LONG_PROMPT)
+    argv = [text if a == "TEXT" else a for a in argv]
+    rc, _, err = run(capsys, "convert", default_model.HF_DIR, tmp_path / "out", *argv)
+    assert_one_line_error(rc, err, "convert", fragment)
+    assert not (tmp_path / "out").exists()
+
+
 # ---- one clear line for a wrong input -----------------------------------------------------------------
 def test_info_on_a_file_says_it_is_a_file(tmp_path, capsys):
     f = tmp_path / "README.md"

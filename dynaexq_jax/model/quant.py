@@ -15,6 +15,13 @@ by a suffix on the format, write the same codes (every backend reads all three):
       many bytes again as the scales): HQQ (Badri & Shaji 2023, no data): the scale from the
       group's range, the zero point by half-quadratic proximal steps on the l_0.7 error, then a
       least-squares refit of (s, z) for those codes wherever it lowers the squared error.
+  gptq ('int4:g128:gptq', asymmetric as hqq, same storage): GPTQ (Frantar et al. 2023): the rows
+      of K quantized in order, each row's rounding error spread over the rows still to come through
+      the inverse Hessian of the layer's inputs, H = sum x x^T over calibration tokens, so that
+      the error of the OUTPUTS x @ W, not of the weights, is what is minimised; each group's grid
+      from HQQ's solver on the group's weights as updated so far. It needs data: gptq_quantize
+      takes the Hessian, and the converter collects it from calibration text
+      (checkpoints_convert/calibration.py).
 
 An expert tier has a TierFormat: one Format for gate and up, one for down (the same, or down's own:
 'int2:g64:hqq+down=int4:g64').
@@ -41,7 +48,7 @@ from pallas_kernels import packing
 
 _FLOAT_DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _DEFAULT_GROUP = {8: 128, 4: 128, 3: 128, 2: 64}
-QUANTIZERS = ("rtn", "mse", "hqq")
+QUANTIZERS = ("rtn", "mse", "hqq", "gptq")
 SCALE_DTYPE = np.float16
 BIAS_DTYPE = np.float32      # expert biases (gpt-oss) stay float in every tier
 
@@ -51,7 +58,7 @@ class Format:
     """A named storage format. `group` is the quantization group along K (0 = whole K, 'channel')."""
     kind: str          # "f32" | "bf16" | "fp16" | "int8" | "int4" | "int3" | "int2"
     group: int = 0
-    quantizer: str = "rtn"   # integer formats: "rtn" | "mse" | "hqq" (module docstring)
+    quantizer: str = "rtn"   # integer formats: "rtn" | "mse" | "hqq" | "gptq" (module docstring)
 
     @property
     def is_int(self) -> bool:
@@ -80,15 +87,15 @@ class Format:
 
     @property
     def qmin(self) -> int:
-        """The lowest code the quantizer writes: -qmax (rtn, symmetric) or -offset (mse, hqq: the
-        whole grid; int8 excepted: the CPU kernel's AVX2 dot product negates weight codes, and -128
+        """The lowest code the quantizer writes: -qmax (rtn, symmetric) or -offset (mse, hqq, gptq:
+        the whole grid; int8 excepted: the CPU kernel's AVX2 dot product negates weight codes, and -128
         has no int8 negation, while the extra level is worth 1/255 of the range)."""
         return -self.qmax if self.quantizer == "rtn" or self.bits == 8 else -self.offset
 
     @property
     def has_zeros(self) -> bool:
         """Asymmetric: a zero beside every scale (w = q * s + z)."""
-        return self.quantizer == "hqq"
+        return self.quantizer in ("hqq", "gptq")
 
     @property
     def name(self) -> str:
@@ -139,7 +146,7 @@ def parse_format(spec: str | Format) -> Format:
     if isinstance(spec, Format):
         return spec
     m = re.fullmatch(r"(f32|float32|bf16|bfloat16|fp16|float16|int8|int4|int3|int2)(?::(?:g(\d+)|(channel)))?"
-                     r"(?::(rtn|mse|hqq))?", spec.strip().lower())
+                     r"(?::(rtn|mse|hqq|gptq))?", spec.strip().lower())
     if not m:
         raise QuantFormatError(
             f"unknown format '{spec}' (use f32, bf16, fp16, int8, int4, int3, int2, optionally ':gN' or ':channel', "
@@ -318,6 +325,9 @@ def quantize(w: np.ndarray, fmt: Format | str) -> QTensor:
         scales = _least_error_scales(wg, scales, fmt)
     elif fmt.quantizer == "hqq":
         scales, zeros = _hqq(wg, fmt)
+    elif fmt.quantizer == "gptq":
+        raise QuantFormatError(f"format {fmt.name}: GPTQ needs the Hessian of the weight's inputs "
+                               f"(gptq_quantize); convert with calibration text (dynaexq convert --calibration FILE)")
     q = _codes(wg, scales, fmt, zeros).astype(np.int32) + fmt.offset
     packed = packing.pack_codes(q.reshape(w.shape), fmt.kernel_format)
     return QTensor(packed, scales, fmt, zeros)
@@ -420,6 +430,68 @@ def _hqq(wg: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     if not (np.all(np.isfinite(scales)) and np.all(np.isfinite(zeros))):
         raise QuantFormatError(f"format {fmt.name}: a group's scale or zero overflows fp16")
     return scales, zeros
+
+
+# GPTQ's settings, as in the paper's code: the Hessian damped by 1% of its mean diagonal, rows
+# processed in blocks of 128 (lazy batch updates: the same result, most of the work in matmuls).
+GPTQ_DAMP, GPTQ_BLOCK = 0.01, 128
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: Format | str) -> QTensor:
+    """GPTQ (module docstring) of float weights w [..., K, N] (y = x @ w) given the Hessians of
+    their inputs, hessian [..., K, K] = sum x x^T (any positive scale; one per leading index).
+    Rows are quantized in order; row i's error e = (w_i - w_hat_i) / U[i, i] is taken out of the
+    rows after it as w_j -= U[i, j] e, U the upper Cholesky factor of H^-1 (H^-1 = U^T U): the
+    optimal update for the outputs' squared error. A group's (scale, zero) comes from HQQ's
+    solver on its rows when its first row is reached. Inputs no token activated (H[i, i] = 0) are
+    rounded plainly and move nothing."""
+    fmt = parse_format(fmt)
+    if fmt.quantizer != "gptq":
+        raise QuantFormatError(f"gptq_quantize: format {fmt.name} is not a gptq format")
+    w = np.asarray(w)
+    *lead, K, N = w.shape
+    fmt.check(K)
+    if np.shape(hessian) != (*lead, K, K):
+        raise QuantFormatError(f"gptq_quantize: Hessian of shape {list(np.shape(hessian))} for weights "
+                               f"{list(w.shape)}: expected {[*lead, K, K]}")
+    g = fmt.group_for(K)
+    block = K if g == K else g * max(1, GPTQ_BLOCK // g)      # whole groups per block
+    W = np.array(w, np.float32).reshape(-1, K, N)
+    U = _gptq_factor(np.asarray(hessian, np.float64).reshape(-1, K, K))
+    codes = np.empty(W.shape, np.int32)
+    scales = np.empty((W.shape[0], K // g, N), SCALE_DTYPE)
+    zeros = np.empty_like(scales)
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        rows, errors = W[:, b0:b1].copy(), np.empty((W.shape[0], b1 - b0, N), np.float32)
+        for j, i in enumerate(range(b0, b1)):
+            if i % g == 0:
+                s, z = _hqq(rows[:, None, j:j + g], fmt)
+                scales[:, i // g], zeros[:, i // g] = s[:, 0], z[:, 0]
+            s, z = scales[:, i // g][:, None], zeros[:, i // g][:, None]
+            q = _codes(rows[:, None, j:j + 1], s, fmt, z)[:, 0, 0]
+            codes[:, i] = q
+            errors[:, j] = (rows[:, j] - (q * s[:, 0].astype(np.float32) + z[:, 0].astype(np.float32))) \
+                / U[:, i, i, None]
+            rows[:, j + 1:] -= U[:, i, i + 1:b1, None] * errors[:, j, None, :]
+        W[:, b1:] -= np.swapaxes(U[:, b0:b1, b1:], 1, 2) @ errors
+    packed = packing.pack_codes((codes + fmt.offset).reshape(w.shape), fmt.kernel_format)
+    return QTensor(packed, scales.reshape(*lead, K // g, N), fmt, zeros.reshape(*lead, K // g, N))
+
+
+def _gptq_factor(h: np.ndarray) -> np.ndarray:
+    """f32 [E, K, K]: the upper Cholesky factor U of each damped Hessian's inverse (H^-1 = U^T U).
+    A dead input (H[i, i] = 0: no token activated it, so its row and column are zero) gets
+    H[i, i] = 1, which leaves it out of every update."""
+    h, k = h.copy(), np.arange(h.shape[-1])
+    diag = h[:, k, k]
+    diag[diag <= 0] = 1.0
+    h[:, k, k] = diag + GPTQ_DAMP * diag.mean(axis=-1, keepdims=True)
+    try:
+        inverse = np.linalg.inv(h)
+        return np.swapaxes(np.linalg.cholesky(inverse), 1, 2).astype(np.float32)
+    except np.linalg.LinAlgError:
+        raise QuantFormatError("gptq_quantize: a Hessian is not positive semi-definite (not sum x x^T?)") from None
 
 
 def _fp16(scales, zeros):

@@ -158,12 +158,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """The dense params (restored) and the expert tiers (memory-mapped) of a converted checkpoint."""
     info = read_info(path)
     tree = family(info.config.model_type).abstract(info.config)
-    with ocp.StandardCheckpointer() as ckpt:
-        params = _restore_dense(tree, _TreeReader(info, ckpt))
     experts = {layer: _map_experts(info, layer, spec) for layer, _, spec in schema.leaves(tree)
                if isinstance(spec, schema.Experts)}
     return Checkpoint(**{f.name: getattr(info, f.name) for f in dataclasses.fields(CheckpointInfo)},
-                      params=params, experts=experts)
+                      params=load_dense(info), experts=experts)
+
+
+def load_dense(info: CheckpointInfo) -> Params:
+    """The dense params of info's checkpoint restored into host numpy arrays, every MoE layer's
+    experts=None (the converter's calibration pass reads them before the metadata is written)."""
+    with ocp.StandardCheckpointer() as ckpt:
+        return _restore_dense(family(info.config.model_type).abstract(info.config), _TreeReader(info, ckpt))
 
 
 def verify_checkpoint(path: str | Path | CheckpointInfo) -> tuple[int, int]:

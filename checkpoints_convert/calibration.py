@@ -1,0 +1,144 @@
+"""Calibration for the gptq quantizer (model/quant.py): what each expert's inputs look like on
+real text, collected while that text runs through the model being converted.
+
+The converter (converter.py) first writes the dense parameters and every tier that needs no data.
+Then one eager forward of the family's own code runs the calibration tokens over those dense
+parameters, with every MoE layer's experts computed here instead of by a backend
+(moe.api.experts_computed_by), from the source checkpoint's float weights, a chunk of experts at
+a time (expert_chunk):
+  * the layer's output is the source experts' own (the XLA op on float pools), so every layer
+    sees the inputs the unquantized model gives it;
+  * per expert, gate and up's Hessian H = sum x x^T over the tokens routed to it; an expert with
+    fewer than MIN_TOKENS routed tokens is topped up with other tokens of the same layer, evenly
+    spaced, so every Hessian has data behind it (an expert no token picks still gets MIN_TOKENS);
+  * per tier, down's Hessian from those tokens' activations through THAT tier's quantized gate
+    and up: an expert's three matrices always sit in one tier, so these are what its down
+    projection multiplies when it runs there;
+and GPTQ (quant.gptq_quantize) quantizes every projection whose format is gptq; a tier's other
+projections are quantized as they are without calibration.
+
+Memory: the dense parameters, the calibration tokens' activations and KV cache, and one chunk of
+experts per thread with its Hessians; the source's expert weights are read a second time.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import jax.numpy as jnp
+import numpy as np
+
+from dynaexq_jax.errors import CalibrationError
+from dynaexq_jax.model.moe import HI, ExpertPools, quantize_experts
+from dynaexq_jax.model.moe.xla import moe_experts_xla
+from dynaexq_jax.model.quant import GPTQ_BLOCK, GPTQ_DAMP, QTensor, TierFormat, dequantize, gptq_quantize, quantize
+from pallas_kernels.grouped_matmul.activation import Activation, glu
+
+MIN_TOKENS = 256        # the fewest tokens behind any expert's Hessian (routed ones, then others of its layer)
+ROW_LENGTH = 512        # calibration text is cut into rows of this many tokens (fewer if the text is shorter)
+MIN_TEXT_TOKENS = 64    # less text than this is refused
+DEFAULT_TOKENS = 8192   # `dynaexq convert --calibration-tokens` default
+
+
+def needs_calibration(tier: TierFormat) -> bool:
+    """Whether any projection of the tier is quantized by a quantizer that needs data (gptq)."""
+    return "gptq" in (tier.gate_up.quantizer, tier.down.quantizer)
+
+
+def calibration_rows(ids, tokens: int = DEFAULT_TOKENS, row_length: int = ROW_LENGTH) -> np.ndarray:
+    """The first `tokens` token ids of a text (a 1-D sequence) as int32 rows [B, T] of row_length
+    (or one row of the whole text, if shorter); a partial last row is dropped."""
+    ids = np.asarray(ids, np.int64).reshape(-1)[:tokens]
+    if ids.size < MIN_TEXT_TOKENS:
+        raise CalibrationError(f"calibration text of {ids.size} tokens: at least {MIN_TEXT_TOKENS} are needed "
+                               f"(a few thousand give every expert data of its own)")
+    T = min(row_length, ids.size)
+    return ids[: ids.size // T * T].reshape(-1, T).astype(np.int32)
+
+
+def check_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """Calibration token ids as int32 [B, T], checked: integers, two dimensions, within the vocabulary."""
+    a = np.asarray(tokens)
+    if a.ndim != 2 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+        raise CalibrationError(f"calibration tokens must be non-empty integer ids [rows, tokens], "
+                               f"not {a.dtype}{list(a.shape)}")
+    if a.min() < 0 or a.max() >= vocab_size:
+        raise CalibrationError(f"calibration token id {a.min() if a.min() < 0 else a.max()} is outside the "
+                               f"vocabulary [0, {vocab_size}): tokenized with another model's tokenizer?")
+    return a.astype(np.int32)
+
+
+def metadata(tokens: np.ndarray, tiers: list[str]) -> dict:
+    """What the metadata records of a calibration: enough to say whether two conversions saw the same."""
+    return {"tiers": tiers, "tokens": int(tokens.size), "rows": int(tokens.shape[0]),
+            "row_length": int(tokens.shape[1]), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "min_tokens": MIN_TOKENS, "model": "source", "damp": GPTQ_DAMP, "block": GPTQ_BLOCK}
+
+
+def expert_tokens(ids: np.ndarray, expert: int, min_tokens: int = MIN_TOKENS) -> np.ndarray:
+    """Indices of the tokens behind an expert's Hessian: those routed to it (ids [T, k]), and if
+    fewer than min_tokens, evenly spaced others of the layer up to min_tokens (or all T)."""
+    routed = np.flatnonzero((ids == expert).any(axis=1))
+    short = min(min_tokens, ids.shape[0]) - routed.size
+    if short <= 0:
+        return routed
+    others = np.setdiff1d(np.arange(ids.shape[0]), routed, assume_unique=True)
+    return np.sort(np.concatenate([routed, others[np.linspace(0, others.size - 1, short).round().astype(int)]]))
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a power of two (at least 64): the padded sizes of eager jax calls."""
+    return 1 << int(np.ceil(np.log2(max(n, 64))))
+
+
+def _hessian(x: np.ndarray) -> np.ndarray:
+    return (x.T @ x).astype(np.float64)
+
+
+def _quantize(w: np.ndarray, fmt, hessian) -> QTensor:
+    """w in fmt; hessian() (called only for gptq) gives its inputs' Hessians."""
+    return gptq_quantize(w, hessian(), fmt) if fmt.quantizer == "gptq" else quantize(w, fmt)
+
+
+def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range, num_experts: int, x: np.ndarray,
+                 ids: np.ndarray, weights: np.ndarray, tiers: dict[str, TierFormat], activation: Activation
+                 ) -> tuple[np.ndarray, dict[str, dict[str, QTensor]]]:
+    """Experts `rng` of a layer of num_experts: stacks {gate, up: [e, H, I], down: [e, I, H]} float,
+    biases (gate, up, down) or None; the layer's tokens x [T, H] f32 routed by ids/weights [T, k].
+    Returns (their share of the layer's output, f32 [T, H], in the source precision; per tier of
+    `tiers`, {proj: QTensor})."""
+    gate, up, down = (np.asarray(stacks[p], np.float32) for p in ("gate", "up", "down"))
+    out = np.zeros(x.shape, np.float32)
+    rows = np.flatnonzero(((ids >= rng.start) & (ids < rng.stop)).any(axis=1))
+    if rows.size:
+        # Only these experts: every other one sits on a tier out of range, so contributes nothing.
+        # The rows routed here, padded with weight-0 rows to a power of two: few shapes to compile.
+        e, n = np.arange(num_experts), _bucket(rows.size)
+        mine = ExpertPools((quantize_experts(gate, up, down, "f32", biases),),
+                           jnp.asarray(np.where((e >= rng.start) & (e < rng.stop), HI, HI + 1), jnp.int32),
+                           jnp.asarray(np.clip(e - rng.start, 0, len(rng) - 1), jnp.int32))
+        pad = n - rows.size
+        y = moe_experts_xla(jnp.asarray(np.pad(x[rows], ((0, pad), (0, 0)))),
+                            jnp.asarray(np.pad(ids[rows], ((0, pad), (0, 0)), constant_values=rng.start)),
+                            jnp.asarray(np.pad(weights[rows], ((0, pad), (0, 0)))), mine, activation=activation)
+        out[rows] = np.asarray(y)[: rows.size]
+    inputs = [x[expert_tokens(ids, e)] for e in rng]
+    h_in = np.stack([_hessian(xe) for xe in inputs])
+    quantized = {}
+    for name, tier in tiers.items():
+        g, u = (_quantize(w, tier.gate_up, lambda: h_in) for w in (gate, up))
+        down_q = _quantize(down, tier.down, lambda g=g, u=u: _down_hessians(inputs, g, u, biases, activation))
+        quantized[name] = {"gate": g, "up": u, "down": down_q}
+    return out, quantized
+
+
+def _down_hessians(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases, activation: Activation) -> np.ndarray:
+    """[e, I, I]: per expert, the Hessian of its down projection's inputs, the activations of its
+    tokens `inputs[i]` through these (quantized) gate and up."""
+    wg, wu = dequantize(gate, np.float32, np), dequantize(up, np.float32, np)
+    pre_g, pre_u = (np.concatenate([xe @ w[i] + (0 if biases is None else b[i]) for i, xe in enumerate(inputs)])
+                    for w, b in ((wg, biases and biases[0]), (wu, biases and biases[1])))
+    # One activation call for the whole chunk, padded to a power of two rows: few shapes to compile.
+    pad = ((0, _bucket(len(pre_g)) - len(pre_g)), (0, 0))
+    a = np.asarray(glu(np.pad(pre_g, pad), np.pad(pre_u, pad), activation), np.float32)
+    ends = np.cumsum([len(xe) for xe in inputs])
+    return np.stack([_hessian(a[end - len(xe):end]) for xe, end in zip(inputs, ends)])
