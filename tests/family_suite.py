@@ -11,6 +11,7 @@ saved with save_pretrained, converted and loaded; the suite checks, against tran
 * the HI and LO tiers equal transformers with the same dequantized experts written into it;
 * every MoE backend (xla with the CPU kernel, xla-only, pallas in interpret mode) gives the same logits;
 * `dynaexq info --verify` describes its converted checkpoint;
+* a gptq LO tier's calibration pass runs through the family's forward and beats hqq on its text;
 * the budgeted runtime serves it with swaps, within budget, counting its cache exactly.
 
 tests/conftest.py parametrises the class-scoped `case` fixture from CASES.
@@ -188,6 +189,42 @@ class FamilySuite:
         per_seq = [rel_err(got[i], lo[i]) for i in range(len(tokens))]
         lo_effect = np.median([rel_err(lo[i], hi[i]) for i in range(len(tokens))])
         assert lo_effect > 1e-3 and np.median(per_seq) <= lo_effect / 5
+
+    def test_gptq_calibration_sees_what_the_forward_gives_each_layer(self, pair, tmp_path):
+        """The calibration pass runs the family's own forward (every MoE layer's experts computed
+        from the source weights) and GPTQ fits each LO expert to the inputs it saw: on the
+        calibration tokens, every MoE layer's LO output, fed the HI (source) model's own layer
+        inputs, is closer to its HI output with gptq than with hqq (same grid and storage). Inputs
+        captured any other way than the forward's would not make gptq win on every layer."""
+        from dynaexq_jax.model.moe import single_tier
+        from dynaexq_jax.model.moe.api import experts_computed_by
+        from dynaexq_jax.model.moe.xla import moe_experts_xla
+        _, hf_dir, _, ours, _ = pair
+        cfg, fam = ours.config, family(ours.config.model_type)
+        tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 48))
+        lo = {}
+        for quantizer in ("gptq", "hqq"):
+            out = convert(hf_dir, tmp_path / quantizer, lo=f"int2:g16:{quantizer}", progress=False,
+                          calibration=tokens if quantizer == "gptq" else None)
+            lo[quantizer] = load_checkpoint(out).experts
+        hi = dynaexq_jax.load(out, tier="hi", backend="xla-only")
+        layers, seen = iter(cfg.moe_layers), {}
+
+        def run(pools, x, ids, weights, activation):
+            return moe_experts_xla(x, ids, weights, pools, use_kernel=False, activation=activation)
+
+        def experts(*args):                             # the HI model's own MoE, its inputs recorded
+            layer = next(layers)
+            seen[layer] = args
+            return run(hi.params.layers[layer].mlp.experts, *args)
+        with experts_computed_by(experts):
+            fam.forward(hi.params, cfg, tokens, fam.init_cache(cfg, *tokens.shape, np.float32), backend="xla-only")
+        assert sorted(seen) == list(cfg.moe_layers)
+        for layer, args in seen.items():
+            want = run(hi.params.layers[layer].mlp.experts, *args)
+            err = {q: float(np.linalg.norm(run(single_tier(pools[layer]["lo"]), *args) - want))
+                   for q, pools in lo.items()}
+            assert err["gptq"] < err["hqq"], (layer, err)
 
     def test_dynaexq_info_reads_the_metadata(self, pair, capsys):
         from dynaexq_jax.cli import main
