@@ -19,7 +19,6 @@ from common import write_result  # benchmarks/common.py
 
 import dynaexq_jax
 from checkpoints_convert import convert
-from checkpoints_convert.calibration import calibration_rows, needs_calibration
 from dynaexq_jax.experiments import default_model
 from dynaexq_jax.experiments.compare import domain_streams
 from dynaexq_jax.model.config import parse_hf_config, read_hf_config
@@ -51,15 +50,13 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--windows", type=int, default=24, help="windows per domain")
     ap.add_argument("--formats", default=",".join(FORMATS), help="expert formats, comma-separated (bf16: trained)")
-    ap.add_argument("--calibration-tokens", type=int, default=8192,
+    ap.add_argument("--calibration-tokens", type=int, default=default_model.CALIBRATION_TOKENS,
                     help="gptq formats: calibration tokens (rows of 512), half from each domain's calibration split")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tier_gap.json"))
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    codec = TextCodec(default_model.HF_DIR)
-    streams = domain_streams(codec, "validation")
-    calibration = np.concatenate([calibration_rows(s, a.calibration_tokens // 2)
-                                  for s in domain_streams(codec, "calibration").values()])
+    streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
+    calibration = default_model.calibration_tokens(a.calibration_tokens)
     cfg = parse_hf_config(read_hf_config(default_model.HF_DIR / "config.json"))
     bits = {f: 8 * expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size)
             / (3 * cfg.hidden_size * cfg.moe_intermediate_size) for f in formats}
@@ -70,7 +67,7 @@ def main():
             pair = formats[i:i + 2]
             hi, lo = ("source" if pair[0] == "bf16" else pair[0]), pair[-1]
             t0 = time.perf_counter()
-            calibrated = any(needs_calibration(parse_tier_format(f)) for f in (hi, lo) if f != "source")
+            calibrated = any(parse_tier_format(f).needs_calibration for f in (hi, lo) if f != "source")
             conv = convert(default_model.HF_DIR, Path(tmp) / str(i), hi=hi, lo=lo, dtype="f32", progress=False,
                            calibration=calibration if calibrated else None)
             seconds[" + ".join(pair)] = time.perf_counter() - t0

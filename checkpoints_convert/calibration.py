@@ -39,11 +39,6 @@ MIN_TEXT_TOKENS = 64    # less text than this is refused
 DEFAULT_TOKENS = 8192   # `dynaexq convert --calibration-tokens` default
 
 
-def needs_calibration(tier: TierFormat) -> bool:
-    """Whether any projection of the tier is quantized by a quantizer that needs data (gptq)."""
-    return "gptq" in (tier.gate_up.quantizer, tier.down.quantizer)
-
-
 def calibration_rows(ids, tokens: int = DEFAULT_TOKENS, row_length: int = ROW_LENGTH) -> np.ndarray:
     """The first `tokens` token ids of a text (a 1-D sequence) as int32 rows [B, T] of row_length
     (or one row of the whole text, if shorter); a partial last row is dropped."""
@@ -96,7 +91,7 @@ def _hessian(x: np.ndarray) -> np.ndarray:
 
 def _quantize(w: np.ndarray, fmt, hessian) -> QTensor:
     """w in fmt; hessian() (called only for gptq) gives its inputs' Hessians."""
-    return gptq_quantize(w, hessian(), fmt) if fmt.quantizer == "gptq" else quantize(w, fmt)
+    return gptq_quantize(w, hessian(), fmt) if fmt.needs_calibration else quantize(w, fmt)
 
 
 def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range, num_experts: int, x: np.ndarray,

@@ -166,7 +166,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
 
 def _check_calibration(tokens, tiers: dict[str, TierFormat], cfg: ModelConfig) -> np.ndarray | None:
     """The calibration tokens, checked, where a tier needs them; None where none does (giving them then is an error)."""
-    needing = [t for t, f in tiers.items() if calib.needs_calibration(f)]
+    needing = [t for t, f in tiers.items() if f.needs_calibration]
     if tokens is None:
         if needing:
             raise CalibrationError(f"{needing[0].upper()} tier {tiers[needing[0]].name}: gptq quantizes with the "
@@ -273,7 +273,7 @@ class _Job:
             plan, cfg, src, sources, tiers, dense_fmt, root
         self.progress, self.calibration = progress, calibration
         # Tiers written by the calibration pass (a gptq projection), and by the first pass (the rest).
-        self.calibrated = {t: f for t, f in tiers.items() if calib.needs_calibration(f)}
+        self.calibrated = {t: f for t, f in tiers.items() if f.needs_calibration}
         self.first_pass = {t: f for t, f in tiers.items() if t not in self.calibrated}
         self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()

@@ -251,3 +251,20 @@ def test_calibration_errors_leave_nothing_behind(tmp_path, calibrated):
         with pytest.raises(CalibrationError, match=match):
             convert(hf_dir, tmp_path / "out", progress=False, **kwargs)
         assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_the_embedded_model_calibrates_on_its_corpus(tmp_path, calibrated):
+    # converted_model (compare, the demo) gives a gptq tier of the embedded model its corpus's
+    # calibration split, and reuses the conversion while that stays the same; another model's
+    # gptq tier needs `dynaexq convert --calibration` first.
+    from dynaexq_jax.experiments import default_model
+    tokens = default_model.calibration_tokens()
+    assert tokens.shape == (16, 512) and tokens.size == default_model.CALIBRATION_TOKENS
+    out = default_model.converted_model(None, tmp_path / "c", lo="int2:g64:gptq", progress=False)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["calibration"]["tokens"] == tokens.size and meta["tiers"]["lo"] == "int2:g64:gptq"
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    assert default_model.converted_model(None, tmp_path / "c", lo="int2:g64:gptq", progress=False) == out
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp
+    with pytest.raises(CalibrationError, match="--calibration FILE"):
+        default_model.converted_model(calibrated[0], tmp_path / "other", lo="int2:g32:gptq", progress=False)

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from dynaexq_jax.errors import CheckpointNotFoundError, DynaexqError
+from dynaexq_jax.errors import CalibrationError, CheckpointNotFoundError, DynaexqError
 from dynaexq_jax.model.quant import parse_tier_format
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
 from dynaexq_jax.serving.conversion import hf_converter, sha256_files
@@ -16,13 +16,29 @@ HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
 # perplexity (no measurable gap), int2 costs 34-44%, and int4 is within 0.4% of bf16 (README).
 HI, LO = "int4:g64", "int2:g64"
+CALIBRATION_TOKENS = 8192       # gptq tiers of this model: half from each domain's calibration split
+
+
+def calibration_tokens(tokens: int = CALIBRATION_TOKENS):
+    """The embedded model's calibration for gptq tiers, int32 [rows, 512]: the first tokens / 2 of
+    each domain's calibration split of its corpus (experiments/corpus.py: never trained or
+    validated on), the prose rows first."""
+    import numpy as np
+
+    from checkpoints_convert.calibration import calibration_rows
+    from dynaexq_jax.experiments.compare import domain_streams
+    from dynaexq_jax.serving.tokenizer import TextCodec
+    streams = domain_streams(TextCodec(HF_DIR), "calibration")
+    return np.concatenate([calibration_rows(s, tokens // 2) for s in streams.values()])
 
 
 def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, lo: str | None = None,
                     progress: bool = True) -> Path:
     """A converted checkpoint for `model`: returned as is when it already is one; a Hugging Face
     directory (default: the embedded model) is converted into conv_dir with tiers hi/lo, reusing
-    an earlier conversion of the same source files with the same tiers in this format version."""
+    an earlier conversion of the same source files with the same tiers in this format version.
+    A gptq tier of the embedded model calibrates on calibration_tokens(); another model's needs
+    `dynaexq convert --calibration` first."""
     src = Path(model) if model is not None else HF_DIR
     if (src / "metadata.json").is_file():
         return src
@@ -30,6 +46,12 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         raise CheckpointNotFoundError(f"{src}: neither a converted checkpoint (metadata.json) nor a Hugging Face "
                                       "directory (config.json)")
     lo = lo or LO
+    calibration = None
+    if any(parse_tier_format(f).needs_calibration for f in (hi, lo) if f != "source"):
+        if src.resolve() != HF_DIR.resolve():
+            raise CalibrationError(f"{src}: a gptq tier needs calibration text: convert it first (dynaexq convert "
+                                   f"{src} OUT --hi {hi} --lo {lo} --calibration FILE) and pass OUT")
+        calibration = calibration_tokens()
     meta_file = conv_dir / "metadata.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -37,10 +59,13 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
         want = {t: meta.get("source_dtype") if f == "source" else parse_tier_format(f).name
                 for t, f in (("hi", hi), ("lo", lo))}
-        if same and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
+        calibrated = (meta.get("calibration") or {}).get("sha256") == (
+            None if calibration is None else hashlib.sha256(calibration.tobytes()).hexdigest())
+        if same and calibrated and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.
-    return hf_converter()(src, conv_dir, hi=hi, lo=lo, dtype="f32", overwrite=True, progress=progress)
+    return hf_converter()(src, conv_dir, hi=hi, lo=lo, dtype="f32", calibration=calibration, overwrite=True,
+                          progress=progress)
 
 
 def cached_conversion(model: str | Path | None, hi: str | None, lo: str | None, error: type[DynaexqError]) -> Path:

@@ -98,6 +98,11 @@ class Format:
         return self.quantizer in ("hqq", "gptq")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Quantizing needs data (the Hessians of the weight's inputs): gptq."""
+        return self.quantizer == "gptq"
+
+    @property
     def name(self) -> str:
         if not self.is_int:
             return self.kind
@@ -202,6 +207,10 @@ class TierFormat:
     @property
     def is_uniform(self) -> bool:
         return self.gate_up == self.down
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.gate_up.needs_calibration or self.down.needs_calibration
 
     @property
     def name(self) -> str:
