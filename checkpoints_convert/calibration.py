@@ -34,20 +34,6 @@ from dynaexq_jax.model.quant import GPTQ_BLOCK, GPTQ_DAMP, QTensor, TierFormat, 
 from pallas_kernels.grouped_matmul.activation import Activation, glu
 
 MIN_TOKENS = 256        # the fewest tokens behind any expert's Hessian (routed ones, then others of its layer)
-ROW_LENGTH = 512        # calibration text is cut into rows of this many tokens (fewer if the text is shorter)
-MIN_TEXT_TOKENS = 64    # less text than this is refused
-DEFAULT_TOKENS = 8192   # `dynaexq convert --calibration-tokens` default
-
-
-def calibration_rows(ids, tokens: int = DEFAULT_TOKENS, row_length: int = ROW_LENGTH) -> np.ndarray:
-    """The first `tokens` token ids of a text (a 1-D sequence) as int32 rows [B, T] of row_length
-    (or one row of the whole text, if shorter); a partial last row is dropped."""
-    ids = np.asarray(ids, np.int64).reshape(-1)[:tokens]
-    if ids.size < MIN_TEXT_TOKENS:
-        raise CalibrationError(f"calibration text of {ids.size} tokens: at least {MIN_TEXT_TOKENS} are needed "
-                               f"(a few thousand give every expert data of its own)")
-    T = min(row_length, ids.size)
-    return ids[: ids.size // T * T].reshape(-1, T).astype(np.int32)
 
 
 def check_tokens(tokens, vocab_size: int) -> np.ndarray:

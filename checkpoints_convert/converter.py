@@ -110,7 +110,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     format without ':gN' uses its default group, or the largest smaller group that divides the
     expert dimensions it reduces over (metadata "tiers" names the group used, and "tier_notes"
     says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16"); calibration: token
-    ids [rows, tokens] (calibration.calibration_rows cuts a text's), needed by, and only by, a
+    ids [rows, tokens] (serving.conversion.calibration_rows cuts a text's), needed by, and only by, a
     tier with a gptq projection.
     Temp dirs that killed conversions of out_dir left behind are removed first (said on stderr)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)

@@ -26,7 +26,7 @@ def _calibration_tokens(a):
         if a.calibration_tokens is not None:
             raise CalibrationError("--calibration-tokens: give the calibration text too (--calibration FILE)")
         return None
-    from checkpoints_convert.calibration import DEFAULT_TOKENS, MIN_TEXT_TOKENS, calibration_rows
+    from dynaexq_jax.serving.conversion import DEFAULT_TOKENS, MIN_TEXT_TOKENS, calibration_rows
     from dynaexq_jax.serving.tokenizer import TextCodec
     n = DEFAULT_TOKENS if a.calibration_tokens is None else a.calibration_tokens
     check_int("--calibration-tokens", n, CalibrationError, minimum=MIN_TEXT_TOKENS)

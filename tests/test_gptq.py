@@ -24,6 +24,7 @@ from dynaexq_jax.model.quant import (
     quantize,
 )
 from dynaexq_jax.serving.checkpoint import load_checkpoint, verify_checkpoint
+from dynaexq_jax.serving.conversion import calibration_rows
 from pallas_kernels.grouped_matmul.activation import SWIGLU, glu
 from tests.hf_models import make_tiny_qwen3_moe
 from tests.test_convert import hf_expected
@@ -130,11 +131,11 @@ def test_expert_tokens_and_calibration_rows():
     topped = calib.expert_tokens(ids, 3, min_tokens=4)                          # routed 3 and 5, plus two others
     assert len(topped) == 4 and {3, 5} <= set(topped) and len(set(topped)) == 4
     assert len(calib.expert_tokens(ids, 7, min_tokens=100)) == 6                 # never picked: the whole layer
-    rows = calib.calibration_rows(np.arange(1300), tokens=1200, row_length=512)
+    rows = calibration_rows(np.arange(1300), tokens=1200, row_length=512)
     assert rows.shape == (2, 512) and rows.dtype == np.int32 and rows[1, 0] == 512
-    assert calib.calibration_rows(np.arange(100)).shape == (1, 100)
+    assert calibration_rows(np.arange(100)).shape == (1, 100)
     with pytest.raises(CalibrationError, match="at least"):
-        calib.calibration_rows(np.arange(10))
+        calibration_rows(np.arange(10))
     with pytest.raises(CalibrationError, match="vocabulary"):
         calib.check_tokens(np.array([[1, 300]]), 256)
     with pytest.raises(CalibrationError, match="integer"):

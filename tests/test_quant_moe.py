@@ -182,7 +182,7 @@ def test_byte_accounting_reproduces_published_expert_sizes():
 
 
 @pytest.mark.parametrize("spec, match", [("int5", "unknown format"), ("bf16:g64", "no group"),
-                                         ("int4:g3", "multiple of 2"), ("int4:g64:gptq", "unknown format"),
+                                         ("int4:g3", "multiple of 2"), ("int4:g64:awq", "unknown format"),
                                          ("bf16:mse", "no group size or quantizer")])
 def test_bad_formats(spec, match):
     with pytest.raises(QuantFormatError, match=match):

@@ -10,7 +10,7 @@ from pathlib import Path
 from dynaexq_jax.errors import CalibrationError, CheckpointNotFoundError, DynaexqError
 from dynaexq_jax.model.quant import parse_tier_format
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
-from dynaexq_jax.serving.conversion import hf_converter, sha256_files
+from dynaexq_jax.serving.conversion import calibration_rows, hf_converter, sha256_files
 
 HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
@@ -25,7 +25,6 @@ def calibration_tokens(tokens: int = CALIBRATION_TOKENS):
     validated on), the prose rows first."""
     import numpy as np
 
-    from checkpoints_convert.calibration import calibration_rows
     from dynaexq_jax.experiments.compare import domain_streams
     from dynaexq_jax.serving.tokenizer import TextCodec
     streams = domain_streams(TextCodec(HF_DIR), "calibration")
