@@ -56,7 +56,8 @@ def main():
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     streams = domain_streams(TextCodec(default_model.HF_DIR), "validation")
-    calibration = default_model.calibration_tokens(a.calibration_tokens)
+    calibration = (default_model.calibration_tokens(a.calibration_tokens)
+                   if any(parse_tier_format(f).needs_calibration for f in formats if f != "bf16") else None)
     cfg = parse_hf_config(read_hf_config(default_model.HF_DIR / "config.json"))
     bits = {f: 8 * expert_nbytes(f, cfg.hidden_size, cfg.moe_intermediate_size)
             / (3 * cfg.hidden_size * cfg.moe_intermediate_size) for f in formats}
@@ -80,7 +81,8 @@ def main():
                 print(f"{fmt:>27} ({bits[fmt]:.2f} bits/weight): {ppl}{gap}", flush=True)
     print("conversion seconds (both tiers): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     write_result(a.out, benchmark="tier_gap", window=a.window, windows_per_domain=a.windows, perplexity=rows,
-                 bits_per_weight=bits, conversion_seconds=seconds, calibration_tokens=int(calibration.size))
+                 bits_per_weight=bits, conversion_seconds=seconds,
+                 calibration_tokens=None if calibration is None else int(calibration.size))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ experts per thread with its Hessians; the source's expert weights are read a sec
 """
 from __future__ import annotations
 
-import hashlib
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +29,7 @@ from dynaexq_jax.errors import CalibrationError
 from dynaexq_jax.model.moe import HI, ExpertPools, quantize_experts
 from dynaexq_jax.model.moe.xla import moe_experts_xla
 from dynaexq_jax.model.quant import GPTQ_BLOCK, GPTQ_DAMP, QTensor, TierFormat, dequantize, gptq_quantize, quantize
+from dynaexq_jax.serving.conversion import calibration_digest
 from pallas_kernels.grouped_matmul.activation import Activation, glu
 
 MIN_TOKENS = 256        # the fewest tokens behind any expert's Hessian (routed ones, then others of its layer)
@@ -51,7 +50,7 @@ def check_tokens(tokens, vocab_size: int) -> np.ndarray:
 def metadata(tokens: np.ndarray, tiers: list[str]) -> dict:
     """What the metadata records of a calibration: enough to say whether two conversions saw the same."""
     return {"tiers": tiers, "tokens": int(tokens.size), "rows": int(tokens.shape[0]),
-            "row_length": int(tokens.shape[1]), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "row_length": int(tokens.shape[1]), "sha256": calibration_digest(tokens),
             "min_tokens": MIN_TOKENS, "model": "source", "damp": GPTQ_DAMP, "block": GPTQ_BLOCK}
 
 
@@ -115,9 +114,11 @@ def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range
 def _down_hessians(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases, activation: Activation) -> np.ndarray:
     """[e, I, I]: per expert, the Hessian of its down projection's inputs, the activations of its
     tokens `inputs[i]` through these (quantized) gate and up."""
-    wg, wu = dequantize(gate, np.float32, np), dequantize(up, np.float32, np)
-    pre_g, pre_u = (np.concatenate([xe @ w[i] + (0 if biases is None else b[i]) for i, xe in enumerate(inputs)])
-                    for w, b in ((wg, biases and biases[0]), (wu, biases and biases[1])))
+    pre_g, pre_u = ([xe @ w[i] for i, xe in enumerate(inputs)]
+                    for w in (dequantize(gate, np.float32, np), dequantize(up, np.float32, np)))
+    if biases is not None:
+        pre_g, pre_u = ([p + b[i] for i, p in enumerate(pre)] for pre, b in ((pre_g, biases[0]), (pre_u, biases[1])))
+    pre_g, pre_u = np.concatenate(pre_g), np.concatenate(pre_u)
     # One activation call for the whole chunk, padded to a power of two rows: few shapes to compile.
     pad = ((0, _bucket(len(pre_g)) - len(pre_g)), (0, 0))
     a = np.asarray(glu(np.pad(pre_g, pad), np.pad(pre_u, pad), activation), np.float32)

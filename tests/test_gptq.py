@@ -1,5 +1,6 @@
-"""GPTQ: the quantizer against a textbook implementation, and the converter's calibration pass
-against Hessians collected independently from the Hugging Face model's own hidden states."""
+"""GPTQ: the quantizer against a textbook implementation, and the converter's calibration (its
+second pass over the experts) against Hessians collected independently from the Hugging Face
+model's own hidden states."""
 from __future__ import annotations
 
 import json

@@ -7,10 +7,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from dynaexq_jax.errors import CalibrationError, CheckpointNotFoundError, DynaexqError
 from dynaexq_jax.model.quant import parse_tier_format
 from dynaexq_jax.serving.checkpoint import FORMAT_VERSION
-from dynaexq_jax.serving.conversion import calibration_rows, hf_converter, sha256_files
+from dynaexq_jax.serving.conversion import calibration_digest, calibration_rows, hf_converter, sha256_files
 
 HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
@@ -23,8 +25,6 @@ def calibration_tokens(tokens: int = CALIBRATION_TOKENS):
     """The embedded model's calibration for gptq tiers, int32 [rows, 512]: the first tokens / 2 of
     each domain's calibration split of its corpus (experiments/corpus.py: never trained or
     validated on), the prose rows first."""
-    import numpy as np
-
     from dynaexq_jax.experiments.compare import domain_streams
     from dynaexq_jax.serving.tokenizer import TextCodec
     streams = domain_streams(TextCodec(HF_DIR), "calibration")
@@ -59,7 +59,7 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         want = {t: meta.get("source_dtype") if f == "source" else parse_tier_format(f).name
                 for t, f in (("hi", hi), ("lo", lo))}
         calibrated = (meta.get("calibration") or {}).get("sha256") == (
-            None if calibration is None else hashlib.sha256(calibration.tobytes()).hexdigest())
+            None if calibration is None else calibration_digest(calibration))
         if same and calibrated and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.

@@ -36,6 +36,12 @@ def calibration_rows(ids, tokens: int = DEFAULT_TOKENS, row_length: int = ROW_LE
     return ids[: ids.size // T * T].reshape(-1, T).astype(np.int32)
 
 
+def calibration_digest(tokens: np.ndarray) -> str:
+    """The sha256 of calibration tokens as the metadata records them (int32 rows): what says
+    whether two conversions calibrated on the same text."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
+
+
 def hf_converter():
     """The registered Hugging Face converter: convert(hf_dir, out_dir, *, hi, lo, dtype, calibration,
     overwrite, progress) -> Path of the converted checkpoint (checkpoints_convert.convert)."""
