@@ -40,6 +40,10 @@ CASES = {
 
 def _is_torch_fallback(fn) -> bool:
     """True if a kernel-or-fallback function of the reference resolves to its own torch code."""
+    if isinstance(fn, torch.nn.Module):
+        # With the `kernels` package installed, the function is wrapped in a module (`Func`) whose
+        # forward calls it, so that `kernelize` can swap it for a hub kernel.
+        fn = inspect.getclosurevars(type(fn).forward).nonlocals["func"]
     return inspect.getclosurevars(fn).nonlocals.get("implementation") is fn.__wrapped__
 
 
