@@ -15,10 +15,18 @@ a time (expert_chunk):
     and up: an expert's three matrices always sit in one tier, so these are what its down
     projection multiplies when it runs there;
 and GPTQ (quant.gptq_quantize) quantizes every projection whose format is gptq; a tier's other
-projections are quantized as they are without calibration.
+projections are quantized as they are without calibration. Every tier is written by this pass.
+
+Then what each expert's LO copy costs (lo_costs, stored beside the tiers for the sensitivity
+policy, runtime.policies): over the tokens routed to it, with routing weights w, the change of
+its share of the layer's output when it runs in LO instead of HI, cost = sum (w |y_lo - y_hi|)^2 /
+sum w: the squared output change a unit of its traffic brings, in the residual stream's units.
+(experiments.sensitivity measures the same change in loss units, through the gradient, which needs
+the whole model; this needs one layer.) An expert no calibration token is routed to gets the mean
+|y_lo - y_hi|^2 over its top-up tokens times the layer's sum w^2 / sum w.
 
 Memory: the dense parameters, the calibration tokens' activations and KV cache, and one chunk of
-experts per thread with its Hessians; the source's expert weights are read a second time.
+experts per thread with its Hessians.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from dynaexq_jax.errors import CalibrationError
 from dynaexq_jax.model.moe import HI, ExpertPools, quantize_experts
 from dynaexq_jax.model.moe.xla import moe_experts_xla
 from dynaexq_jax.model.quant import GPTQ_BLOCK, GPTQ_DAMP, QTensor, TierFormat, dequantize, gptq_quantize, quantize
+from dynaexq_jax.serving.checkpoint import LO_COSTS_FILE
 from dynaexq_jax.serving.conversion import calibration_digest
 from pallas_kernels.grouped_matmul.activation import Activation, glu
 
@@ -47,11 +56,16 @@ def check_tokens(tokens, vocab_size: int) -> np.ndarray:
     return a.astype(np.int32)
 
 
+LO_COST = "sum (w |y_lo - y_hi|)^2 / sum w over routed tokens"   # what lo_costs measures (module docstring)
+
+
 def metadata(tokens: np.ndarray, tiers: list[str]) -> dict:
-    """What the metadata records of a calibration: enough to say whether two conversions saw the same."""
+    """What the metadata records of a calibration: enough to say whether two conversions saw the
+    same; tiers: those quantized with its data (gptq)."""
     return {"tiers": tiers, "tokens": int(tokens.size), "rows": int(tokens.shape[0]),
-            "row_length": int(tokens.shape[1]), "sha256": calibration_digest(tokens),
-            "min_tokens": MIN_TOKENS, "model": "source", "damp": GPTQ_DAMP, "block": GPTQ_BLOCK}
+            "row_length": int(tokens.shape[1]), "sha256": calibration_digest(tokens), "min_tokens": MIN_TOKENS,
+            "model": "source", **({"damp": GPTQ_DAMP, "block": GPTQ_BLOCK} if tiers else {}),
+            "lo_costs": {"file": LO_COSTS_FILE, "measure": LO_COST}}
 
 
 def expert_tokens(ids: np.ndarray, expert: int, min_tokens: int = MIN_TOKENS) -> np.ndarray:
@@ -81,11 +95,11 @@ def _quantize(w: np.ndarray, fmt, hessian) -> QTensor:
 
 def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range, num_experts: int, x: np.ndarray,
                  ids: np.ndarray, weights: np.ndarray, tiers: dict[str, TierFormat], activation: Activation
-                 ) -> tuple[np.ndarray, dict[str, dict[str, QTensor]]]:
+                 ) -> tuple[np.ndarray, dict[str, dict[str, QTensor]], np.ndarray]:
     """Experts `rng` of a layer of num_experts: stacks {gate, up: [e, H, I], down: [e, I, H]} float,
     biases (gate, up, down) or None; the layer's tokens x [T, H] f32 routed by ids/weights [T, k].
     Returns (their share of the layer's output, f32 [T, H], in the source precision; per tier of
-    `tiers`, {proj: QTensor})."""
+    `tiers` (HI and LO), {proj: QTensor}; their LO costs f64 [e], module docstring)."""
     gate, up, down = (np.asarray(stacks[p], np.float32) for p in ("gate", "up", "down"))
     out = np.zeros(x.shape, np.float32)
     rows = np.flatnonzero(((ids >= rng.start) & (ids < rng.stop)).any(axis=1))
@@ -101,19 +115,25 @@ def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range
                             jnp.asarray(np.pad(ids[rows], ((0, pad), (0, 0)), constant_values=rng.start)),
                             jnp.asarray(np.pad(weights[rows], ((0, pad), (0, 0)))), mine, activation=activation)
         out[rows] = np.asarray(y)[: rows.size]
-    inputs = [x[expert_tokens(ids, e)] for e in rng]
+    tokens = [expert_tokens(ids, e) for e in rng]
+    inputs = [x[t] for t in tokens]
     h_in = np.stack([_hessian(xe) for xe in inputs])
-    quantized = {}
+    quantized, outputs = {}, {}
     for name, tier in tiers.items():
         g, u = (_quantize(w, tier.gate_up, lambda: h_in) for w in (gate, up))
-        down_q = _quantize(down, tier.down, lambda g=g, u=u: _down_hessians(inputs, g, u, biases, activation))
-        quantized[name] = {"gate": g, "up": u, "down": down_q}
-    return out, quantized
+        acts = _activations(inputs, g, u, biases, activation)
+        d = _quantize(down, tier.down, lambda acts=acts: np.stack([_hessian(a) for a in acts]))
+        quantized[name] = {"gate": g, "up": u, "down": d}
+        outputs[name] = _outputs(acts, d, biases)
+    # Per expert, its routing weight on each of its tokens (0 on the top-up ones).
+    routed = [np.where(ids[t] == e, weights[t], 0.0).sum(axis=1) for e, t in zip(rng, tokens)]
+    return out, quantized, _lo_costs(outputs["hi"], outputs["lo"], routed, weights)
 
 
-def _down_hessians(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases, activation: Activation) -> np.ndarray:
-    """[e, I, I]: per expert, the Hessian of its down projection's inputs, the activations of its
-    tokens `inputs[i]` through these (quantized) gate and up."""
+def _activations(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases, activation: Activation
+                 ) -> list[np.ndarray]:
+    """Per expert, its tokens `inputs[i]` through these (quantized) gate and up: the inputs of its
+    down projection."""
     pre_g, pre_u = ([xe @ w[i] for i, xe in enumerate(inputs)]
                     for w in (dequantize(gate, np.float32, np), dequantize(up, np.float32, np)))
     if biases is not None:
@@ -122,5 +142,24 @@ def _down_hessians(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases,
     # One activation call for the whole chunk, padded to a power of two rows: few shapes to compile.
     pad = ((0, _bucket(len(pre_g)) - len(pre_g)), (0, 0))
     a = np.asarray(glu(np.pad(pre_g, pad), np.pad(pre_u, pad), activation), np.float32)
-    ends = np.cumsum([len(xe) for xe in inputs])
-    return np.stack([_hessian(a[end - len(xe):end]) for xe, end in zip(inputs, ends)])
+    return np.split(a[: len(pre_g)], np.cumsum([len(xe) for xe in inputs])[:-1])
+
+
+def _outputs(acts: list[np.ndarray], down: QTensor, biases) -> list[np.ndarray]:
+    """Per expert, its output on its tokens: its activations through this (quantized) down."""
+    d = dequantize(down, np.float32, np)
+    return [a @ d[i] + (0.0 if biases is None else biases[2][i]) for i, a in enumerate(acts)]
+
+
+def _lo_costs(hi: list[np.ndarray], lo: list[np.ndarray], routed: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """f64 [e]: per expert, sum (w |y_lo - y_hi|)^2 / sum w over its tokens (routing weights
+    `routed`), or for one no token is routed to, mean |y_lo - y_hi|^2 times the layer's
+    sum w^2 / sum w (weights [T, k]: every routed pair's)."""
+    w = weights.astype(np.float64)
+    pair_scale = (w ** 2).sum() / max(w.sum(), 1e-30)
+    out = np.empty(len(hi))
+    for i, (yh, yl, r) in enumerate(zip(hi, lo, routed)):
+        sq = ((yl.astype(np.float64) - yh) ** 2).sum(axis=1)
+        r = r.astype(np.float64)
+        out[i] = (r ** 2 * sq).sum() / r.sum() if r.sum() > 0 else sq.mean() * pair_scale
+    return out

@@ -25,9 +25,10 @@ Expert biases (gpt-oss) are copied as f32 into both tiers; MXFP4 experts (gpt-os
 checkpoints) are dequantized exactly (gpt_oss.dequantize_mxfp4) and then quantized into both tiers
 like float ones: the tiers stay the project's formats, and "source" is then the dense tensors'
 float format (bf16 holds every MXFP4 value exactly).
-A tier with a gptq projection needs calibration tokens: every other tier and the dense
-parameters are written first, then calibration.py's pass runs the tokens through the model and
-writes those tiers (metadata "calibration" says what it saw).
+With calibration tokens (needed by a tier with a gptq projection) the dense parameters are
+written first, then calibration.py's pass runs the tokens through the model and writes every
+tier, and what each expert's LO copy costs (OUT/experts/lo_costs.safetensors, for the
+sensitivity policy); metadata "calibration" says what it saw.
 The metadata lists every other file with its size and sha256 (`dynaexq info --verify`).
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ from dynaexq_jax.model.quant import (
 )
 from dynaexq_jax.serving.checkpoint import (
     FORMAT_VERSION,
+    LO_COSTS_FILE,
     METADATA_FILE,
     TIERS,
     CheckpointInfo,
@@ -110,8 +112,8 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
     format without ':gN' uses its default group, or the largest smaller group that divides the
     expert dimensions it reduces over (metadata "tiers" names the group used, and "tier_notes"
     says why); dtype: dense parameter dtype ("source", "f32", "bf16", "fp16"); calibration: token
-    ids [rows, tokens] (serving.conversion.calibration_rows cuts a text's), needed by, and only by, a
-    tier with a gptq projection.
+    ids [rows, tokens] (serving.conversion.calibration_rows cuts a text's): needed by a tier with a
+    gptq projection, and where given the LO costs are measured on them and stored.
     Temp dirs that killed conversions of out_dir left behind are removed first (said on stderr)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
@@ -156,7 +158,8 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
                 "expert_layout": plan.info.get("expert_layout"),
                 "sources": sources,
                 "skipped": [{"name": n, "reason": r} for n, r in plan.skipped],
-                **({"calibration": calib.metadata(tokens, sorted(job.calibrated))} if tokens is not None else {}),
+                **({"calibration": calib.metadata(tokens, [t for t, f in tiers.items() if f.needs_calibration])}
+                   if tokens is not None else {}),
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "files": job.output_files(),
             }
@@ -165,7 +168,7 @@ def convert(hf_dir, out_dir, *, hi: str = "source", lo: str = "int4", dtype: str
 
 
 def _check_calibration(tokens, tiers: dict[str, TierFormat], cfg: ModelConfig) -> np.ndarray | None:
-    """The calibration tokens, checked, where a tier needs them; None where none does (giving them then is an error)."""
+    """The calibration tokens, checked; None if none were given (an error if a tier needs them)."""
     needing = [t for t, f in tiers.items() if f.needs_calibration]
     if tokens is None:
         if needing:
@@ -173,9 +176,6 @@ def _check_calibration(tokens, tiers: dict[str, TierFormat], cfg: ModelConfig) -
                                    f"Hessians of calibration inputs: give calibration text (dynaexq convert "
                                    f"--calibration FILE), or use a quantizer that needs none (hqq, mse, rtn)")
         return None
-    if not needing:
-        raise CalibrationError(f"calibration tokens given, but no tier uses gptq (HI {tiers['hi'].name}, LO "
-                               f"{tiers['lo'].name}): nothing would read them")
     return calib.check_tokens(tokens, cfg.vocab_size)
 
 
@@ -272,22 +272,22 @@ class _Job:
         self.plan, self.cfg, self.src, self.sources, self.tiers, self.dense_fmt, self.root = \
             plan, cfg, src, sources, tiers, dense_fmt, root
         self.progress, self.calibration = progress, calibration
-        # Tiers written by the calibration pass (a gptq projection), and by the first pass (the rest).
-        self.calibrated = {t: f for t, f in tiers.items() if f.needs_calibration}
-        self.first_pass = {t: f for t, f in tiers.items() if t not in self.calibrated}
+        # The tiers the first pass writes: all of them, or none where the calibration pass does.
+        self.first_pass = tiers if calibration is None else {}
+        self.lo_costs: dict[int, np.ndarray] = {}     # MoE layer -> [E], from the calibration pass
         self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()
         self._stop = threading.Event()          # set on failure: hashing stops early
         self._digests: dict[Path, Future] = {}  # every file hashed, or being hashed
         self._open_files: list[FileWriter] = []
         self._unread: dict[Path, int] = collections.Counter()   # source file -> bytes still to read
-        expert_sources = {s for g in plan.groups if g.experts for s in g.experts.sources}
-        for name in plan.used_names():
-            if self.first_pass or name not in expert_sources:       # what the first pass reads
-                info = src.tensors[name]
-                self._unread[info.file] += info.nbytes
-        self._bar = tqdm(total=sum(self._unread.values()), unit="B", unit_scale=True, file=sys.stderr,
-                         disable=not progress, desc="convert")
+        for name in plan.used_names():              # each read once, by one of the two passes
+            info = src.tensors[name]
+            self._unread[info.file] += info.nbytes
+        # The bar counts the first pass's work: the experts too, unless the calibration pass does them.
+        expert_bytes = sum(src.tensors[s].nbytes for g in plan.groups if g.experts for s in g.experts.sources)
+        self._bar = tqdm(total=sum(self._unread.values()) - (0 if self.first_pass else expert_bytes), unit="B",
+                         unit_scale=True, file=sys.stderr, disable=not progress, desc="convert")
 
     def run(self) -> dict[str, str]:
         # The dense group last: the main thread's dense work then overlaps the last layers' chunks.
@@ -307,7 +307,7 @@ class _Job:
                             self._write_dense(g, writer)
                         while queued:
                             queued.popleft().result()
-                    if self.calibrated:
+                    if self.calibration is not None:
                         self._calibrate()
                     for f in self.sources:         # the index, config.json, any shard of skipped tensors only
                         self._hash(f)
@@ -344,14 +344,13 @@ class _Job:
         if done:
             self._hash(info.file)
 
-    def _reader(self, entry: Entry, lazy: bool, counted: bool = True):
-        """Tensors of `entry` by name; counted: reads count towards hashing the sources while cached
-        (the calibration pass's second reads do not)."""
+    def _reader(self, entry: Entry, lazy: bool):
+        """Tensors of `entry` by name; reads count towards hashing the sources while cached."""
         def read(name: str):
             if name not in entry.sources:  # only what _check_plan validated may be read
                 raise AssertionError(f"map bug: {entry.target} reads undeclared tensor '{name}'")
             if lazy:
-                return self.src.ref(name, on_read=self._read_done if counted else None)
+                return self.src.ref(name, on_read=self._read_done)
             a = self.src.read(name)
             self._read_done(self.src.tensors[name], a.nbytes)
             return a
@@ -402,10 +401,10 @@ class _Job:
         for rng in chunks:
             yield self._convert_chunk, g.experts, rng, files, done
 
-    def _read_chunk(self, entry: Entry, rng: range, files: dict[str, FileWriter], counted: bool = True):
+    def _read_chunk(self, entry: Entry, rng: range, files: dict[str, FileWriter]):
         """Experts `rng`'s float stacks {proj: [e, K, N]} (source dtype) and their biases (gate, up,
         down; None without), the biases written into every file of `files` (float in every tier)."""
-        stacks = entry.build(self._reader(entry, lazy=True, counted=counted), rng)
+        stacks = entry.build(self._reader(entry, lazy=True), rng)
         biases = [np.ascontiguousarray(stacks.pop(name), BIAS_DTYPE) for name in BIASES if name in stacks]
         for name, b in zip(BIASES, biases):
             for f in files.values():
@@ -436,7 +435,7 @@ class _Job:
     def _calibrate(self) -> None:
         """The calibration pass (calibration.py): the calibration tokens through the family's
         forward on the dense parameters just written, each MoE layer's experts computed (and its
-        calibrated tiers written) by _calibrate_layer."""
+        tiers written) by _calibrate_layer; then the LO costs of every layer, in one file."""
         cfg, tokens = self.cfg, self.calibration
         info = CheckpointInfo(self.root, cfg, {}, self.tiers, self.dense_fmt, {"files": {}})
         params = jax.device_put(load_dense(info))
@@ -459,20 +458,28 @@ class _Job:
                         backend="xla", logits_at=jnp.zeros(B, jnp.int32))
         if layers:
             raise AssertionError(f"calibration: the forward ran {n_layers - len(layers)} of {n_layers} MoE layers")
+        costs = np.stack([self.lo_costs[layer] for layer in sorted(self.lo_costs)]).astype(np.float32)
+        f = FileWriter(self.root / LO_COSTS_FILE, {"lo_costs": (costs.shape, costs.dtype)},
+                       {"layers": ",".join(map(str, sorted(self.lo_costs))), "measure": calib.LO_COST})
+        f.write("lo_costs", 0, costs)
+        f.close()
+        self._hash(f.path)
 
     def _calibrate_layer(self, g: Group, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, activation) -> np.ndarray:
-        """Layer g's calibrated tiers, written chunk by chunk on every core; returns its experts'
-        output f32 [T, H] in the source precision."""
-        files = self._tier_files(g, self.calibrated)
+        """Layer g's tiers, written chunk by chunk on every core, and its LO costs (self.lo_costs);
+        returns its experts' output f32 [T, H] in the source precision."""
+        files = self._tier_files(g, self.tiers)
+        costs = np.zeros(g.experts.spec.num_experts)
 
         def chunk(rng: range) -> np.ndarray:
-            stacks, biases = self._read_chunk(g.experts, rng, files, counted=False)
-            out, quantized = calib.expert_chunk(stacks, biases, rng, g.experts.spec.num_experts, x, ids, weights,
-                                                self.calibrated, activation)
+            stacks, biases = self._read_chunk(g.experts, rng, files)
+            out, quantized, costs[rng.start:rng.stop] = calib.expert_chunk(
+                stacks, biases, rng, g.experts.spec.num_experts, x, ids, weights, self.tiers, activation)
             for tier, projs in quantized.items():
                 for proj, q in projs.items():
                     self._write(files[tier], proj, rng.start, q)
             return out
         out = sum(f.result() for f in [self._pool.submit(chunk, rng) for rng in self._chunks(g.experts.spec)])
         self._close(files)
+        self.lo_costs[g.layer] = costs
         return out

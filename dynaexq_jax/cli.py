@@ -41,6 +41,8 @@ def _calibration_tokens(a):
 
 
 def _cmd_info(a):
+    import numpy as np
+
     from dynaexq_jax.model.families import schema
     from dynaexq_jax.serving.checkpoint import read_info, verify_checkpoint
     info = read_info(a.model)         # metadata only: no tensor is read
@@ -57,8 +59,15 @@ def _cmd_info(a):
               f"{b * c.num_experts * len(c.moe_layers) / 2**20:9.1f} MiB for all experts")
     cal = info.metadata.get("calibration")
     if cal:
-        print(f"  calibration ({', '.join(cal['tiers'])}): {cal['tokens']} tokens in {cal['rows']} rows of "
-              f"{cal['row_length']} through the {cal['model']} model, sha256 {cal['sha256'][:16]}...")
+        print(f"  calibration ({', '.join(cal['tiers']) or 'no gptq tier'}): {cal['tokens']} tokens in "
+              f"{cal['rows']} rows of {cal['row_length']} through the {cal['model']} model, sha256 "
+              f"{cal['sha256'][:16]}...")
+        costs = info.lo_costs
+        if costs is not None:
+            per_layer = costs.mean(axis=1)
+            print(f"  LO costs ({cal['lo_costs']['measure']}; --policy sensitivity): mean per layer "
+                  f"{per_layer.min():.3g} to {per_layer.max():.3g}, max/mean within a layer up to "
+                  f"{(costs.max(axis=1) / np.maximum(per_layer, 1e-30)).max():.1f}x")
     if a.verify:
         t0 = time.perf_counter()
         n, size = verify_checkpoint(info)
@@ -316,7 +325,8 @@ def _add_runtime_args(p, plan_only: bool):
     from dynaexq_jax.model.moe import BACKENDS
     from dynaexq_jax.runtime.config import EngineConfig
     d = _runtime_defaults()
-    p.add_argument("--policy", help=f"dynaexq, static, all-hi, all-lo, random (default: {d['policy']})")
+    p.add_argument("--policy", help=f"dynaexq, static, all-hi, all-lo, random, sensitivity (dynaexq by traffic x "
+                                    f"each expert's LO cost, stored by convert --calibration; default: {d['policy']})")
     p.add_argument("--strategy", help=f"HI slots per layer: uniform, proportional, greedy (default: {d['strategy']})")
     p.add_argument("--transfers", type=int, help=f"K: transitions (copies) in flight (default: {d['transfers']})")
     p.add_argument("--backend", default=EngineConfig.backend, choices=BACKENDS,
@@ -369,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "round-to-nearest)")
     p.add_argument("--dtype", default="source", help="dense parameter dtype: source, f32, bf16, fp16")
     p.add_argument("--calibration", metavar="FILE",
-                   help="UTF-8 text for the gptq quantizer's calibration, run through the model (needed by, "
-                        "and only by, a gptq tier)")
+                   help="UTF-8 text run through the model: the gptq quantizer's calibration (needed by a gptq "
+                        "tier), and where each expert's LO cost is measured and stored (--policy sensitivity)")
     p.add_argument("--calibration-tokens", type=int,
                    help="how many of the text's tokens calibrate (rows of 512; default 8192)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")

@@ -123,6 +123,23 @@ def test_convert_with_calibration_text_records_it(tmp_path, capsys):
     assert rc == 0, err
     rc, out, err = run(capsys, "info", tmp_path / "g")
     assert "tier lo: int2:g64:gptq" in out and "calibration (lo): 512 tokens in 1 rows of 512" in out, out
+    assert "LO costs (sum (w |y_lo - y_hi|)^2 / sum w over routed tokens; --policy sensitivity)" in out, out
+
+
+def test_generate_with_the_sensitivity_policy_needs_stored_lo_costs(tmp_path, capsys, model_dir):
+    # The embedded model's conversion calibrates (its LO costs are stored); a conversion without
+    # calibration text has none, and --policy sensitivity then says how to get them.
+    from dynaexq_jax.experiments import default_model
+    rc, out, err = run(capsys, "generate", model_dir, "--prompt", "def f(x):", "--max-new-tokens", 4,
+                       "--budget", "25%", "--policy", "sensitivity")
+    assert rc == 0 and "policy sensitivity" in out, (out, err)
+    rc, _, err = run(capsys, "convert", default_model.HF_DIR, tmp_path / "plain", "--hi", "int4:g64", "--lo",
+                     "int2:g64", "--quiet")
+    assert rc == 0, err
+    rc, _, err = run(capsys, "generate", tmp_path / "plain", "--prompt", "x", "--budget", "25%", "--policy",
+                     "sensitivity")
+    assert_one_line_error(rc, err, "generate", "plain: policy 'sensitivity' ranks by what each expert's LO copy",
+                          "--calibration FILE")
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -130,7 +147,6 @@ def test_convert_with_calibration_text_records_it(tmp_path, capsys):
     (["--calibration-tokens", 100], "--calibration-tokens: give the calibration text too"),
     (["--lo", "int2:gptq", "--calibration", "/nonexistent.txt"], "cannot read it as UTF-8 text"),
     (["--lo", "int2:gptq", "--calibration", "TEXT", "--calibration-tokens", 10], "must be an integer >= 64"),
-    (["--lo", "int4:g64", "--calibration", "TEXT"], "calibration tokens given, but no tier uses gptq"),
 ])
 def test_convert_calibration_errors_write_nothing(tmp_path, capsys, argv, fragment):
     from dynaexq_jax.experiments import default_model

@@ -116,7 +116,7 @@ def test_compare_writes_every_output(compared):
                  "routed_mass.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
     assert set(res["policies"]) == {"all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random",
-                                    "dynaexq-greedy", "sensitivity"}
+                                    "dynaexq-greedy", "sensitivity", "sensitivity-stored"}
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["policy"] for r in rows} == set(res["policies"])
     assert res["budget"]["n_hi"] == [8] * 6              # 25% of 32 experts in each of the 6 layers
@@ -126,6 +126,8 @@ def test_compare_writes_every_output(compared):
     assert isinstance(res["workload"]["corpus"]["same_as_training"], bool)
     report = (out / "report.md").read_text()
     assert "| dynaexq |" in report and "projection" in report
+    assert "Rank correlation of the two per layer (Spearman)" in report
+    assert np.asarray(res["lo_cost_stored"]).shape == np.asarray(res["lo_cost"]).shape == (6, 32)
 
 
 def test_all_hi_and_all_lo_bracket_every_policy(compared):
@@ -140,13 +142,15 @@ def test_all_hi_and_all_lo_bracket_every_policy(compared):
     sweep = {(s["hi_fraction"], s["policy"]): s for s in res["sweep"]}
     assert sweep[0.0, "dynaexq"]["ppl"]["overall"] == pytest.approx(p["all-lo"], rel=1e-5)
     assert sweep[0.5, "dynaexq"]["gap_recovery"]["overall"] > 0.2
-    for name in ("static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity"):
+    for name in ("static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity",
+                 "sensitivity-stored"):
         assert res["policies"][name]["counters"]["device_stalls"] == 0
     # The greedy strategies spread the same slots unevenly: the same budget, other layers first.
-    n_hi = {name: res["policies"][name]["n_hi"] for name in ("dynaexq", "dynaexq-greedy", "sensitivity")}
-    assert sum(n_hi["sensitivity"]) == sum(n_hi["dynaexq-greedy"]) == sum(n_hi["dynaexq"]), n_hi
-    assert n_hi["sensitivity"] != n_hi["dynaexq"]
-    assert res["policies"]["sensitivity"]["budget"] == res["policies"]["dynaexq"]["budget"]
+    greedy = ("dynaexq-greedy", "sensitivity", "sensitivity-stored")
+    n_hi = {name: res["policies"][name]["n_hi"] for name in ("dynaexq",) + greedy}
+    assert len({sum(n) for n in n_hi.values()}) == 1, n_hi
+    assert n_hi["sensitivity"] != n_hi["dynaexq"] and n_hi["sensitivity-stored"] != n_hi["dynaexq"]
+    assert all(res["policies"][name]["budget"] == res["policies"]["dynaexq"]["budget"] for name in greedy)
 
 
 def test_lo_costs_are_zero_where_the_tiers_agree_and_positive_where_they_do_not(tmp_path):
@@ -168,3 +172,19 @@ def test_lo_costs_are_zero_where_the_tiers_agree_and_positive_where_they_do_not(
     assert same.shape == (6, 32) and np.all(same == 0)
     assert np.all(np.isfinite(int2)) and (int2 > 0).mean() > 0.8         # 96 pairs per layer reach most experts
     assert int2.sum() > 10 * mse.sum() > 0
+
+
+def test_sensitivity_stored_needs_a_checkpoint_with_lo_costs(tmp_path):
+    # A conversion without calibration text stores no LO costs: asked for by name, the policy is
+    # an error that says how to get them; in the default list it is left out, and said so.
+    from checkpoints_convert import convert
+    from dynaexq_jax.experiments import default_model
+    from dynaexq_jax.experiments.compare import POLICIES, Harness
+    plain = convert(default_model.HF_DIR, tmp_path / "plain", hi=default_model.HI, lo=default_model.LO, dtype="f32",
+                    progress=False)
+    with pytest.raises(ConfigError, match="sensitivity-stored serves by the LO costs.*--calibration FILE"):
+        Harness(plain, CompareConfig(policies=("dynaexq", "sensitivity-stored")))
+    said = []
+    h = Harness(plain, CompareConfig(), log=said.append)
+    assert h.cfg.policies == tuple(p for p in POLICIES if p != "sensitivity-stored")
+    assert "sensitivity-stored left out" in said[0]

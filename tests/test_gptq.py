@@ -1,6 +1,6 @@
 """GPTQ: the quantizer against a textbook implementation, and the converter's calibration (its
-second pass over the experts) against Hessians collected independently from the Hugging Face
-model's own hidden states."""
+second pass over the experts) against Hessians and LO costs collected independently from the
+Hugging Face model's own hidden states."""
 from __future__ import annotations
 
 import json
@@ -157,10 +157,10 @@ def test_expert_chunks_add_up_to_the_layer():
     tiers = {"lo": parse_tier_format("int2:g32:gptq+down=int4:g32:gptq"),
              "hi": parse_tier_format("int4:g32")}
     out = np.zeros((T, H), np.float32)
-    parts = {}
+    parts, costs = {}, np.zeros(E)
     for rng_ in (range(0, 4), range(4, 6)):
-        part, quantized = calib.expert_chunk({p: s[rng_] for p, s in stacks.items()}, None, rng_, E, x, ids, w,
-                                             tiers, SWIGLU)
+        part, quantized, costs[rng_.start:rng_.stop] = calib.expert_chunk(
+            {p: s[rng_] for p, s in stacks.items()}, None, rng_, E, x, ids, w, tiers, SWIGLU)
         out += part
         parts[rng_.start] = quantized
     ref = moe_experts_reference(x, ids, w, ExpertPools((quantize_experts(*stacks.values(), "f32"),),
@@ -178,6 +178,20 @@ def test_expert_chunks_add_up_to_the_layer():
     assert (codes_of(lo["down"]) == codes_of(want)).mean() > 0.99
     np.testing.assert_array_equal(np.asarray(parts[4]["hi"]["up"].data),
                                   np.asarray(quantize(stacks["up"][4:], "int4:g32").data))
+    # LO costs: per expert sum (w |y_lo - y_hi|)^2 / sum w over its routed tokens, from each tier's
+    # own dequantized weights; expert 5, which no token picks, gets its top-up tokens' mean
+    # |y_lo - y_hi|^2 times the layer's sum w^2 / sum w.
+    def expert_out(q, e, xe):
+        g, u, d = (np.asarray(dequantize(q[p], np.float32, np))[e % 4] for p in ("gate", "up", "down"))
+        return np.asarray(glu(xe @ g, xe @ u, SWIGLU)) @ d
+    for e in range(E):
+        part = parts[e // 4 * 4]
+        xe = x[calib.expert_tokens(ids, e)]
+        sq = ((expert_out(part["lo"], e, xe) - expert_out(part["hi"], e, xe)) ** 2).sum(axis=1)
+        we = np.where(ids[calib.expert_tokens(ids, e)] == e, w[calib.expert_tokens(ids, e)], 0).sum(axis=1)
+        want = (we ** 2 * sq).sum() / we.sum() if e < 5 else sq.mean() * (w.astype(np.float64) ** 2).sum() / w.sum()
+        np.testing.assert_allclose(costs[e], want, rtol=1e-4)
+    assert (costs > 0).all()
 
 
 def test_experts_computed_by_replaces_every_moe_call():
@@ -189,6 +203,19 @@ def test_experts_computed_by_replaces_every_moe_call():
     np.testing.assert_array_equal(out, x * 2)
     with pytest.raises(AttributeError):           # outside the context the pools are read again
         moe_experts(x, ids, w, None)
+
+
+def hf_mlp_inputs(model, tokens: np.ndarray) -> dict[int, np.ndarray]:
+    """Layer -> the HF model's own MLP inputs on tokens (forward pre-hooks)."""
+    import torch
+    captured = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach().numpy()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(torch.from_numpy(tokens.astype(np.int64)))
+    for h in hooks:
+        h.remove()
+    return captured
 
 
 @pytest.fixture(scope="module")
@@ -203,19 +230,12 @@ def calibrated(tmp_path_factory):
 def test_calibrated_conversion_matches_hessians_from_the_hf_model(calibrated):
     # Independently of our forward: the HF model's own MoE inputs (forward pre-hooks), its router
     # weights for the routing, and the checkpoint's own gate/up for down's inputs.
-    import torch
     hf_dir, model, tokens, out = calibrated
     cfg = parse_hf_config(json.loads((hf_dir / "config.json").read_text()))
     _, _, experts = hf_expected(model, cfg)
     ckpt = load_checkpoint(out)
     assert ckpt.metadata["calibration"]["tokens"] == tokens.size and ckpt.metadata["calibration"]["tiers"] == ["lo"]
-    captured = {}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach().numpy()))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(torch.from_numpy(tokens.astype(np.int64)))
-    for h in hooks:
-        h.remove()
+    captured = hf_mlp_inputs(model, tokens)
     agree = []
     for i, stacks in experts.items():
         x = captured[i].reshape(-1, cfg.hidden_size)
@@ -236,6 +256,39 @@ def test_calibrated_conversion_matches_hessians_from_the_hf_model(calibrated):
     assert verify_checkpoint(out)[0] == len(ckpt.metadata["files"])
 
 
+def test_stored_lo_costs_match_the_hf_models_inputs(calibrated):
+    # The LO costs stored beside the tiers, recomputed from the HF model's own MoE inputs and
+    # routing (forward pre-hooks, its router, top-k renormalised) and the checkpoint's two tiers.
+    hf_dir, model, tokens, out = calibrated
+    cfg = parse_hf_config(json.loads((hf_dir / "config.json").read_text()))
+    ckpt = load_checkpoint(out)
+    stored = ckpt.lo_costs
+    assert stored.shape == (len(cfg.moe_layers), cfg.num_experts) and "experts/lo_costs.safetensors" in \
+        ckpt.metadata["files"]
+    captured = hf_mlp_inputs(model, tokens)
+    for row, i in enumerate(cfg.moe_layers):
+        x = captured[i].reshape(-1, cfg.hidden_size).astype(np.float64)
+        logits = x @ model.model.layers[i].mlp.gate.weight.detach().numpy().T.astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        ids = np.argsort(-probs, axis=1)[:, :cfg.num_experts_per_tok]
+        w = np.take_along_axis(probs, ids, 1)
+        w /= w.sum(1, keepdims=True)
+        tiers = {t: [np.asarray(dequantize(getattr(ckpt.experts[i][t], p), np.float32, np), np.float64)
+                     for p in ("gate", "up", "down")] for t in ("hi", "lo")}
+        for e in range(cfg.num_experts):
+            t = np.flatnonzero((ids == e).any(1))
+            if not t.size:
+                continue
+            we = np.where(ids[t] == e, w[t], 0).sum(1)
+            y = {k: np.asarray(glu(x[t] @ g[e], x[t] @ u[e], SWIGLU), np.float64) @ d[e]
+                 for k, (g, u, d) in tiers.items()}
+            want = (we ** 2 * ((y["lo"] - y["hi"]) ** 2).sum(1)).sum() / we.sum()
+            np.testing.assert_allclose(stored[row, e], want, rtol=2e-3)
+    # Same tiers: no expert's LO copy costs anything.
+    same = convert(hf_dir, out.parent / "same", hi="int4:g32", lo="int4:g32", calibration=tokens, progress=False)
+    assert not load_checkpoint(same).lo_costs.any()
+
+
 def test_calibrated_checkpoint_serves(calibrated):
     import dynaexq_jax
     _, _, tokens, out = calibrated
@@ -248,7 +301,6 @@ def test_calibration_errors_leave_nothing_behind(tmp_path, calibrated):
     hf_dir = calibrated[0]
     tokens = np.zeros((1, 64), np.int32)
     for kwargs, match in (({"lo": "int2:g32:gptq"}, "LO tier int2:g32:gptq: gptq quantizes"),
-                          ({"lo": "int2:g32:hqq", "calibration": tokens}, "no tier uses gptq"),
                           ({"hi": "int4:g32:gptq", "calibration": tokens + 999}, "outside the vocabulary")):
         with pytest.raises(CalibrationError, match=match):
             convert(hf_dir, tmp_path / "out", progress=False, **kwargs)

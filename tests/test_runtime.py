@@ -153,6 +153,27 @@ def test_the_sensitivity_policy_ranks_traffic_by_the_cost_of_each_lo_copy():
             SensitivityPolicy(cost=bad)
 
 
+def test_the_sensitivity_policy_serves_by_the_costs_stored_at_conversion(tmp_path, tiny_ckpt):
+    # By name ('sensitivity', what --policy gives) it reads the LO costs a conversion with
+    # calibration text stored; a checkpoint converted without them is an error naming it.
+    from checkpoints_convert import convert
+    from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
+    from dynaexq_jax.serving.checkpoint import load_checkpoint
+    settings = dict(batch=BATCH, max_len=MAX_LEN, segment_len=SEG)
+    with pytest.raises(RuntimeConfigError, match="conv: policy 'sensitivity' ranks by what each expert's LO copy "
+                                                 "costs.*this checkpoint has none"):
+        Engine(tiny_ckpt, budget_bytes=engine_budget(tiny_ckpt, 0.25), policy="sensitivity", **settings)
+    hf = write_random_qwen3_moe(tmp_path / "hf", seed=1, tokenizer=False, **TINY)
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 256))
+    ckpt = load_checkpoint(convert(hf, tmp_path / "cal", lo="int2:g32", calibration=tokens, progress=False))
+    assert ckpt.lo_costs.shape == (3, 8) and (ckpt.lo_costs > 0).all()
+    eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.25), policy="sensitivity", **settings)
+    assert isinstance(eng.policy, SensitivityPolicy) and np.array_equal(eng.policy.cost, ckpt.lo_costs)
+    res = eng.generate(prompts(3), max_new_tokens=24, stop_tokens=())
+    assert res.runtime["counters"]["device_stalls"] == 0
+    assert max(t["owned_bytes"] for t in eng.timeline) <= eng.budget_for_owned
+
+
 def test_hi_set_follows_a_shift_of_the_hot_set():
     """Synthetic traffic whose hot set changes at step 400: the HI set equals the new hot set
     within a few update periods (EMA alpha 0.9, period 16)."""

@@ -14,7 +14,9 @@ the all-HI run's future trace of these very streams) and random (a new random HI
 and two that spread the HI slots unevenly across layers (the greedy capacity strategy), to show
 where a gain comes from: dynaexq-greedy (by the calibration ranking: traffic alone) and
 sensitivity (traffic x the cost of each expert's LO copy, experiments.sensitivity, measured on the
-same calibration domain; the sensitivity policy ranks by it at run time too).
+same calibration domain; the sensitivity policy ranks by it at run time too), and
+sensitivity-stored, the same on the costs the converter stored (CheckpointInfo.lo_costs: output
+changes on its calibration text, no gradient), as `--policy sensitivity` serves.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from dynaexq_jax.runtime.policies import OraclePolicy, Policy, RandomPolicy, Sen
 from dynaexq_jax.serving.checkpoint import Checkpoint, load_checkpoint
 from dynaexq_jax.serving.tokenizer import TextCodec
 
-POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity")
+POLICIES = ("all-hi", "all-lo", "static-calibrated", "dynaexq", "oracle", "random", "dynaexq-greedy", "sensitivity",
+            "sensitivity-stored")
 BASELINES = ("lru", "prefetch")
 
 
@@ -215,6 +218,14 @@ class Harness:
         self.codec = TextCodec(self.ckpt.path)
         if self.codec.tokenizer is None:
             raise ConfigError(f"{model}: compare needs the model's tokenizer.json")
+        if "sensitivity-stored" in cfg.policies and self.ckpt.lo_costs is None:
+            if cfg.policies != POLICIES:
+                raise ConfigError(f"{model}: sensitivity-stored serves by the LO costs that a conversion with "
+                                  "calibration text stores, and this checkpoint has none: convert it with "
+                                  "--calibration FILE, or leave sensitivity-stored out of the policies")
+            if log is not None:
+                log(f"{model}: converted without calibration text, so no LO costs: sensitivity-stored left out")
+            self.cfg = cfg = dataclasses.replace(cfg, policies=tuple(p for p in POLICIES if p != "sensitivity-stored"))
         self.E = self.ckpt.config.num_experts
         self.fraction = cfg.hi_fraction
         self.budget = parse_bytes(cfg.budget) if self.fraction is None else self._budget(self.fraction, cfg.rows)
@@ -261,8 +272,9 @@ class Harness:
             eng = self.engine("dynaexq", budget, calibration=ranking)
         elif name == "dynaexq-greedy":
             eng = self.engine("dynaexq", budget, calibration=ranking, strategy="greedy")
-        elif name == "sensitivity":
+        elif name in ("sensitivity", "sensitivity-stored"):
             # Traffic x cost ranks the experts at start, spreads the slots (greedy) and drives the swaps.
+            cost = cost if name == "sensitivity" else self.ckpt.lo_costs
             eng = self.engine(SensitivityPolicy(period=c.period, delta=c.delta, cost=cost), budget,
                               calibration=ranking * cost, strategy="greedy")
         elif name == "oracle":
@@ -291,6 +303,7 @@ class Harness:
         bar.set_postfix_str("calibration")
         ranking = self.calibration()
         cost = self.lo_cost() if "sensitivity" in names else None
+        stored = self.ckpt.lo_costs if "sensitivity-stored" in names else None
         runs = {}
         for name in names:
             bar.set_postfix_str(name)
@@ -324,7 +337,8 @@ class Harness:
                                 "corpus": self.corpus},
                    "policies": runs, "sweep": sweep, "throughput": throughput,
                    "traffic": traffic(traces["all-hi"], c, self.E),
-                   "lo_cost": None if cost is None else cost.tolist()}
+                   "lo_cost": None if cost is None else cost.tolist(),
+                   "lo_cost_stored": None if stored is None else stored.tolist()}
         np.savez_compressed(out / "traces.npz", **{n.replace("-", "_"): t for n, t in traces.items()})
         write_outputs(results, out)
         return results
@@ -423,6 +437,11 @@ def _yes_no(flag) -> str:
     return "yes" if flag else "NO (other files: numbers not comparable)"
 
 
+def _rank_correlation(a, b) -> float:
+    ra, rb = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def report(results: dict, plots: list[Path]) -> str:
     b, m = results["budget"], results["machine"]
     n = results["config"].get("devices", 1)
@@ -466,6 +485,10 @@ def report(results: dict, plots: list[Path]) -> str:
                          f"{_fmt(t['share_of_all_lo'], True)} | {_fmt(t['dynaexq_speedup'])}x | "
                          f"{_fmt(t['hit_rate'], True)} | "
                          f"{t['bytes_moved'] / 2**20:.2f} | {t['projected_pcie_decode_tokens_per_s']:.1f} |")
+    if results.get("lo_cost") and results.get("lo_cost_stored"):
+        rho = [_rank_correlation(g, s) for g, s in zip(results["lo_cost"], results["lo_cost_stored"])]
+        lines += ["", "## LO costs: the gradient's (sensitivity) against the converter's (sensitivity-stored)", "",
+                  "Rank correlation of the two per layer (Spearman): " + ", ".join(f"{r:.2f}" for r in rho) + "."]
     tr = results["traffic"]
     lines += ["", "## Router traffic (all-HI run)", "",
               f"Share of routed mass carried by the top {tr['top_n']} experts (20%) per layer: "

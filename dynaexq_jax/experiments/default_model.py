@@ -18,11 +18,11 @@ HF_DIR = Path(__file__).parent.parent / "assets" / "tiny-moe"
 # The tier pair used on this model, the paper's Qwen3-Next pair: bf16 -> int4 costs it only 0.1-0.4%
 # perplexity (no measurable gap), int2 costs 34-44%, and int4 is within 0.4% of bf16 (README).
 HI, LO = "int4:g64", "int2:g64"
-CALIBRATION_TOKENS = 8192       # gptq tiers of this model: half from each domain's calibration split
+CALIBRATION_TOKENS = 8192       # this model's calibration: half from each domain's calibration split
 
 
 def calibration_tokens(tokens: int = CALIBRATION_TOKENS):
-    """The embedded model's calibration for gptq tiers, int32 [rows, 512]: the first tokens / 2 of
+    """The embedded model's calibration (gptq tiers, LO costs), int32 [rows, 512]: the first tokens / 2 of
     each domain's calibration split of its corpus (experiments/corpus.py: never trained or
     validated on), the prose rows first."""
     from dynaexq_jax.experiments.compare import domain_streams
@@ -36,8 +36,8 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
     """A converted checkpoint for `model`: returned as is when it already is one; a Hugging Face
     directory (default: the embedded model) is converted into conv_dir with tiers hi/lo, reusing
     an earlier conversion of the same source files with the same tiers in this format version.
-    A gptq tier of the embedded model calibrates on calibration_tokens(); another model's needs
-    `dynaexq convert --calibration` first."""
+    The embedded model calibrates on calibration_tokens() (its gptq tiers, the LO costs the
+    sensitivity policy reads); another model's gptq tier needs `dynaexq convert --calibration` first."""
     src = Path(model) if model is not None else HF_DIR
     if (src / "metadata.json").is_file():
         return src
@@ -46,11 +46,11 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
                                       "directory (config.json)")
     lo = lo or LO
     calibration = None
-    if any(parse_tier_format(f).needs_calibration for f in (hi, lo) if f != "source"):
-        if src.resolve() != HF_DIR.resolve():
-            raise CalibrationError(f"{src}: a gptq tier needs calibration text: convert it first (dynaexq convert "
-                                   f"{src} OUT --hi {hi} --lo {lo} --calibration FILE) and pass OUT")
+    if src.resolve() == HF_DIR.resolve():
         calibration = calibration_tokens()
+    elif any(parse_tier_format(f).needs_calibration for f in (hi, lo) if f != "source"):
+        raise CalibrationError(f"{src}: a gptq tier needs calibration text: convert it first (dynaexq convert "
+                               f"{src} OUT --hi {hi} --lo {lo} --calibration FILE) and pass OUT")
     meta_file = conv_dir / "metadata.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -58,8 +58,9 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
         same = all(meta.get("sources", {}).get(name) == h for name, h in mine.items())
         want = {t: meta.get("source_dtype") if f == "source" else parse_tier_format(f).name
                 for t, f in (("hi", hi), ("lo", lo))}
-        calibrated = (meta.get("calibration") or {}).get("sha256") == (
-            None if calibration is None else calibration_digest(calibration))
+        cal = meta.get("calibration") or {}
+        calibrated = cal.get("sha256") == (None if calibration is None else calibration_digest(calibration)) and \
+            (calibration is None or "lo_costs" in cal)
         if same and calibrated and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.

@@ -493,7 +493,7 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
     """plan_budget for a model served with `settings`; overrides replace plan_budget arguments.
     A policy that fixes every expert's tier (all-hi, all-lo) caps the HI share at its own and,
     unless an override sets the cap, needs every layer to get it."""
-    fixed = settings.make_policy().fixed_hi_fraction
+    fixed = settings.policy_type.fixed_hi_fraction
     options = checkpoint_sizes(model) | settings.plan_options()
     if fixed is not None:
         options["max_hi_fraction"] = fixed
@@ -503,7 +503,7 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
     if want is not None and "max_hi_fraction" not in overrides and any(n != want for n in plan.n_hi):
         smallest = budget_for_fraction(model, fixed, settings, **overrides)
         raise InfeasibleBudgetError(
-            f"policy '{settings.make_policy().name}' needs every expert {'HI' if fixed else 'LO'}; the budget "
+            f"policy '{settings.policy_type.name}' needs every expert {'HI' if fixed else 'LO'}; the budget "
             f"{plan.budget:,d} B fits only {list(plan.n_hi)} HI slots per layer; the smallest that fits "
             f"{want} is {smallest_budget_text(smallest)}")
     return plan
@@ -547,7 +547,7 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
     with devices=N in overrides, all of one device's, whose budget it is),
     and the smallest feasible budget (for a policy that fixes every tier, the smallest that holds
     it), rounded up to a byte. Bytes are exact integers."""
-    fixed = settings.make_policy().fixed_hi_fraction
+    fixed = settings.policy_type.fixed_hi_fraction
     smallest = budget_for_fraction(model, fixed or 0.0, settings, **overrides)
     budget = resolve_budget(budget, model, settings, **overrides)
     try:
@@ -570,4 +570,4 @@ def budget_report(model: CheckpointInfo, budget: int | str, settings: EngineConf
                 expert_lo_bytes=schema.expert_bytes(cfg, sizes["lo"]),
                 expert_bytes=plan.resident if plan else None, staging_bytes=plan.staging if plan else None,
                 total_bytes=plan.total if plan else None,
-                settings=dict(policy=settings.make_policy().name, **(settings.plan_options() | overrides)))
+                settings=dict(policy=settings.policy_type.name, **(settings.plan_options() | overrides)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dynaexq_jax.errors import RuntimeConfigError, check_int
 from dynaexq_jax.model.moe import BACKENDS
 from dynaexq_jax.runtime.policies import DELTA, UPDATE_PERIOD, Policy, check_update_options, make_policy, policy_class
@@ -44,7 +46,9 @@ class EngineConfig:
     """How the runtime serves a model under a budget (the model, the budget and a calibration
     ranking are the Engine's own arguments). Every value is checked on construction, so a bad
     setting fails before anything is loaded."""
-    policy: str | Policy = "dynaexq"   # a name ('dynaexq', 'static', 'all-hi', 'all-lo', 'random') or a Policy
+    # A name ('dynaexq', 'static', 'all-hi', 'all-lo', 'random', 'sensitivity': by the checkpoint's
+    # stored LO costs) or a Policy.
+    policy: str | Policy = "dynaexq"
     segment_len: int = SEGMENT_LEN     # decode steps per jitted segment, = positions per scoring chunk
     batch: int = 1                     # the largest batch served (sizes the KV cache inside the budget)
     max_len: int = 512                 # the longest sequence served (sizes the KV cache; the scoring window)
@@ -99,10 +103,21 @@ class EngineConfig:
                                      f"{', '.join(f.name for f in dataclasses.fields(self))})")
         return dataclasses.replace(self, **settings)
 
-    def make_policy(self) -> Policy:
-        """The policy object: a given Policy as is, a name with the settings it takes."""
-        options = {"dynaexq": dict(period=self.update_period, delta=self.delta, rate_limit=self.rate_limit),
-                   "random": dict(period=self.update_period)}
+    @property
+    def policy_type(self) -> type[Policy]:
+        """The policy's class: what planning needs of it (fixed_hi_fraction, name) without building it."""
+        return policy_class(self.policy) if isinstance(self.policy, str) else type(self.policy)
+
+    def make_policy(self, lo_costs: np.ndarray | None = None) -> Policy:
+        """The policy object: a given Policy as is, a name with the settings it takes (sensitivity:
+        the checkpoint's lo_costs [L_moe, E], CheckpointInfo.lo_costs)."""
+        dynaexq = dict(period=self.update_period, delta=self.delta, rate_limit=self.rate_limit)
+        if self.policy == "sensitivity" and lo_costs is None:
+            raise RuntimeConfigError("policy 'sensitivity' ranks by what each expert's LO copy costs, which a "
+                                     "conversion with calibration text stores: this checkpoint has none (dynaexq "
+                                     "convert ... --calibration FILE)")
+        options = {"dynaexq": dynaexq, "random": dict(period=self.update_period),
+                   "sensitivity": dict(dynaexq, cost=lo_costs)}
         return make_policy(self.policy, **(options.get(self.policy, {}) if isinstance(self.policy, str) else {}))
 
     def plan_options(self) -> dict:

@@ -93,8 +93,11 @@ class Engine(Controller):
     def __init__(self, model, *, budget_bytes, settings: EngineConfig | None = None,
                  calibration: np.ndarray | None = None, **overrides):
         self.settings = settings = (settings or EngineConfig()).replace(**overrides)
-        self.policy = settings.make_policy()
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
+        try:
+            self.policy = settings.make_policy(ckpt.lo_costs if settings.policy == "sensitivity" else None)
+        except RuntimeConfigError as e:
+            raise RuntimeConfigError(f"{ckpt.path}: {e}") from None
         self.checkpoint, self.config = ckpt, ckpt.config
         self.codec = TextCodec(ckpt.path)
         cfg = self.config

@@ -142,7 +142,8 @@ class DynaExqPolicy(Policy):
 @dataclasses.dataclass
 class SensitivityPolicy(DynaExqPolicy):
     """dynaexq on traffic x cost: the hotness of each expert weighted by what its LO copy costs
-    (cost [L_moe, E], e.g. experiments.sensitivity.lo_costs), so that of two equally hot experts
+    (cost [L_moe, E]: the converter's, CheckpointInfo.lo_costs, or experiments.sensitivity.lo_costs'
+    loss-unit ones), so that of two equally hot experts
     the one whose LO copy hurts more holds the HI slot. The weights are the costs over their
     layer's mean (only the order within a layer matters to a layer's swaps; the hysteresis delta
     keeps its scale); the initial HI set ranks a calibration ranking by the same weights."""
@@ -228,7 +229,7 @@ class RandomPolicy(Policy):
 
 
 POLICIES = {"dynaexq": DynaExqPolicy, "static": StaticPolicy, "all-hi": AllHi, "all-lo": AllLo,
-            "random": RandomPolicy}
+            "random": RandomPolicy, "sensitivity": SensitivityPolicy}
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -241,7 +242,7 @@ def make_policy(name: str | Policy, **options) -> Policy:
     if isinstance(name, Policy):
         return name
     cls = policy_class(name)
-    if cls in (DynaExqPolicy, RandomPolicy):
+    if cls in (DynaExqPolicy, RandomPolicy, SensitivityPolicy):
         return cls(**options)
     if options:
         raise RuntimeConfigError(f"policy '{name}' takes no options, got {sorted(options)}")

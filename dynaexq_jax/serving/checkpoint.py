@@ -11,6 +11,10 @@ Layout (format version 2):
                          Format.has_zeros), and for experts with biases
                          (gpt-oss) {gate|up|down}.bias in f32, each [E, ...] expert-major, so that
                          one expert is one contiguous slice of each tensor (tier_tensors)
+  experts/lo_costs.safetensors
+                         written by a conversion with calibration text: lo_costs f32 [L_moe, E],
+                         what each expert's LO copy costs (checkpoints_convert/calibration.py), read
+                         by the sensitivity policy (CheckpointInfo.lo_costs)
 
 The dense trees hold the family's parameter tree (model/families/schema.py): a leaf at tree path
 `layers[i].attn.q` is key `attn.q` of layers/00i, one at `embed` is key `embed` of dense/; the
@@ -65,6 +69,7 @@ FORMAT_VERSION = 2       # what checkpoints_convert writes and this reader reads
 TIERS = ("hi", "lo")
 DENSE_DIR = "dense"      # the parameters outside the layers
 METADATA_FILE = "metadata.json"
+LO_COSTS_FILE = "experts/lo_costs.safetensors"
 
 
 def layer_dir(layer: int) -> str:
@@ -114,6 +119,19 @@ class CheckpointInfo:
         tree = family(self.config.model_type).abstract(self.config)
         return sum(math.prod(spec.shape) * item for _, _, spec in schema.leaves(tree)
                    if isinstance(spec, schema.Tensor))
+
+    @property
+    def lo_costs(self) -> np.ndarray | None:
+        """f64 [L_moe, E]: what each expert's LO copy costs, as measured at conversion on the
+        calibration text (metadata calibration.lo_costs says how); None if converted without one."""
+        if "lo_costs" not in (self.metadata.get("calibration") or {}):
+            return None
+        mapped = MappedFile(self.path / LO_COSTS_FILE)
+        want = (len(self.config.moe_layers), self.config.num_experts)
+        a = mapped.arrays.get("lo_costs")
+        if a is None or a.shape != want or not np.all(np.isfinite(a)) or (a < 0).any():
+            raise CorruptCheckpointError(f"{mapped.path}: expected lo_costs, finite and non-negative, {list(want)}")
+        return a.astype(np.float64)
 
 
 @dataclasses.dataclass
