@@ -17,8 +17,9 @@ a time (expert_chunk):
 and GPTQ (quant.gptq_quantize) quantizes every projection whose format is gptq; a tier's other
 projections are quantized as they are without calibration. Every tier is written by this pass.
 
-Then what each expert's LO copy costs (lo_costs, stored beside the tiers for the sensitivity
-policy, runtime.policies): over the tokens routed to it, with routing weights w, the change of
+Then what each expert's LO copy costs (lo_costs, stored beside the tiers with each expert's
+routed mass, the sum of its routing weights, for the sensitivity policy, runtime.policies):
+over the tokens routed to it, with routing weights w, the change of
 its share of the layer's output when it runs in LO instead of HI, cost = sum (w |y_lo - y_hi|)^2 /
 sum w: the squared output change a unit of its traffic brings, in the residual stream's units.
 (experiments.sensitivity measures the same change in loss units, through the gradient, which needs
@@ -37,7 +38,7 @@ from dynaexq_jax.errors import CalibrationError
 from dynaexq_jax.model.moe import HI, ExpertPools, quantize_experts
 from dynaexq_jax.model.moe.xla import moe_experts_xla
 from dynaexq_jax.model.quant import GPTQ_BLOCK, GPTQ_DAMP, QTensor, TierFormat, dequantize, gptq_quantize, quantize
-from dynaexq_jax.serving.checkpoint import LO_COSTS_FILE
+from dynaexq_jax.serving.checkpoint import CALIBRATION_FILE
 from dynaexq_jax.serving.conversion import calibration_digest
 from pallas_kernels.grouped_matmul.activation import Activation, glu
 
@@ -56,7 +57,8 @@ def check_tokens(tokens, vocab_size: int) -> np.ndarray:
     return a.astype(np.int32)
 
 
-LO_COST = "sum (w |y_lo - y_hi|)^2 / sum w over routed tokens"   # what lo_costs measures (module docstring)
+# What the calibration file's arrays measure (module docstring), as the metadata records it.
+MEASURED = {"lo_costs": "sum (w |y_lo - y_hi|)^2 / sum w over routed tokens", "routed_mass": "sum w"}
 
 
 def metadata(tokens: np.ndarray, tiers: list[str]) -> dict:
@@ -65,7 +67,7 @@ def metadata(tokens: np.ndarray, tiers: list[str]) -> dict:
     return {"tiers": tiers, "tokens": int(tokens.size), "rows": int(tokens.shape[0]),
             "row_length": int(tokens.shape[1]), "sha256": calibration_digest(tokens), "min_tokens": MIN_TOKENS,
             "model": "source", **({"damp": GPTQ_DAMP, "block": GPTQ_BLOCK} if tiers else {}),
-            "lo_costs": {"file": LO_COSTS_FILE, "measure": LO_COST}}
+            "file": CALIBRATION_FILE, "measured": MEASURED}
 
 
 def expert_tokens(ids: np.ndarray, expert: int, min_tokens: int = MIN_TOKENS) -> np.ndarray:
@@ -95,11 +97,11 @@ def _quantize(w: np.ndarray, fmt, hessian) -> QTensor:
 
 def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range, num_experts: int, x: np.ndarray,
                  ids: np.ndarray, weights: np.ndarray, tiers: dict[str, TierFormat], activation: Activation
-                 ) -> tuple[np.ndarray, dict[str, dict[str, QTensor]], np.ndarray]:
+                 ) -> tuple[np.ndarray, dict[str, dict[str, QTensor]], np.ndarray, np.ndarray]:
     """Experts `rng` of a layer of num_experts: stacks {gate, up: [e, H, I], down: [e, I, H]} float,
     biases (gate, up, down) or None; the layer's tokens x [T, H] f32 routed by ids/weights [T, k].
     Returns (their share of the layer's output, f32 [T, H], in the source precision; per tier of
-    `tiers` (HI and LO), {proj: QTensor}; their LO costs f64 [e], module docstring)."""
+    `tiers` (HI and LO), {proj: QTensor}; their LO costs and routed masses f64 [e], module docstring)."""
     gate, up, down = (np.asarray(stacks[p], np.float32) for p in ("gate", "up", "down"))
     out = np.zeros(x.shape, np.float32)
     rows = np.flatnonzero(((ids >= rng.start) & (ids < rng.stop)).any(axis=1))
@@ -127,7 +129,8 @@ def expert_chunk(stacks: dict[str, np.ndarray], biases: tuple | None, rng: range
         outputs[name] = _outputs(acts, d, biases)
     # Per expert, its routing weight on each of its tokens (0 on the top-up ones).
     routed = [np.where(ids[t] == e, weights[t], 0.0).sum(axis=1) for e, t in zip(rng, tokens)]
-    return out, quantized, _lo_costs(outputs["hi"], outputs["lo"], routed, weights)
+    mass = np.array([r.sum() for r in routed], np.float64)
+    return out, quantized, _lo_costs(outputs["hi"], outputs["lo"], routed, weights), mass
 
 
 def _activations(inputs: list[np.ndarray], gate: QTensor, up: QTensor, biases, activation: Activation

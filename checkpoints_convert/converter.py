@@ -27,8 +27,8 @@ like float ones: the tiers stay the project's formats, and "source" is then the 
 float format (bf16 holds every MXFP4 value exactly).
 With calibration tokens (needed by a tier with a gptq projection) the dense parameters are
 written first, then calibration.py's pass runs the tokens through the model and writes every
-tier, and what each expert's LO copy costs (OUT/experts/lo_costs.safetensors, for the
-sensitivity policy); metadata "calibration" says what it saw.
+tier, and what each expert's LO copy costs and its traffic there (OUT/experts/calibration.safetensors,
+for the sensitivity policy); metadata "calibration" says what it saw.
 The metadata lists every other file with its size and sha256 (`dynaexq info --verify`).
 """
 from __future__ import annotations
@@ -78,8 +78,8 @@ from dynaexq_jax.model.quant import (
     quantize,
 )
 from dynaexq_jax.serving.checkpoint import (
+    CALIBRATION_FILE,
     FORMAT_VERSION,
-    LO_COSTS_FILE,
     METADATA_FILE,
     TIERS,
     CheckpointInfo,
@@ -274,7 +274,7 @@ class _Job:
         self.progress, self.calibration = progress, calibration
         # The tiers the first pass writes: all of them, or none where the calibration pass does.
         self.first_pass = tiers if calibration is None else {}
-        self.lo_costs: dict[int, np.ndarray] = {}     # MoE layer -> [E], from the calibration pass
+        self.measured: dict[str, dict[int, np.ndarray]] = {n: {} for n in calib.MEASURED}   # name -> layer -> [E]
         self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()
         self._stop = threading.Event()          # set on failure: hashing stops early
@@ -435,7 +435,7 @@ class _Job:
     def _calibrate(self) -> None:
         """The calibration pass (calibration.py): the calibration tokens through the family's
         forward on the dense parameters just written, each MoE layer's experts computed (and its
-        tiers written) by _calibrate_layer; then the LO costs of every layer, in one file."""
+        tiers written) by _calibrate_layer; then what it measured of every layer, in one file."""
         cfg, tokens = self.cfg, self.calibration
         info = CheckpointInfo(self.root, cfg, {}, self.tiers, self.dense_fmt, {"files": {}})
         params = jax.device_put(load_dense(info))
@@ -458,22 +458,24 @@ class _Job:
                         backend="xla", logits_at=jnp.zeros(B, jnp.int32))
         if layers:
             raise AssertionError(f"calibration: the forward ran {n_layers - len(layers)} of {n_layers} MoE layers")
-        costs = np.stack([self.lo_costs[layer] for layer in sorted(self.lo_costs)]).astype(np.float32)
-        f = FileWriter(self.root / LO_COSTS_FILE, {"lo_costs": (costs.shape, costs.dtype)},
-                       {"layers": ",".join(map(str, sorted(self.lo_costs))), "measure": calib.LO_COST})
-        f.write("lo_costs", 0, costs)
+        arrays = {name: np.stack([per_layer[i] for i in sorted(per_layer)]).astype(np.float32)
+                  for name, per_layer in self.measured.items()}
+        f = FileWriter(self.root / CALIBRATION_FILE, {n: (a.shape, a.dtype) for n, a in arrays.items()},
+                       {"layers": ",".join(map(str, sorted(self.measured["lo_costs"]))), **calib.MEASURED})
+        for name, a in arrays.items():
+            f.write(name, 0, a)
         f.close()
         self._hash(f.path)
 
     def _calibrate_layer(self, g: Group, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, activation) -> np.ndarray:
-        """Layer g's tiers, written chunk by chunk on every core, and its LO costs (self.lo_costs);
-        returns its experts' output f32 [T, H] in the source precision."""
+        """Layer g's tiers, written chunk by chunk on every core, and its LO costs and routed masses
+        (self.measured); returns its experts' output f32 [T, H] in the source precision."""
         files = self._tier_files(g, self.tiers)
-        costs = np.zeros(g.experts.spec.num_experts)
+        costs, mass = np.zeros(g.experts.spec.num_experts), np.zeros(g.experts.spec.num_experts)
 
         def chunk(rng: range) -> np.ndarray:
             stacks, biases = self._read_chunk(g.experts, rng, files)
-            out, quantized, costs[rng.start:rng.stop] = calib.expert_chunk(
+            out, quantized, costs[rng.start:rng.stop], mass[rng.start:rng.stop] = calib.expert_chunk(
                 stacks, biases, rng, g.experts.spec.num_experts, x, ids, weights, self.tiers, activation)
             for tier, projs in quantized.items():
                 for proj, q in projs.items():
@@ -481,5 +483,5 @@ class _Job:
             return out
         out = sum(f.result() for f in [self._pool.submit(chunk, rng) for rng in self._chunks(g.experts.spec)])
         self._close(files)
-        self.lo_costs[g.layer] = costs
+        self.measured["lo_costs"][g.layer], self.measured["routed_mass"][g.layer] = costs, mass
         return out

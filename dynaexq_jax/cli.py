@@ -65,7 +65,7 @@ def _cmd_info(a):
         costs = info.lo_costs
         if costs is not None:
             per_layer = costs.mean(axis=1)
-            print(f"  LO costs ({cal['lo_costs']['measure']}; --policy sensitivity): mean per layer "
+            print(f"  LO costs ({cal['measured']['lo_costs']}; --policy sensitivity): mean per layer "
                   f"{per_layer.min():.3g} to {per_layer.max():.3g}, max/mean within a layer up to "
                   f"{(costs.max(axis=1) / np.maximum(per_layer, 1e-30)).max():.1f}x")
     if a.verify:
@@ -326,7 +326,8 @@ def _add_runtime_args(p, plan_only: bool):
     from dynaexq_jax.runtime.config import EngineConfig
     d = _runtime_defaults()
     p.add_argument("--policy", help=f"dynaexq, static, all-hi, all-lo, random, sensitivity (dynaexq by traffic x "
-                                    f"each expert's LO cost, stored by convert --calibration; default: {d['policy']})")
+                                    f"each expert's LO cost, stored by convert --calibration; with --strategy greedy "
+                                    f"the slots follow them across layers; default: {d['policy']})")
     p.add_argument("--strategy", help=f"HI slots per layer: uniform, proportional, greedy (default: {d['strategy']})")
     p.add_argument("--transfers", type=int, help=f"K: transitions (copies) in flight (default: {d['transfers']})")
     p.add_argument("--backend", default=EngineConfig.backend, choices=BACKENDS,

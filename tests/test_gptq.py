@@ -157,9 +157,9 @@ def test_expert_chunks_add_up_to_the_layer():
     tiers = {"lo": parse_tier_format("int2:g32:gptq+down=int4:g32:gptq"),
              "hi": parse_tier_format("int4:g32")}
     out = np.zeros((T, H), np.float32)
-    parts, costs = {}, np.zeros(E)
+    parts, costs, mass = {}, np.zeros(E), np.zeros(E)
     for rng_ in (range(0, 4), range(4, 6)):
-        part, quantized, costs[rng_.start:rng_.stop] = calib.expert_chunk(
+        part, quantized, costs[rng_.start:rng_.stop], mass[rng_.start:rng_.stop] = calib.expert_chunk(
             {p: s[rng_] for p, s in stacks.items()}, None, rng_, E, x, ids, w, tiers, SWIGLU)
         out += part
         parts[rng_.start] = quantized
@@ -191,7 +191,8 @@ def test_expert_chunks_add_up_to_the_layer():
         we = np.where(ids[calib.expert_tokens(ids, e)] == e, w[calib.expert_tokens(ids, e)], 0).sum(axis=1)
         want = (we ** 2 * sq).sum() / we.sum() if e < 5 else sq.mean() * (w.astype(np.float64) ** 2).sum() / w.sum()
         np.testing.assert_allclose(costs[e], want, rtol=1e-4)
-    assert (costs > 0).all()
+        np.testing.assert_allclose(mass[e], np.where(ids == e, w, 0).sum(), rtol=1e-5)
+    assert (costs > 0).all() and mass[5] == 0
 
 
 def test_experts_computed_by_replaces_every_moe_call():
@@ -257,14 +258,15 @@ def test_calibrated_conversion_matches_hessians_from_the_hf_model(calibrated):
 
 
 def test_stored_lo_costs_match_the_hf_models_inputs(calibrated):
-    # The LO costs stored beside the tiers, recomputed from the HF model's own MoE inputs and
-    # routing (forward pre-hooks, its router, top-k renormalised) and the checkpoint's two tiers.
+    # The LO costs and routed masses stored beside the tiers, recomputed from the HF model's own
+    # MoE inputs and routing (forward pre-hooks, its router, top-k renormalised) and the
+    # checkpoint's two tiers.
     hf_dir, model, tokens, out = calibrated
     cfg = parse_hf_config(json.loads((hf_dir / "config.json").read_text()))
     ckpt = load_checkpoint(out)
     stored = ckpt.lo_costs
-    assert stored.shape == (len(cfg.moe_layers), cfg.num_experts) and "experts/lo_costs.safetensors" in \
-        ckpt.metadata["files"]
+    assert stored.shape == ckpt.routed_mass.shape == (len(cfg.moe_layers), cfg.num_experts)
+    assert "experts/calibration.safetensors" in ckpt.metadata["files"]
     captured = hf_mlp_inputs(model, tokens)
     for row, i in enumerate(cfg.moe_layers):
         x = captured[i].reshape(-1, cfg.hidden_size).astype(np.float64)
@@ -277,9 +279,10 @@ def test_stored_lo_costs_match_the_hf_models_inputs(calibrated):
                      for p in ("gate", "up", "down")] for t in ("hi", "lo")}
         for e in range(cfg.num_experts):
             t = np.flatnonzero((ids == e).any(1))
+            we = np.where(ids[t] == e, w[t], 0).sum(1)
+            np.testing.assert_allclose(ckpt.routed_mass[row, e], we.sum(), rtol=1e-4, atol=1e-6)
             if not t.size:
                 continue
-            we = np.where(ids[t] == e, w[t], 0).sum(1)
             y = {k: np.asarray(glu(x[t] @ g[e], x[t] @ u[e], SWIGLU), np.float64) @ d[e]
                  for k, (g, u, d) in tiers.items()}
             want = (we ** 2 * ((y["lo"] - y["hi"]) ** 2).sum(1)).sum() / we.sum()

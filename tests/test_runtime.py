@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from dynaexq_jax.errors import BudgetError, GenerationError, InfeasibleBudgetError, RuntimeConfigError
 from dynaexq_jax.model.families import qwen3_moe
-from dynaexq_jax.runtime.budget import budget_for_fraction, format_bytes, parse_bytes, plan_budget
+from dynaexq_jax.runtime.budget import (
+    budget_for_fraction,
+    budget_report,
+    format_bytes,
+    parse_bytes,
+    plan_budget,
+    plan_for,
+)
 from dynaexq_jax.runtime.config import EngineConfig
 from dynaexq_jax.runtime.engine import Engine
 from dynaexq_jax.runtime.policies import DynaExqPolicy, Policy, SensitivityPolicy, rank
@@ -155,7 +162,9 @@ def test_the_sensitivity_policy_ranks_traffic_by_the_cost_of_each_lo_copy():
 
 def test_the_sensitivity_policy_serves_by_the_costs_stored_at_conversion(tmp_path, tiny_ckpt):
     # By name ('sensitivity', what --policy gives) it reads the LO costs a conversion with
-    # calibration text stored; a checkpoint converted without them is an error naming it.
+    # calibration text stored, and the traffic measured with them: the initial HI set is the top
+    # of traffic x cost per layer and the greedy strategy gives slots by it across layers; a
+    # checkpoint converted without them is an error naming it.
     from checkpoints_convert import convert
     from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
     from dynaexq_jax.serving.checkpoint import load_checkpoint
@@ -169,6 +178,16 @@ def test_the_sensitivity_policy_serves_by_the_costs_stored_at_conversion(tmp_pat
     assert ckpt.lo_costs.shape == (3, 8) and (ckpt.lo_costs > 0).all()
     eng = Engine(ckpt, budget_bytes=engine_budget(ckpt, 0.25), policy="sensitivity", **settings)
     assert isinstance(eng.policy, SensitivityPolicy) and np.array_equal(eng.policy.cost, ckpt.lo_costs)
+    value = ckpt.routed_mass * ckpt.lo_costs
+    assert ckpt.routed_mass.shape == (3, 8) and ckpt.routed_mass.sum() > 0
+    hi = eng.hi_mask()
+    for layer, n in enumerate(eng.n_hi):
+        assert set(np.flatnonzero(hi[layer])) == set(np.argsort(-value[layer], kind="stable")[:n])
+    budget = engine_budget(ckpt, 0.25)
+    greedy = Engine(ckpt, budget_bytes=budget, policy="sensitivity", strategy="greedy", **settings)
+    want = plan_for(ckpt, budget, greedy.settings, layer_priority=value).n_hi
+    assert list(greedy.n_hi) == list(want) and len(set(want)) > 1    # uneven: the costs differ by layer
+    assert budget_report(ckpt, budget, greedy.settings)["hi_slots_per_layer"] == list(want)   # dynaexq budget
     res = eng.generate(prompts(3), max_new_tokens=24, stop_tokens=())
     assert res.runtime["counters"]["device_stalls"] == 0
     assert max(t["owned_bytes"] for t in eng.timeline) <= eng.budget_for_owned

@@ -276,7 +276,7 @@ class Harness:
             # Traffic x cost ranks the experts at start, spreads the slots (greedy) and drives the swaps.
             cost = cost if name == "sensitivity" else self.ckpt.lo_costs
             eng = self.engine(SensitivityPolicy(period=c.period, delta=c.delta, cost=cost), budget,
-                              calibration=ranking * cost, strategy="greedy")
+                              calibration=ranking, strategy="greedy")
         elif name == "oracle":
             # A decision after chunk b serves from chunk b + 3 on (replay.py): 2 chunks after its step.
             eng = self.engine(OraclePolicy(oracle_trace, c.chunk, c.period, lag=2 * c.chunk), budget)

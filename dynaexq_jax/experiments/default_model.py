@@ -60,7 +60,7 @@ def converted_model(model: str | Path | None, conv_dir: Path, *, hi: str = HI, l
                 for t, f in (("hi", hi), ("lo", lo))}
         cal = meta.get("calibration") or {}
         calibrated = cal.get("sha256") == (None if calibration is None else calibration_digest(calibration)) and \
-            (calibration is None or "lo_costs" in cal)
+            (calibration is None or "measured" in cal)
         if same and calibrated and meta.get("tiers") == want and meta.get("format_version") == FORMAT_VERSION:
             return conv_dir
     # Dense params in f32: exact for bf16 sources, and what CPUs compute fastest.

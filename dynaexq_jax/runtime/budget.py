@@ -492,9 +492,12 @@ def model_info(path: str | Path, **conversion) -> CheckpointInfo:
 def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, **overrides) -> BudgetPlan:
     """plan_budget for a model served with `settings`; overrides replace plan_budget arguments.
     A policy that fixes every expert's tier (all-hi, all-lo) caps the HI share at its own and,
-    unless an override sets the cap, needs every layer to get it."""
+    unless an override sets the cap, needs every layer to get it. Policy 'sensitivity' on a
+    checkpoint with stored LO costs plans by them (what its Engine plans by)."""
     fixed = settings.policy_type.fixed_hi_fraction
     options = checkpoint_sizes(model) | settings.plan_options()
+    if settings.policy == "sensitivity" and model.lo_costs is not None:
+        options["layer_priority"] = settings.make_policy(model.lo_costs).slot_priority(model.routed_mass)
     if fixed is not None:
         options["max_hi_fraction"] = fixed
     plan = plan_budget(model.config, budget=budget, **(options | overrides))

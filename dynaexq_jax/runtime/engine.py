@@ -82,7 +82,8 @@ class Engine(Controller):
     (policy, segment length, the batch and max_len that size the KV cache, ...); keyword
     arguments change single settings, e.g. Engine(model, budget_bytes="2GiB", policy="static",
     batch=8). calibration: optional ranking scores [L_moe, E] for the initial HI set (and the
-    greedy capacity strategy).
+    greedy capacity strategy, through the policy's slot_priority); policy 'sensitivity' defaults
+    to the traffic the conversion measured with its LO costs (CheckpointInfo.routed_mass).
 
     deterministic (default): the copies started at a boundary are published at the next one,
     the host waiting for them if they have not arrived; generation is pipelined, so that wait
@@ -98,6 +99,8 @@ class Engine(Controller):
             self.policy = settings.make_policy(ckpt.lo_costs if settings.policy == "sensitivity" else None)
         except RuntimeConfigError as e:
             raise RuntimeConfigError(f"{ckpt.path}: {e}") from None
+        if calibration is None and settings.policy == "sensitivity":
+            calibration = ckpt.routed_mass
         self.checkpoint, self.config = ckpt, ckpt.config
         self.codec = TextCodec(ckpt.path)
         cfg = self.config
@@ -106,7 +109,7 @@ class Engine(Controller):
         # Planned before anything is copied, so an infeasible budget fails fast (an all-hi / all-lo
         # policy's budget is checked to hold every expert in its tier).
         self.plan: BudgetPlan = plan_for(ckpt, resolve_budget(budget_bytes, ckpt, settings), settings,
-                                         layer_priority=calibration)
+                                         layer_priority=self.policy.slot_priority(calibration))
         # On an expert-parallel mesh every device runs this plan for its own E / N experts of each
         # layer: the policy, the residency and the transfers work on shards (DevicePools), and every
         # [L_moe, E] array reads as [L_moe * N, E / N] shards by a reshape (self.shards).

@@ -45,6 +45,11 @@ class Policy:
             return [top_n(np.asarray(ranking[l], float), n) for l, n in enumerate(n_hi)]
         return [set(range(n)) for n in n_hi]
 
+    def slot_priority(self, ranking: np.ndarray | None) -> np.ndarray | None:
+        """[L_moe, E]: what the greedy capacity strategy gives HI slots by (budget.plan_budget's
+        layer_priority): the calibration ranking itself."""
+        return ranking
+
     def wants_update(self, step: int, last_update: int | None) -> bool:
         return False
 
@@ -146,7 +151,9 @@ class SensitivityPolicy(DynaExqPolicy):
     loss-unit ones), so that of two equally hot experts
     the one whose LO copy hurts more holds the HI slot. The weights are the costs over their
     layer's mean (only the order within a layer matters to a layer's swaps; the hysteresis delta
-    keeps its scale); the initial HI set ranks a calibration ranking by the same weights."""
+    keeps its scale); the initial HI set ranks a calibration ranking by the same weights. Across
+    layers the greedy strategy gives each HI slot to the expert whose traffic x cost is largest:
+    every slot costs the same bytes, so that is the largest expected benefit per byte."""
     cost: np.ndarray | None = None
     name = "sensitivity"
 
@@ -161,6 +168,10 @@ class SensitivityPolicy(DynaExqPolicy):
 
     def initial_hi(self, n_hi, num_experts, ranking):
         return super().initial_hi(n_hi, num_experts, None if ranking is None else np.asarray(ranking) * self.weights)
+
+    def slot_priority(self, ranking):
+        # Without a traffic ranking, every expert equally loaded: the cost alone.
+        return self.cost if ranking is None else np.asarray(ranking) * self.cost
 
     def plan(self, step, scores, hi_mask, n_hi):
         return super().plan(step, np.asarray(scores) * self.weights, hi_mask, n_hi)

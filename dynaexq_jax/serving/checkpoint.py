@@ -11,10 +11,11 @@ Layout (format version 2):
                          Format.has_zeros), and for experts with biases
                          (gpt-oss) {gate|up|down}.bias in f32, each [E, ...] expert-major, so that
                          one expert is one contiguous slice of each tensor (tier_tensors)
-  experts/lo_costs.safetensors
-                         written by a conversion with calibration text: lo_costs f32 [L_moe, E],
-                         what each expert's LO copy costs (checkpoints_convert/calibration.py), read
-                         by the sensitivity policy (CheckpointInfo.lo_costs)
+  experts/calibration.safetensors
+                         written by a conversion with calibration text, each f32 [L_moe, E]:
+                         lo_costs, what each expert's LO copy costs, and routed_mass, the routing
+                         weight it got on the calibration tokens (checkpoints_convert/calibration.py);
+                         read by the sensitivity policy (CheckpointInfo.lo_costs, .routed_mass)
 
 The dense trees hold the family's parameter tree (model/families/schema.py): a leaf at tree path
 `layers[i].attn.q` is key `attn.q` of layers/00i, one at `embed` is key `embed` of dense/; the
@@ -69,7 +70,7 @@ FORMAT_VERSION = 2       # what checkpoints_convert writes and this reader reads
 TIERS = ("hi", "lo")
 DENSE_DIR = "dense"      # the parameters outside the layers
 METADATA_FILE = "metadata.json"
-LO_COSTS_FILE = "experts/lo_costs.safetensors"
+CALIBRATION_FILE = "experts/calibration.safetensors"
 
 
 def layer_dir(layer: int) -> str:
@@ -123,14 +124,23 @@ class CheckpointInfo:
     @property
     def lo_costs(self) -> np.ndarray | None:
         """f64 [L_moe, E]: what each expert's LO copy costs, as measured at conversion on the
-        calibration text (metadata calibration.lo_costs says how); None if converted without one."""
-        if "lo_costs" not in (self.metadata.get("calibration") or {}):
+        calibration text (metadata calibration.measured says how); None if converted without one."""
+        return self._measured("lo_costs")
+
+    @property
+    def routed_mass(self) -> np.ndarray | None:
+        """f64 [L_moe, E]: each expert's routing weight summed over the calibration tokens (its
+        traffic there); None if converted without calibration text."""
+        return self._measured("routed_mass")
+
+    def _measured(self, name: str) -> np.ndarray | None:
+        if name not in ((self.metadata.get("calibration") or {}).get("measured") or {}):
             return None
-        mapped = MappedFile(self.path / LO_COSTS_FILE)
+        mapped = MappedFile(self.path / CALIBRATION_FILE)
         want = (len(self.config.moe_layers), self.config.num_experts)
-        a = mapped.arrays.get("lo_costs")
+        a = mapped.arrays.get(name)
         if a is None or a.shape != want or not np.all(np.isfinite(a)) or (a < 0).any():
-            raise CorruptCheckpointError(f"{mapped.path}: expected lo_costs, finite and non-negative, {list(want)}")
+            raise CorruptCheckpointError(f"{mapped.path}: expected {name}, finite and non-negative, {list(want)}")
         return a.astype(np.float64)
 
 
