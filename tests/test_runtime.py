@@ -85,6 +85,12 @@ def test_budget_for_fraction_is_the_smallest_with_that_many_slots(tiny_ckpt, fra
     assert Engine(tiny_ckpt, budget_bytes=budget, settings=config).plan.n_hi == want
     if fraction > 0:
         assert Engine(tiny_ckpt, budget_bytes=budget - 1, settings=config).plan.n_hi < want
+    # greedy: as many slots in all, spread by the calibration ranking's priority.
+    greedy = config.replace(strategy="greedy")
+    prio = np.arange(3 * TINY["num_experts"], dtype=float).reshape(3, -1)[::-1] ** 2
+    spread = Engine(tiny_ckpt, budget_bytes=budget_for_fraction(tiny_ckpt, fraction, greedy), settings=greedy,
+                    calibration=prio).plan.n_hi
+    assert sum(spread) == sum(want) and (fraction in (0.0, 1.0) or spread != want)
 
 
 @settings(max_examples=40, deadline=None)

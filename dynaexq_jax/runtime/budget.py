@@ -514,11 +514,12 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
 
 def budget_for_fraction(model: CheckpointInfo, r: float, settings: EngineConfig, **overrides) -> int:
     """The smallest byte budget whose plan for `settings` gives floor(r * E) HI slots per MoE
-    layer. Closed form: the plan capped at r under an unlimited budget, then smallest_budget of it."""
-    capped = plan_for(model, 2**62, settings, **(overrides | {"max_hi_fraction": r}))
+    layer, or with the greedy strategy as many in all, spread by its priority. Closed form: the
+    plan capped at r under an unlimited budget (equal slots), then smallest_budget of it."""
+    capped = plan_for(model, 2**62, settings, **(overrides | {"max_hi_fraction": r, "strategy": "uniform"}))
     budget = smallest_budget(capped)
-    if plan_for(model, budget, settings, **(overrides | {"max_hi_fraction": settings.max_hi_fraction})).n_hi \
-            != capped.n_hi:
+    got = plan_for(model, budget, settings, **(overrides | {"max_hi_fraction": settings.max_hi_fraction})).n_hi
+    if (sum(got) != sum(capped.n_hi)) if settings.strategy == "greedy" else (got != capped.n_hi):
         raise RuntimeConfigError(f"no budget gives {list(capped.n_hi)} HI slots per layer with strategy "
                                  f"'{settings.strategy}' and max_hi_fraction {settings.max_hi_fraction}")
     return budget
