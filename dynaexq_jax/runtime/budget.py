@@ -497,7 +497,7 @@ def plan_for(model: CheckpointInfo, budget: int | str, settings: EngineConfig, *
     fixed = settings.policy_type.fixed_hi_fraction
     options = checkpoint_sizes(model) | settings.plan_options()
     if settings.policy == "sensitivity" and model.lo_costs is not None:
-        options["layer_priority"] = settings.make_policy(model.lo_costs).slot_priority(model.routed_mass)
+        options["layer_priority"] = settings.make_policy(model).slot_priority(settings.default_ranking(model))
     if fixed is not None:
         options["max_hi_fraction"] = fixed
     plan = plan_budget(model.config, budget=budget, **(options | overrides))
@@ -518,8 +518,9 @@ def budget_for_fraction(model: CheckpointInfo, r: float, settings: EngineConfig,
     plan capped at r under an unlimited budget (equal slots), then smallest_budget of it."""
     capped = plan_for(model, 2**62, settings, **(overrides | {"max_hi_fraction": r, "strategy": "uniform"}))
     budget = smallest_budget(capped)
+    # Equal-slot strategies give equal slots, so the same total is the same plan; greedy spreads it.
     got = plan_for(model, budget, settings, **(overrides | {"max_hi_fraction": settings.max_hi_fraction})).n_hi
-    if (sum(got) != sum(capped.n_hi)) if settings.strategy == "greedy" else (got != capped.n_hi):
+    if sum(got) != sum(capped.n_hi):
         raise RuntimeConfigError(f"no budget gives {list(capped.n_hi)} HI slots per layer with strategy "
                                  f"'{settings.strategy}' and max_hi_fraction {settings.max_hi_fraction}")
     return budget

@@ -8,6 +8,7 @@ hysteresis (runtime.policies)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from dynaexq_jax.model.moe import BACKENDS
 from dynaexq_jax.runtime.policies import DELTA, UPDATE_PERIOD, Policy, check_update_options, make_policy, policy_class
 from dynaexq_jax.serving.generate import PREFILL_CHUNK, SEGMENT_LEN
 from dynaexq_jax.serving.hotness import ALPHA
+
+if TYPE_CHECKING:
+    from dynaexq_jax.serving.checkpoint import CheckpointInfo
 
 
 def check_backend(backend: str) -> None:
@@ -108,17 +112,25 @@ class EngineConfig:
         """The policy's class: what planning needs of it (fixed_hi_fraction, name) without building it."""
         return policy_class(self.policy) if isinstance(self.policy, str) else type(self.policy)
 
-    def make_policy(self, lo_costs: np.ndarray | None = None) -> Policy:
+    def make_policy(self, checkpoint: CheckpointInfo | None = None) -> Policy:
         """The policy object: a given Policy as is, a name with the settings it takes (sensitivity:
-        the checkpoint's lo_costs [L_moe, E], CheckpointInfo.lo_costs)."""
+        the LO costs the checkpoint stores, CheckpointInfo.lo_costs)."""
         dynaexq = dict(period=self.update_period, delta=self.delta, rate_limit=self.rate_limit)
-        if self.policy == "sensitivity" and lo_costs is None:
-            raise RuntimeConfigError("policy 'sensitivity' ranks by what each expert's LO copy costs, which a "
-                                     "conversion with calibration text stores: this checkpoint has none (dynaexq "
-                                     "convert ... --calibration FILE)")
-        options = {"dynaexq": dynaexq, "random": dict(period=self.update_period),
-                   "sensitivity": dict(dynaexq, cost=lo_costs)}
+        options = {"dynaexq": dynaexq, "random": dict(period=self.update_period)}
+        if self.policy == "sensitivity":
+            costs = None if checkpoint is None else checkpoint.lo_costs
+            if costs is None:
+                raise RuntimeConfigError(
+                    f"{checkpoint.path if checkpoint is not None else 'no checkpoint'}: policy 'sensitivity' ranks "
+                    f"by what each expert's LO copy costs, which a conversion with calibration text stores: this "
+                    f"checkpoint has none (dynaexq convert ... --calibration FILE)")
+            options["sensitivity"] = dict(dynaexq, cost=costs)
         return make_policy(self.policy, **(options.get(self.policy, {}) if isinstance(self.policy, str) else {}))
+
+    def default_ranking(self, checkpoint: CheckpointInfo) -> np.ndarray | None:
+        """The ranking [L_moe, E] the policy starts from (and plans by) when none is given: for
+        'sensitivity', the traffic its conversion measured beside the costs; None otherwise."""
+        return checkpoint.routed_mass if self.policy == "sensitivity" else None
 
     def plan_options(self) -> dict:
         """The budget.plan_budget arguments these settings fix."""

@@ -95,12 +95,8 @@ class Engine(Controller):
                  calibration: np.ndarray | None = None, **overrides):
         self.settings = settings = (settings or EngineConfig()).replace(**overrides)
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
-        try:
-            self.policy = settings.make_policy(ckpt.lo_costs if settings.policy == "sensitivity" else None)
-        except RuntimeConfigError as e:
-            raise RuntimeConfigError(f"{ckpt.path}: {e}") from None
-        if calibration is None and settings.policy == "sensitivity":
-            calibration = ckpt.routed_mass
+        self.policy = settings.make_policy(ckpt)
+        calibration = settings.default_ranking(ckpt) if calibration is None else calibration
         self.checkpoint, self.config = ckpt, ckpt.config
         self.codec = TextCodec(ckpt.path)
         cfg = self.config

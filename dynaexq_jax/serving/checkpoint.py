@@ -32,6 +32,7 @@ the device and builds the ExpertPools it serves from; attach_experts puts them i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -125,23 +126,31 @@ class CheckpointInfo:
     def lo_costs(self) -> np.ndarray | None:
         """f64 [L_moe, E]: what each expert's LO copy costs, as measured at conversion on the
         calibration text (metadata calibration.measured says how); None if converted without one."""
-        return self._measured("lo_costs")
+        return self._measured.get("lo_costs")
 
     @property
     def routed_mass(self) -> np.ndarray | None:
         """f64 [L_moe, E]: each expert's routing weight summed over the calibration tokens (its
         traffic there); None if converted without calibration text."""
-        return self._measured("routed_mass")
+        return self._measured.get("routed_mass")
 
-    def _measured(self, name: str) -> np.ndarray | None:
-        if name not in ((self.metadata.get("calibration") or {}).get("measured") or {}):
-            return None
+    @functools.cached_property
+    def _measured(self) -> dict[str, np.ndarray]:
+        """The calibration file's arrays the metadata names, read and checked once, read-only; {}
+        for a checkpoint converted without calibration text."""
+        names = (self.metadata.get("calibration") or {}).get("measured") or {}
+        if not names:
+            return {}
         mapped = MappedFile(self.path / CALIBRATION_FILE)
         want = (len(self.config.moe_layers), self.config.num_experts)
-        a = mapped.arrays.get(name)
-        if a is None or a.shape != want or not np.all(np.isfinite(a)) or (a < 0).any():
-            raise CorruptCheckpointError(f"{mapped.path}: expected {name}, finite and non-negative, {list(want)}")
-        return a.astype(np.float64)
+        out = {}
+        for name in names:
+            a = mapped.arrays.get(name)
+            if a is None or a.shape != want or not np.all(np.isfinite(a)) or (a < 0).any():
+                raise CorruptCheckpointError(f"{mapped.path}: expected {name}, finite and non-negative, {list(want)}")
+            out[name] = a.astype(np.float64)
+            out[name].setflags(write=False)
+        return out
 
 
 @dataclasses.dataclass
