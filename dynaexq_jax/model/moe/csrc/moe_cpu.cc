@@ -91,6 +91,9 @@ struct Mat {
   static constexpr int64_t kActBlock = 32;
 };
 
+// How many byte rows ahead the integer tiles prefetch (tiles.inc).
+constexpr int64_t kPrefetchRows = 48;
+
 // Activations quantized to int8 per block of `block` K rows, for the integer path: q [R, ld],
 // and per row and block the scale and the sum of the codes (for the weights' code offset).
 struct Act {
@@ -149,6 +152,7 @@ inline I codes(I q, int shift, int mask) {
 inline I ishl(I q, int n) { return static_cast<int32_t>(static_cast<uint32_t>(q) << n); }  // of masked codes
 inline I ior(I a, I b) { return a | b; }
 inline Bcast bcast(int32_t x4) { return x4; }
+inline void prefetch(const void* p) { __builtin_prefetch(p); }
 inline I dot4(I acc, I c, Bcast x, int) {  // unsigned code bytes times signed activation bytes
   for (int b = 0; b < 4; ++b)
     acc += static_cast<int32_t>((static_cast<uint32_t>(c) >> (8 * b)) & 0xff) *
@@ -220,6 +224,7 @@ inline I codes(I q, int shift, int mask) {
 }
 inline I ishl(I q, int n) { return _mm256_slli_epi16(q, n); }  // of masked codes: no carry between bytes
 inline I ior(I a, I b) { return _mm256_or_si256(a, b); }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 inline Bcast bcast(int32_t x4) {
   const __m256i x = _mm256_set1_epi32(x4);
   return {x, _mm256_abs_epi8(x)};
@@ -276,6 +281,7 @@ inline I codes(I q, int shift, int mask) {
 inline I ishl(I q, int n) { return _mm512_slli_epi16(q, n); }  // of masked codes: no carry between bytes
 inline I ior(I a, I b) { return _mm512_or_si512(a, b); }
 inline Bcast bcast(int32_t x4) { return _mm512_set1_epi32(x4); }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 inline I dot4(I acc, I c, Bcast x, int) { return _mm512_dpbusd_epi32(acc, c, x); }
 #include "tiles.inc"
 }  // namespace avx512
