@@ -124,7 +124,7 @@ def test_the_workspace_term_bounds_what_the_compiled_programs_need(family_cfg, d
                 if isinstance(s, schema.Tensor)) * np.dtype(dtype).itemsize
     measured = budget.measured_workspace(cfg, hi=hi, lo=lo, n_hi=8, dtype=dtype, batch=batch, max_len=max_len,
                                          prefill_len=chunk, backend=backend)
-    kernel = budget.uses_cpu_kernel(backend, jax.default_backend())
+    kernel = budget.cpu_kernel.serves(backend)
     scratch = 2 * budget.cpu_kernel.scratch_bytes(batch * chunk, cfg.num_experts_per_tok, cfg.hidden_size,
                                                   cfg.moe_intermediate_size) if kernel else 0
     need = max(measured["prefill"], measured["decode"], scratch)

@@ -232,3 +232,47 @@ def test_instruction_sets_are_chosen_at_run_time(every_isa):
     env["DYNAEXQ_CPU_ISA"] = "avx1024"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "DYNAEXQ_CPU_ISA=avx1024: this CPU runs" in out.stderr
+
+
+def test_a_16_bit_model_runs_an_f32_residual_stream_where_the_kernels_serve(monkeypatch, tmp_path):
+    """residual_dtype: f32 for a 16-bit model where the kernels serve (backend "xla" on the CPU,
+    enabled), the model's dtype elsewhere. A bf16 model's decode then keeps a bf16 KV cache, and
+    its logits are the all-f32 computation of the same bf16 weights to ~1e-6 (a bf16 stream's: ~3e-2)."""
+    from checkpoints_convert import convert
+    from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
+    from dynaexq_jax.model.families import decoder
+    from dynaexq_jax.model.layers import embed
+    from dynaexq_jax.serving.checkpoint import attach_experts, load_checkpoint
+    from tests.tiny_runtime import TINY
+    bf16 = jnp.bfloat16
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "1")
+    assert cpu_kernel.residual_dtype(bf16, "xla") == jnp.float32
+    assert cpu_kernel.residual_dtype(jnp.float16, "xla") == jnp.float32
+    assert cpu_kernel.residual_dtype(jnp.float32, "xla") == jnp.float32
+    assert cpu_kernel.residual_dtype(bf16, "pallas") == bf16
+    assert cpu_kernel.residual_dtype(bf16, "xla", platform="gpu") == bf16
+    monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", "0")
+    assert cpu_kernel.residual_dtype(bf16, "xla") == bf16
+
+    hf = write_random_qwen3_moe(tmp_path / "hf", seed=SEED % 1000, dtype="bfloat16", tokenizer=False, **TINY)
+    ckpt = load_checkpoint(convert(hf, tmp_path / "conv", lo="int4:g32", progress=False))
+    pools = {l: single_tier(jax.device_put(ckpt.experts[l]["hi"])) for l in ckpt.experts}
+    params = attach_experts(ckpt.params, pools)
+    assert params.embed.dtype == bf16
+    tokens = jnp.asarray(np.random.default_rng(SEED).integers(0, TINY["vocab_size"], (2, 5)), jnp.int32)
+
+    def run(kernel: str, model):
+        monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", kernel)
+        jax.clear_caches()
+        out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, decoder.init_cache(ckpt.config, 2, 16, bf16)))
+        logits, cache, _ = out(model, tokens)
+        return np.asarray(logits, np.float32), cache, embed(model, tokens).dtype
+
+    f32_model = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == bf16 else a, params)
+    want, _, _ = run("0", f32_model)
+    stream_f32, cache, rows = run("1", params)
+    stream_bf16, _, rows_off = run("0", params)
+    assert (rows, rows_off) == (jnp.float32, bf16)
+    assert cache.k[0].dtype == bf16 and cache.v[0].dtype == bf16
+    err_f32, err_bf16 = np.abs(stream_f32 - want).max(), np.abs(stream_bf16 - want).max()
+    assert err_f32 < err_bf16 / 100, (err_f32, err_bf16, f"seed {SEED}")

@@ -10,7 +10,7 @@ from flax import struct
 from dynaexq_jax.model.config import ModelConfig
 from dynaexq_jax.model.families.schema import LINEAR, Experts, Tensor
 from dynaexq_jax.model.moe import ExpertPools, moe_experts, route
-from dynaexq_jax.model.moe.cpu_kernel import dense_matmul
+from dynaexq_jax.model.moe.cpu_kernel import dense_matmul, residual_dtype
 
 HF_LM_HEAD = "lm_head.weight"   # the HF output head; tied models may still carry a copy of the embedding
 
@@ -83,14 +83,16 @@ def shared_moe_schema(cfg: ModelConfig, prefix: str) -> SharedMoE:
                      shared_gate=Tensor((cfg.hidden_size, 1), prefix + "shared_expert_gate.weight", LINEAR))
 
 
-def embed(params: Params, tokens):
-    """The embedding rows of tokens. A 16-bit table is read as uint16: XLA CPU gathers 16-bit
-    floats from an f32 copy of the whole table, which it hoists out of the decode loop (1.2 GB
-    held at Qwen3-30B-A3B's shapes)."""
+def embed(params: Params, tokens, backend: str = "xla"):
+    """The embedding rows of tokens, in the residual stream's dtype (cpu_kernel.residual_dtype: f32
+    for a 16-bit model on the CPU kernels, else the table's). A 16-bit table is read as uint16:
+    XLA CPU gathers 16-bit floats from an f32 copy of the whole table, which it hoists out of the
+    decode loop (1.2 GB held at Qwen3-30B-A3B's shapes)."""
     table = params.embed
     if table.dtype.itemsize != 2:
         return table[tokens]
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens], table.dtype)
+    rows = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens], table.dtype)
+    return rows.astype(residual_dtype(table.dtype, backend))
 
 
 def linear(x, w, b=None):

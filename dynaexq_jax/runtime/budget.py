@@ -191,11 +191,6 @@ def _forward_bytes(cfg: ModelConfig, B: int, C: int, S: int, backend: str, hi: F
     return 4 * N * H * item + max(phases) + 3 * B * V * 4
 
 
-def uses_cpu_kernel(backend: str, platform: str) -> bool:
-    """Whether the routed experts run through the CPU kernel (xla.moe_experts_xla's choice)."""
-    return backend == "xla" and platform == "cpu" and cpu_kernel.enabled()
-
-
 def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int, backend: str,
                     hi: Format, lo: Format, dtype=np.float32, dense_params: int = 0,
                     platform: str | None = None, prefill_batch: int | None = None) -> int:
@@ -204,23 +199,25 @@ def workspace_bytes(cfg: ModelConfig, batch: int, max_len: int, prefill_len: int
     server prefills one joining request at a time) and the decode segment (batch tokens a
     step: sampling over the vocabulary; the segment's stacked outputs, some KB of router mass,
     are left to the margin, so that the plan does not depend on the segment length). dtype: the
-    activations' (the dense parameters'). platform: where it runs (default: JAX's default
+    dense parameters' (and the activations', but f32 where the kernels serve a 16-bit model:
+    cpu_kernel.residual_dtype). platform: where it runs (default: JAX's default
     backend; "pallas" runs on a GPU): the CPU kernel's scratch counts where it serves, and on the
     CPU with 16-bit dense weights (dense_params bytes) and without the kernel's matmul, the decode
     loop holds f32 copies of all of them, which XLA widens once per segment, outside the loop."""
     platform = "gpu" if backend == "pallas" else (platform or jax.default_backend())
-    kernel = uses_cpu_kernel(backend, platform)
+    kernel = cpu_kernel.serves(backend, platform)
     widen = platform == "cpu" and np.dtype(dtype).itemsize < 4
+    act = cpu_kernel.residual_dtype(dtype, backend, platform)   # f32 for a 16-bit model on the kernels
     # Widened, the prefill chunk holds f32 copies of weights its long products read: counted as one
     # of the head (XLA's copy, or where the kernel reads the head in place, a layer's projections,
     # which cpu_kernel.dense_matmul ties to their inputs so that one layer's live at a time). The
     # decode loop holds f32 copies of every dense weight unless the kernel's matmul reads them in
     # place (products of few rows).
     in_place = platform == "cpu" and cpu_kernel.enabled() and batch <= cpu_kernel.MATMUL_MAX_ROWS
-    prefill = (_forward_bytes(cfg, prefill_batch or batch, min(prefill_len, max_len), max_len, backend, hi, lo, dtype,
+    prefill = (_forward_bytes(cfg, prefill_batch or batch, min(prefill_len, max_len), max_len, backend, hi, lo, act,
                               kernel, widen)
                + (4 * cfg.hidden_size * cfg.vocab_size if widen else 0))
-    decode = (_forward_bytes(cfg, batch, 1, max_len, backend, hi, lo, dtype, kernel, widen)
+    decode = (_forward_bytes(cfg, batch, 1, max_len, backend, hi, lo, act, kernel, widen)
               + 4 * batch * cfg.vocab_size * 4 + (2 * dense_params if widen and not in_place else 0))
     return max(prefill, decode)
 

@@ -184,7 +184,7 @@ def decode(params: Params, cfg: ModelConfig, tokens, cache: KVCache, *, backend:
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     table = config_table(cfg) if table is None else table
-    x = embed(params, tokens)
+    x = embed(params, tokens, backend)
     ks, vs, r_ids, r_probs = [], [], [], []
     for i, layer in enumerate(params.layers):
         x, h, kc, vc = attention_block(layer, cfg, x, positions, cache.k[i], cache.v[i], start,

@@ -305,7 +305,7 @@ def forward(params: Params, cfg: Config, tokens, cache: LatentCache, *, backend:
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     eps = cfg.rms_norm_eps
-    x = embed(params, tokens)
+    x = embed(params, tokens, backend)
     caches, r_ids, r_probs = [], [], []
     for i, layer in enumerate(params.layers):
         a, c = attention(layer.attn, cfg, rms_norm(x, layer.input_norm, eps), positions, cache.kv[i], start)

@@ -312,7 +312,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, cache: HybridCache, *, bac
     real = jnp.arange(T)[None, :] < n_valid[:, None]                       # [B, T]
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     eps = cfg.rms_norm_eps
-    x = embed(params, tokens)
+    x = embed(params, tokens, backend)
     ks, vs, convs, states, r_ids, r_probs = [], [], [], [], [], []
     for layer in params.layers:
         h = rms_norm_zero_centred(x, layer.input_norm, eps)

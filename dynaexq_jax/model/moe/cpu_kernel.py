@@ -231,6 +231,22 @@ _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def serves(backend: str, platform: str | None = None) -> bool:
+    """Whether the kernels serve a model run with MoE backend `backend` on `platform` (default:
+    JAX's default backend): the routed experts' op (xla.moe_experts_xla's choice) and the residual
+    stream's dtype follow it."""
+    return backend == "xla" and (platform or jax.default_backend()) == "cpu" and enabled()
+
+
+def residual_dtype(dtype, backend: str, platform: str | None = None):
+    """The residual stream's dtype for a model whose embedding is `dtype`: f32 where the kernels
+    serve a 16-bit model, else dtype. The kernels read 16-bit weights against f32 activations
+    either way, and XLA CPU's 16-bit elementwise ops (norms, RoPE, softmax, the residual adds:
+    hundreds per decode step) take about 2.5x as long as f32's (benchmarks/decode_profile.py); f32
+    is also the more exact stream. The KV cache keeps the model's dtype."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize == 2 and serves(backend, platform) else dtype
+
+
 def dense_matmul(x, w, transposed: bool = False):
     """x [..., K] @ w [K, N] (w [N, K] read as its transpose when `transposed`: the tied embedding
     as the head), the model's dense projections. Few rows (decode: at most MATMUL_MAX_ROWS) go
