@@ -266,13 +266,16 @@ def test_a_16_bit_model_runs_an_f32_residual_stream_where_the_kernels_serve(monk
         jax.clear_caches()
         out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, decoder.init_cache(ckpt.config, 2, 16, bf16)))
         logits, cache, _ = out(model, tokens)
-        return np.asarray(logits, np.float32), cache, embed(model, tokens).dtype
+        return np.asarray(logits, np.float32), cache, embed(model, tokens).dtype, out.lower(model, tokens)
 
     f32_model = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == bf16 else a, params)
-    want, _, _ = run("0", f32_model)
-    stream_f32, cache, rows = run("1", params)
-    stream_bf16, _, rows_off = run("0", params)
+    want, _, _, _ = run("0", f32_model)
+    stream_f32, cache, rows, lowered = run("1", params)
+    stream_bf16, _, rows_off, _ = run("0", params)
     assert (rows, rows_off) == (jnp.float32, bf16)
     assert cache.k[0].dtype == bf16 and cache.v[0].dtype == bf16
+    # Neither the cache writes (layers.write_cache) nor the attention products widen the cache.
+    cache_shape = ",".join(map(str, cache.k[0].shape))
+    assert f"f32[{cache_shape}]" not in lowered.compile().as_text()
     err_f32, err_bf16 = np.abs(stream_f32 - want).max(), np.abs(stream_bf16 - want).max()
     assert err_f32 < err_bf16 / 100, (err_f32, err_bf16, f"seed {SEED}")

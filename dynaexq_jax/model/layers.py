@@ -115,12 +115,18 @@ def rms_norm_zero_centred(x, w, eps):
 
 
 def write_cache(cache_arr, new, start):
-    """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] at per-sequence offsets start [B]."""
+    """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] at per-sequence offsets start [B]. A
+    16-bit cache is written as uint16: XLA CPU scatters 16-bit floats through an f32 copy of the
+    whole cache (widened and narrowed again every decode step)."""
     B, T, n, hd = new.shape
     rows = jnp.arange(B * n)[:, None]                                     # [B*n, 1]
     cols = jnp.repeat(start, n)[:, None] + jnp.arange(T)[None, :]          # [B*n, T]
     vals = new.transpose(0, 2, 1, 3).reshape(B * n, T, hd).astype(cache_arr.dtype)
-    return cache_arr.at[rows, cols].set(vals)
+    if cache_arr.dtype.itemsize != 2:
+        return cache_arr.at[rows, cols].set(vals)
+    bits = jax.lax.bitcast_convert_type(cache_arr, jnp.uint16).at[rows, cols].set(
+        jax.lax.bitcast_convert_type(vals, jnp.uint16))
+    return jax.lax.bitcast_convert_type(bits, cache_arr.dtype)
 
 
 def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = None, sinks=None,
@@ -139,7 +145,9 @@ def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = 
     S = k_cache.shape[1]
     rep = nH // nKV
     qg = q.reshape(B, T, nKV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B * nKV, rep * T, hd)
-    scores = jax.lax.dot_general(qg, k_cache.astype(q.dtype), (((2,), (2,)), ((0,), (0,))),
+    # Both products run in the caches' dtype (f32 accumulation): an f32 stream over 16-bit caches
+    # (cpu_kernel.residual_dtype) would otherwise widen every cache position each step.
+    scores = jax.lax.dot_general(qg.astype(k_cache.dtype), k_cache, (((2,), (2,)), ((0,), (0,))),
                                  preferred_element_type=jnp.float32) * (hd ** -0.5 if scale is None else scale)
     # Causal over absolute positions: query at position p sees cache slots 0..p (p-window+1..p).
     slots = jnp.arange(S)[None, None, :]
@@ -156,7 +164,8 @@ def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = 
         top = jnp.maximum(scores.max(-1, keepdims=True), sink)
         e = jnp.exp(scores - top)
         probs = e / (e.sum(-1, keepdims=True) + jnp.exp(sink - top))
-    out = jax.lax.dot_general(probs.astype(q.dtype), v_cache.astype(q.dtype), (((2,), (1,)), ((0,), (0,))))
+    out = jax.lax.dot_general(probs.astype(v_cache.dtype), v_cache, (((2,), (1,)), ((0,), (0,))),
+                              preferred_element_type=jnp.float32).astype(q.dtype)
     out = out.reshape(B, nKV, rep, T, hv).transpose(0, 3, 1, 2, 4).reshape(B, T, nH * hv)
     return out, k_cache, v_cache
 

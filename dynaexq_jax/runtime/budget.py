@@ -125,16 +125,17 @@ def margin_bytes(budget: int, margin_fraction: float = MARGIN_FRACTION) -> int:
 
 # ---- the workspace: what the compiled prefill chunk and decode segment need -----------------------
 # Written from the code each term models and checked against XLA's memory analysis of both programs
-# (measured_workspace, tests/test_budget.py). "widen": XLA CPU multiplies 16-bit floats in f32, so
-# it widens 16-bit weights and caches into f32 copies for its dots (not on a GPU).
+# (measured_workspace, tests/test_budget.py). "widen": a 16-bit model on the CPU, where XLA
+# multiplies 16-bit weights in f32 (it widens them into f32 copies for its dots) and copies a 16-bit
+# cache's bits around each write (layers.write_cache); not on a GPU.
 def _attention_bytes(cfg: ModelConfig, B: int, C: int, S: int, q_out: int, item: int, widen: bool) -> int:
     """A full-attention layer on C new tokens per row over a cache of S positions (layers.attend):
     q/k/v before and after norm + RoPE, the scores f32 [B*nKV, rep*C, S] and the probabilities
-    (in place when f32), the output; widened, the layer's K and V caches in f32 while written."""
+    (in place when f32), the output; widened, the bits of the layer's 16-bit K and V caches."""
     N, kv = B * C, cfg.num_kv_heads * cfg.head_dim
     probs = item if item < 4 else 0
     return (N * (2 * (q_out + 2 * kv) + cfg.num_heads * cfg.head_dim) * item
-            + B * cfg.num_heads * C * S * (4 + probs) + (4 * B * kv * S * 4 if widen else 0))
+            + B * cfg.num_heads * C * S * (4 + probs) + (2 * B * kv * S * 2 if widen else 0))
 
 
 def _linear_attention_bytes(cfg: ModelConfig, B: int, C: int, item: int) -> int:

@@ -251,10 +251,14 @@ def attention(p: MLA, cfg: Config, x, positions, cache, start):
     cache = write_cache(cache, kv[:, :, None], start)
     w = p.kv_b.reshape(r, nH, dn + dv)
     # q_nope . (c @ W_k) = (W_k q_nope) . c: the no-rope scores are taken against the latent c itself.
-    q = jnp.concatenate([jnp.einsum("bthd,rhd->bthr", q[..., :dn], w[..., :dn]),
+    # The products against stored 16-bit tensors (kv_b, the latent cache) run in their dtype with
+    # f32 accumulation: an f32 stream (cpu_kernel.residual_dtype) would widen them every step.
+    q = jnp.concatenate([jnp.einsum("bthd,rhd->bthr", q[..., :dn].astype(w.dtype), w[..., :dn],
+                                    preferred_element_type=jnp.float32).astype(x.dtype),
                          rotate(q[..., dn:], positions, table)], axis=-1).reshape(B, T * nH, r + dr)
-    c = cache.astype(x.dtype)
-    scores = jax.lax.dot_general(q, c, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    c = cache
+    scores = jax.lax.dot_general(q.astype(c.dtype), c, (((2,), (2,)), ((0,), (0,))),
+                                 preferred_element_type=jnp.float32)
     S = c.shape[1]
     # Causal over absolute positions. Masked and normalised in the exact shape XLA gives the scores
     # (it drops a batch axis of one), so that it updates them in place instead of copying them.
@@ -262,9 +266,10 @@ def attention(p: MLA, cfg: Config, x, positions, cache, start):
     visible = jnp.arange(S)[None, None, None, :] <= positions[:, :, None, None]         # [B, T, 1, S]
     visible = jnp.broadcast_to(visible, (B, T, nH, S)).reshape(shape)
     probs = jax.nn.softmax(jnp.where(visible, scores.reshape(shape) * cfg.softmax_scale, -jnp.inf), axis=-1)
-    probs = probs.astype(x.dtype).reshape(B, T * nH, S)
+    probs = probs.astype(c.dtype).reshape(B, T * nH, S)
     out = jax.lax.dot_general(probs, c, (((2,), (1,)), ((0,), (0,))))[..., :r]          # [B, T*nH, r]
-    out = jnp.einsum("bthr,rhv->bthv", out.reshape(B, T, nH, r), w[..., dn:]).reshape(B, T, nH * dv)
+    out = jnp.einsum("bthr,rhv->bthv", out.reshape(B, T, nH, r).astype(w.dtype), w[..., dn:],
+                     preferred_element_type=jnp.float32).astype(x.dtype).reshape(B, T, nH * dv)
     return linear(out, p.o, p.o_bias), cache
 
 
@@ -329,10 +334,11 @@ def attention_workspace_bytes(cfg: Config, B: int, C: int, S: int, item: int, wi
     runtime/budget.py: the projections (q, the latent and rope key, before and after norm and RoPE),
     the absorbed queries and the latent output of every head, the two halves of kv_b sliced out, the
     scores f32 [B, C, nH, S] and the probabilities: in the activation dtype when 16-bit, written over
-    the scores when f32 except for one token a row (decode), where XLA keeps them apart; widened, the
-    probabilities again in f32 for the value product and the cache in f32 while written and read."""
+    the scores when f32 except for one token a row (decode), where XLA keeps them apart; on the CPU
+    with a 16-bit model (widen), the probabilities again (f32 and 16-bit) for the value product
+    and the cache's bits copied around its write (layers.write_cache)."""
     nH, dn, dr, dv, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     N, rq = B * C, cfg.q_lora_rank or 0
     probs = (item if item < 4 else 4 if C == 1 else 0) + (4 if widen else 0)
     acts = N * (2 * rq + 2 * nH * (dn + dr) + 2 * (r + dr) + nH * (2 * r + dr + dv)) + r * nH * (dn + dv)
-    return acts * item + B * nH * C * S * (4 + probs) + (2 * B * S * (r + dr) * 4 if widen else 0)
+    return acts * item + B * nH * C * S * (4 + probs) + (B * S * (r + dr) * 2 if widen else 0)
