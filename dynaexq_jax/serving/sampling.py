@@ -45,10 +45,19 @@ def _keep(logits: jax.Array, top_k, top_p) -> jax.Array:
     return jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits, -1) as int32 [B] (the first maximum; the first NaN where a row has one) in
+    two plain reductions: XLA CPU runs argmax's (value, index) reduction as scalar code, 270 us
+    a step at [32, 4096], against 90 us for these."""
+    V = logits.shape[-1]
+    top = logits.max(axis=-1, keepdims=True)
+    return jnp.where((logits == top) | jnp.isnan(logits), jnp.arange(V, dtype=jnp.int32), V).min(axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """logits f32 [B, V] -> token ids int32 [B]: one setting and one key for the whole batch."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits.astype(jnp.float32) / s.temperature
     if (s.top_k and s.top_k < logits.shape[-1]) or s.top_p < 1.0:
         logits = _keep(logits, s.top_k, s.top_p)
@@ -63,7 +72,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, index: jax.Array, temperatur
     [B], top_p f32 [B] -> token ids int32 [B]."""
     logits = logits.astype(jnp.float32)
     sampled = temperature > 0
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
 
     def draw():
         scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
