@@ -20,7 +20,7 @@ from dynaexq_jax.model.moe import (
     single_tier,
 )
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = int(os.environ.get("DYNAEXQ_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler to build the CPU kernel")
 
@@ -237,7 +237,9 @@ def test_instruction_sets_are_chosen_at_run_time(every_isa):
 def test_a_16_bit_model_runs_an_f32_residual_stream_where_the_kernels_serve(monkeypatch, tmp_path):
     """residual_dtype: f32 for a 16-bit model where the kernels serve (backend "xla" on the CPU,
     enabled), the model's dtype elsewhere. A bf16 model's decode then keeps a bf16 KV cache, and
-    its logits are the all-f32 computation of the same bf16 weights to ~1e-6 (a bf16 stream's: ~3e-2)."""
+    its logits are the all-f32 computation of the same bf16 weights to ~1e-6 (a bf16 stream's: ~3e-2).
+    The accuracy is compared over f32 caches: a bf16 cache rounds k, v and q, and a 1e-7
+    difference upstream flips an occasional rounding by one bf16 ulp (seen: 7e-4 in the logits)."""
     from checkpoints_convert import convert
     from dynaexq_jax.experiments.synthetic import write_random_qwen3_moe
     from dynaexq_jax.model.families import decoder
@@ -261,18 +263,19 @@ def test_a_16_bit_model_runs_an_f32_residual_stream_where_the_kernels_serve(monk
     assert params.embed.dtype == bf16
     tokens = jnp.asarray(np.random.default_rng(SEED).integers(0, TINY["vocab_size"], (2, 5)), jnp.int32)
 
-    def run(kernel: str, model):
+    def run(kernel: str, model, cache_dtype=jnp.float32):
         monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", kernel)
         jax.clear_caches()
-        out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, decoder.init_cache(ckpt.config, 2, 16, bf16)))
+        out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, decoder.init_cache(ckpt.config, 2, 16, cache_dtype)))
         logits, cache, _ = out(model, tokens)
         return np.asarray(logits, np.float32), cache, embed(model, tokens).dtype, out.lower(model, tokens)
 
     f32_model = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == bf16 else a, params)
     want, _, _, _ = run("0", f32_model)
-    stream_f32, cache, rows, lowered = run("1", params)
+    stream_f32, _, rows, _ = run("1", params)
     stream_bf16, _, rows_off, _ = run("0", params)
     assert (rows, rows_off) == (jnp.float32, bf16)
+    _, cache, _, lowered = run("1", params, bf16)
     assert cache.k[0].dtype == bf16 and cache.v[0].dtype == bf16
     # Neither the cache writes (layers.write_cache) nor the attention products widen the cache.
     cache_shape = ",".join(map(str, cache.k[0].shape))
