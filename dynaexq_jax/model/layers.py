@@ -114,24 +114,36 @@ def rms_norm_zero_centred(x, w, eps):
     return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def write_cache(cache_arr, new, start):
-    """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] at per-sequence offsets start [B]. A
-    16-bit cache is written as uint16: XLA CPU scatters 16-bit floats through an f32 copy of the
-    whole cache (widened and narrowed again every decode step)."""
+def kv_caches(layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype):
+    """Empty caches of `layers` attention layers: (one K [B*nKV, hd, S] each, one V [B*nKV, S, hd]
+    each). K is position-minor: the score product q . K then runs in XLA's plain [M, K] @ [K, N]
+    layout, 2-2.7x as fast at decode on the CPU as against a position-major K."""
+    n = batch * num_kv_heads
+    return (tuple(jnp.zeros((n, head_dim, max_len), dtype) for _ in range(layers)),
+            tuple(jnp.zeros((n, max_len, head_dim), dtype) for _ in range(layers)))
+
+
+def write_cache(cache_arr, new, start, *, position_minor: bool = False):
+    """Write new [B, T, n, hd] into cache_arr [B*n, S, hd] ([B*n, hd, S] when position_minor: the
+    K cache) at per-sequence offsets start [B]. A 16-bit cache is written as uint16: XLA CPU
+    scatters 16-bit floats through an f32 copy of the whole cache (widened and narrowed again
+    every decode step)."""
     B, T, n, hd = new.shape
     rows = jnp.arange(B * n)[:, None]                                     # [B*n, 1]
     cols = jnp.repeat(start, n)[:, None] + jnp.arange(T)[None, :]          # [B*n, T]
     vals = new.transpose(0, 2, 1, 3).reshape(B * n, T, hd).astype(cache_arr.dtype)
+    index = (rows, slice(None), cols) if position_minor else (rows, cols)   # either way vals' [B*n, T, hd]
     if cache_arr.dtype.itemsize != 2:
-        return cache_arr.at[rows, cols].set(vals)
-    bits = jax.lax.bitcast_convert_type(cache_arr, jnp.uint16).at[rows, cols].set(
+        return cache_arr.at[index].set(vals)
+    bits = jax.lax.bitcast_convert_type(cache_arr, jnp.uint16).at[index].set(
         jax.lax.bitcast_convert_type(vals, jnp.uint16))
     return jax.lax.bitcast_convert_type(bits, cache_arr.dtype)
 
 
 def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = None, sinks=None,
            scale: float | None = None):
-    """Write k [B, T, nKV, hd], v [B, T, nKV, hv] into the caches [B*nKV, S, hd|hv] at start [B],
+    """Write k [B, T, nKV, hd], v [B, T, nKV, hv] into the caches (K [B*nKV, hd, S], V [B*nKV, S,
+    hv]: kv_caches) at start [B],
     then causal grouped-query attention of q [B, T, nH, hd] over them. Returns (out [B, T, nH*hv],
     caches). window: a query at position p sees only positions > p - window (sliding-window
     layers); sinks f32 [nH]: a per-head logit that joins the softmax's denominator and nothing
@@ -140,14 +152,14 @@ def attend(q, k, v, positions, k_cache, v_cache, start, *, window: int | None = 
     q and output blocks are transposed."""
     B, T, nH, hd = q.shape
     nKV, hv = k.shape[2], v.shape[3]
-    k_cache = write_cache(k_cache, k, start)
+    k_cache = write_cache(k_cache, k, start, position_minor=True)
     v_cache = write_cache(v_cache, v, start)
-    S = k_cache.shape[1]
+    S = v_cache.shape[1]
     rep = nH // nKV
     qg = q.reshape(B, T, nKV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B * nKV, rep * T, hd)
     # Both products run in the caches' dtype (f32 accumulation): an f32 stream over 16-bit caches
     # (cpu_kernel.residual_dtype) would otherwise widen every cache position each step.
-    scores = jax.lax.dot_general(qg.astype(k_cache.dtype), k_cache, (((2,), (2,)), ((0,), (0,))),
+    scores = jax.lax.dot_general(qg.astype(k_cache.dtype), k_cache, (((2,), (1,)), ((0,), (0,))),
                                  preferred_element_type=jnp.float32) * (hd ** -0.5 if scale is None else scale)
     # Causal over absolute positions: query at position p sees cache slots 0..p (p-window+1..p).
     slots = jnp.arange(S)[None, None, :]

@@ -25,6 +25,7 @@ from dynaexq_jax.model.layers import (
     attend,
     dense_mlp,
     embed,
+    kv_caches,
     linear,
     logits,
     moe_mlp,
@@ -88,17 +89,17 @@ def layer_schema(cfg: ModelConfig, prefix: str, attn: Attention, mlp) -> Layer:
 
 @struct.dataclass
 class KVCache:
-    """Preallocated KV cache. k/v: one [B*nKV, S, hd] array per layer (sequence-major, then kv
-    head): attention's batched dots read it in its stored layout, with no reshape that would make
-    XLA copy it to keep the in-place update; lengths: int32 [B], the number of valid positions
-    of each sequence."""
+    """Preallocated KV cache. k: one [B*nKV, hd, S] array per layer, v: one [B*nKV, S, hd]
+    (layers.kv_caches; sequence-major, then kv head): attention's batched dots read them in
+    their stored layout, with no reshape that would make XLA copy them to keep the in-place
+    update; lengths: int32 [B], the number of valid positions of each sequence."""
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.v[0].shape[1]
 
     @property
     def batch(self) -> int:
@@ -107,10 +108,8 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """Full length for every layer, sliding-window ones included (no ring buffer yet)."""
-    shape = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
-    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   jnp.zeros((batch,), jnp.int32))
+    k, v = kv_caches(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
+    return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
 
 
 def project(p: Attention, cfg: ModelConfig, x):

@@ -34,6 +34,7 @@ from dynaexq_jax.model.layers import (
     dense_mlp,
     dense_mlp_schema,
     embed,
+    kv_caches,
     linear,
     logits,
     params_schema,
@@ -82,7 +83,8 @@ class Layer:
 
 @struct.dataclass
 class HybridCache:
-    """k/v: one [B*nKV, S, hd] per full-attention layer (in cfg.attention_layers order);
+    """k [B*nKV, hd, S] / v [B*nKV, S, hd]: one pair per full-attention layer (in
+    cfg.attention_layers order; layers.kv_caches);
     conv: one [B, K-1, conv_dim] per linear layer (the last K-1 conv inputs); state: one f32
     [B, nV, dk, dv] per linear layer (the delta-rule memory); lengths int32 [B]."""
     k: tuple[jax.Array, ...]
@@ -137,13 +139,12 @@ def abstract(cfg: ModelConfig) -> Params:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> HybridCache:
-    kv = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     conv = (batch, cfg.linear_conv_kernel_dim - 1, conv_dim(cfg))
     # The recurrent state stays f32 whatever the model dtype (the reference computes it in f32).
     state = (batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
     n_attn, n_lin = len(cfg.attention_layers), len(cfg.linear_layers)
-    return HybridCache(tuple(jnp.zeros(kv, dtype) for _ in range(n_attn)),
-                       tuple(jnp.zeros(kv, dtype) for _ in range(n_attn)),
+    k, v = kv_caches(n_attn, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
+    return HybridCache(k, v,
                        tuple(jnp.zeros(conv, dtype) for _ in range(n_lin)),
                        tuple(jnp.zeros(state, jnp.float32) for _ in range(n_lin)),
                        jnp.zeros((batch,), jnp.int32))
