@@ -227,20 +227,31 @@ def llama_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, depth: int, 
     return records[0]
 
 
+def _json_or_none(line: str) -> dict | None:
+    """line's JSON object, or None when it is not one (a log line, or a record garbled by the
+    tool's own interleaved logging)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def batched_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, batch: int, threads: int) -> dict:
     """One llama-batched-bench run (-npp prompt -ntg gen -npl batch, a context that holds them all)
     -> its JSONL record (speed_tg is S_TG, decode tok/s over all sequences)."""
     cmd = [tools.exe("llama-batched-bench"), "-m", str(gguf), "-npp", str(prompt), "-ntg", str(gen),
            "-npl", str(batch), "-c", str(batch * (prompt + gen)), "-b", "2048", "-t", str(threads),
            "--output-format", "jsonl"]
-    for attempt in range(3):   # now and then a run prints no result line; its next run does
+    for attempt in range(3):   # now and then a run prints no (or a garbled) result line; its next run does
         out = _run_json(cmd)
-        lines = [l for l in out.splitlines() if l.startswith("{")]
-        if len(lines) == 1:
-            return json.loads(lines[0])
-        say(f"    llama-batched-bench printed {len(lines)} result lines (attempt {attempt + 1} of 3)")
+        records = [r for r in map(_json_or_none, out.splitlines()) if r is not None]
+        if len(records) == 1:
+            return records[0]
+        say(f"    llama-batched-bench printed {len(records)} result lines (attempt {attempt + 1} of 3)")
     # batched-bench also silently skips a batch its context cannot hold
-    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(lines)}:\n{out[-2000:]}")
+    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(records)}:\n{out[-2000:]}")
 
 
 # ---- the reference run (a subprocess) -------------------------------------------------------------------
