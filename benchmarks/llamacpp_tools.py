@@ -210,11 +210,15 @@ def gguf_tensor_types(tools: Tools, path: Path) -> dict[str, str | dict[str, int
 
 
 # ---- timing ------------------------------------------------------------------------------------------
-def _run_json(cmd: list[str]) -> str:
+def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise LlamaCppError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc.stdout
+    return proc
+
+
+def _run_json(cmd: list[str]) -> str:
+    return _run_tool(cmd).stdout
 
 
 def llama_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, depth: int, threads: int, reps: int) -> dict:
@@ -245,13 +249,14 @@ def batched_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, batch: int
            "-npl", str(batch), "-c", str(batch * (prompt + gen)), "-b", "2048", "-t", str(threads),
            "--output-format", "jsonl"]
     for attempt in range(3):   # now and then a run prints no (or a garbled) result line; its next run does
-        out = _run_json(cmd)
-        records = [r for r in map(_json_or_none, out.splitlines()) if r is not None]
+        proc = _run_tool(cmd)
+        records = [r for r in map(_json_or_none, proc.stdout.splitlines()) if r is not None]
         if len(records) == 1:
             return records[0]
         say(f"    llama-batched-bench printed {len(records)} result lines (attempt {attempt + 1} of 3)")
     # batched-bench also silently skips a batch its context cannot hold
-    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(records)}:\n{out[-2000:]}")
+    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(records)}; "
+                        f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}")
 
 
 # ---- the reference run (a subprocess) -------------------------------------------------------------------
