@@ -266,8 +266,8 @@ def test_a_16_bit_model_runs_an_f32_residual_stream_where_the_kernels_serve(monk
     def run(kernel: str, model, cache_dtype=jnp.float32):
         monkeypatch.setenv("DYNAEXQ_CPU_KERNEL", kernel)
         jax.clear_caches()
-        cache = decoder.init_cache(ckpt.config, 2, 16, cache_dtype)
-        out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, cache))
+        empty = decoder.init_cache(ckpt.config, 2, 16, cache_dtype)
+        out = jax.jit(lambda p, t: decoder.decode(p, ckpt.config, t, empty))
         logits, cache, _ = out(model, tokens)
         return np.asarray(logits, np.float32), cache, embed(model, tokens).dtype, out.lower(model, tokens)
 

@@ -90,7 +90,7 @@ def layer_schema(cfg: ModelConfig, prefix: str, attn: Attention, mlp) -> Layer:
 @struct.dataclass
 class KVCache:
     """Preallocated KV cache. k: one [B*nKV, hd, S] array per layer, v: one [B*nKV, S, hd]
-    (layers.kv_caches; sequence-major, then kv head): attention's batched dots read them in
+    (layers.kv_caches; rows by sequence, then kv head): attention's batched dots read them in
     their stored layout, with no reshape that would make XLA copy them to keep the in-place
     update; lengths: int32 [B], the number of valid positions of each sequence."""
     k: tuple[jax.Array, ...]
