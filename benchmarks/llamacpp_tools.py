@@ -242,21 +242,27 @@ def _json_or_none(line: str) -> dict | None:
         return None
 
 
-def batched_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, batch: int, threads: int) -> dict:
+def batched_bench(tools: Tools, gguf: Path, *, prompt: int, gen: int, batch: int, threads: int,
+                  attempts: int = 6) -> dict:
     """One llama-batched-bench run (-npp prompt -ntg gen -npl batch, a context that holds them all)
-    -> its JSONL record (speed_tg is S_TG, decode tok/s over all sequences)."""
+    -> its JSONL record (speed_tg is S_TG, decode tok/s over all sequences).
+
+    The tool prints its result through llama.cpp's logger, whose worker thread writes it out
+    asynchronously and is never joined at exit (common/log.cpp leaks it on purpose: "logs may be lost
+    if not flushed before the program exits"): about one run in ten here prints nothing, or half a
+    line, with exit code 0. Such a run is repeated, up to `attempts` runs in all."""
     cmd = [tools.exe("llama-batched-bench"), "-m", str(gguf), "-npp", str(prompt), "-ntg", str(gen),
            "-npl", str(batch), "-c", str(batch * (prompt + gen)), "-b", "2048", "-t", str(threads),
            "--output-format", "jsonl"]
-    for attempt in range(3):   # now and then a run prints no (or a garbled) result line; its next run does
+    for attempt in range(attempts):
         proc = _run_tool(cmd)
         records = [r for r in map(_json_or_none, proc.stdout.splitlines()) if r is not None]
         if len(records) == 1:
             return records[0]
-        say(f"    llama-batched-bench printed {len(records)} result lines (attempt {attempt + 1} of 3)")
+        say(f"    llama-batched-bench printed {len(records)} result lines (attempt {attempt + 1} of {attempts})")
     # batched-bench also silently skips a batch its context cannot hold
-    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(records)}; "
-                        f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}")
+    raise LlamaCppError(f"{' '.join(cmd)}: expected one JSONL result, got {len(records)} in each of {attempts} "
+                        f"runs; the last one's stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}")
 
 
 # ---- the reference run (a subprocess) -------------------------------------------------------------------

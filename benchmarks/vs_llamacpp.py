@@ -329,6 +329,7 @@ def bench_model(name: str, a, tools, tmp: Path) -> dict:
         o.warm_up()
     points = [*a.batches, "prefill"]
     llama = {(g, b): (0.0, None) for g in ggufs for b in points}    # best tok/s and the last record
+    failed: dict = {}                                  # (gguf, point) -> why each failed llama.cpp run failed
     others = []                                        # cores busy with other work as each round starts
     for r in range(a.rounds):
         others.append(busy())
@@ -338,7 +339,13 @@ def bench_model(name: str, a, tools, tmp: Path) -> dict:
                 for g in fmt["gguf"]:
                     if (g, b) not in done:
                         done.add((g, b))
-                        tok_s, rec = time_llama(tools, paths[g], b, a.threads)
+                        try:
+                            tok_s, rec = time_llama(tools, paths[g], b, a.threads)
+                        except LlamaCppError as e:       # this cell's round is lost, not the run
+                            failed.setdefault((g, b), []).append(str(e)[-3000:])
+                            say(f"  round {r + 1}/{a.rounds} {name} {f:5s} {b!s:>7}: llama.cpp {g:4s} FAILED: "
+                                f"{str(e).splitlines()[0][-200:]}")
+                            continue
                         llama[g, b] = (max(llama[g, b][0], tok_s), rec)
                         say(f"  round {r + 1}/{a.rounds} {name} {f:5s} {b!s:>7}: llama.cpp {g:4s} {tok_s:8.0f} tok/s")
                 mine = ours[f].time_prefill() if b == "prefill" else ours[f].time_decode(b)
@@ -350,15 +357,17 @@ def bench_model(name: str, a, tools, tmp: Path) -> dict:
     for f, fmt in formats.items():
         for b in points:
             best_g = max(fmt["gguf"], key=lambda g, b=b: llama[g, b][0])
-            theirs = llama[best_g, b][0]
+            theirs = llama[best_g, b][0] or None        # None: every round of every candidate failed
             mine = PREFILL / ours[f].best_prefill if b == "prefill" else ours[f].decode_tok_s(b)
             hf_tok_s = None
             if f in hf_models:
                 hf_tok_s = PREFILL / hf_models[f].best_prefill if b == "prefill" else hf_models[f].decode_tok_s(b)
             project = dict(hi=fmt["hi"], lo=fmt["lo"], dense=fmt["dense"])
             rows.append(dict(format=f, batch=b, gguf=best_g, project=project,
-                             llama_tok_s=theirs, ours_tok_s=mine, ratio=mine / theirs, transformers_tok_s=hf_tok_s,
-                             llama_candidates={g: llama[g, b][0] for g in fmt["gguf"]},
+                             llama_tok_s=theirs, ours_tok_s=mine, ratio=mine / theirs if theirs else None,
+                             transformers_tok_s=hf_tok_s,
+                             llama_candidates={g: llama[g, b][0] or None for g in fmt["gguf"]},
+                             llama_failures={g: failed[g, b] for g in fmt["gguf"] if (g, b) in failed},
                              ours_best_s=(dict(prefill=ours[f].best_prefill) if b == "prefill" else
                                           {f"new_{n}": t for n, t in ours[f].best[b].items()}),
                              llama_last_record=llama[best_g, b][1]))
@@ -367,6 +376,7 @@ def bench_model(name: str, a, tools, tmp: Path) -> dict:
                                                      tensor_types=gguf_tensor_types(tools, paths[g]))
                                               for g in sorted(ggufs)},
                 conversions={"/".join(k): str(v.name) for k, v in conversions.items()}, agreement=agree,
+                rounds=a.rounds,
                 other_work_cores_by_round=others, rows=rows)
 
 
@@ -386,8 +396,11 @@ def print_tables(results: dict, machine: str) -> None:
         print(f"{'format':<60} {'batch':>7} {'llama.cpp':>16} {'ours':>8} {'ours/llama':>10} {'transformers':>12}")
         for r in m["rows"]:
             hf = f"{r['transformers_tok_s']:12.0f}" if r["transformers_tok_s"] else f"{'':>12}"
-            print(f"{label(r):<60} {r['batch']!s:>7} {r['llama_tok_s']:9.0f} ({r['gguf']:>4}) {r['ours_tok_s']:8.0f} "
-                  f"{r['ratio']:9.2f}x {hf}")
+            theirs, ratio = ((f"{r['llama_tok_s']:9.0f} ({r['gguf']:>4})", f"{r['ratio']:9.2f}x") if r["ratio"]
+                             else (f"{'FAILED':>16}", f"{'':>10}"))
+            print(f"{label(r):<60} {r['batch']!s:>7} {theirs} {r['ours_tok_s']:8.0f} {ratio} {hf}")
+            for g, why in r["llama_failures"].items():
+                print(f"    llama.cpp {g} failed in {len(why)} of {m['rounds']} rounds; the last: {why[-1].splitlines()[0][-300:]}")
     points = list(dict.fromkeys(r["batch"] for m in results.values() for r in m["rows"]))
     head = [f"batch {p}" if p != "prefill" else f"prefill {PREFILL}" for p in points]
     print(f"\nREADME ({machine}; decode tok/s after a {PROMPT}-token context, prefill tok/s of a {PREFILL}-token "
@@ -400,7 +413,8 @@ def print_tables(results: dict, machine: str) -> None:
             by_format.setdefault(r["format"], {})[r["batch"]] = r
         for i, cells in enumerate(by_format.values()):
             first = next(iter(cells.values()))
-            vals = [f"{c['ours_tok_s']:.0f} / {c['llama_tok_s']:.0f} (**{c['ratio']:.2f}x**)"
+            vals = [(f"{c['ours_tok_s']:.0f} / {c['llama_tok_s']:.0f} (**{c['ratio']:.2f}x**)" if c["ratio"]
+                     else f"{c['ours_tok_s']:.0f} / llama.cpp failed")
                     + (f"; {c['transformers_tok_s']:.0f}" if c["transformers_tok_s"] else "") if (c := cells.get(p))
                     else "" for p in points]
             print(f"| {name if i == 0 else ''} | {label(first)} | " + " | ".join(vals) + " |")
