@@ -400,7 +400,8 @@ def print_tables(results: dict, machine: str) -> None:
                              else (f"{'FAILED':>16}", f"{'':>10}"))
             print(f"{label(r):<60} {r['batch']!s:>7} {theirs} {r['ours_tok_s']:8.0f} {ratio} {hf}")
             for g, why in r["llama_failures"].items():
-                print(f"    llama.cpp {g} failed in {len(why)} of {m['rounds']} rounds; the last: {why[-1].splitlines()[0][-300:]}")
+                print(f"    llama.cpp {g} failed in {len(why)} of {m['rounds']} rounds; the last: "
+                      f"{why[-1].splitlines()[0][-300:]}")
     points = list(dict.fromkeys(r["batch"] for m in results.values() for r in m["rows"]))
     head = [f"batch {p}" if p != "prefill" else f"prefill {PREFILL}" for p in points]
     print(f"\nREADME ({machine}; decode tok/s after a {PROMPT}-token context, prefill tok/s of a {PREFILL}-token "
